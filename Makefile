@@ -1,0 +1,56 @@
+# batchsvc: `make run` starts everything, `make test` runs the suite. `make help` lists the rest.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PORT ?= 8000
+MODELS ?=
+CONCURRENCY ?= 8
+PYTEST_ARGS ?=
+
+.PHONY: help install run run-worker test test-unit test-integration test-slow lint format bench clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install batchsvc with its test tools
+
+run: install ## start Redis, the API, workers, beat and Flower (Procfile, honcho)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho --procfile Procfile --app-root . start --port $(PORT)
+
+run-worker: install ## inference worker: make run-worker MODELS=a,b CONCURRENCY=64
+	PATH="$(abspath $(BIN)):$$PATH" MODELS="$(MODELS)" CONCURRENCY="$(CONCURRENCY)" $(BIN)/batchsvc worker
+
+test: install ## lint, then every test but the slow ones
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: install ## the fast unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install ## the integration tests (real redis-server, gunicorn, celery workers)
+	$(BIN)/python -m pytest -m "integration and not slow" $(PYTEST_ARGS)
+
+test-slow: install ## the slow end-to-end tests
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## ruff format + fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install ## benchmarks (never part of make test)
+	$(BIN)/python -m benchmarks
+
+clean: ## remove .venv and var/
+	rm -rf $(VENV) var

@@ -1,0 +1,1 @@
+"""batchsvc: a self-hostable Batch + Files API for LLM chat completions."""

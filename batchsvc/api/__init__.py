@@ -1,0 +1,68 @@
+"""The Flask app factory. The API stores records and files and enqueues work; it never does
+heavy work in a request and never imports the workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+from flask import Flask
+
+from batchsvc.api import auth, batches, files
+from batchsvc.api.dispatch import CeleryDispatcher, Dispatcher
+from batchsvc.api.errors import register_error_handlers
+from batchsvc.api.services import Services
+from batchsvc.batches import BatchStore
+from batchsvc.embedded_redis import resolve_url
+from batchsvc.files import FileStore
+from batchsvc.models_config import ModelRegistry, load_registry
+from batchsvc.projects import ProjectStore
+from batchsvc.settings import Settings
+from batchsvc.storage import Storage
+from batchsvc.storage.local import LocalStorage
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis_client: redis.Redis | None = None,
+    storage: Storage | None = None,
+    dispatcher: Dispatcher | None = None,
+    registry: ModelRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Flask:
+    settings = settings or Settings.from_env()
+    if redis_client is None or dispatcher is None:
+        url = resolve_url(settings)
+        redis_client = redis_client or redis.Redis.from_url(url, health_check_interval=30)
+        dispatcher = dispatcher or CeleryDispatcher(settings, url)
+    app = Flask("batchsvc")
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    app.extensions["batchsvc"] = Services(
+        settings=settings,
+        redis=redis_client,
+        storage=storage or LocalStorage(settings.storage_root),
+        projects=ProjectStore(redis_client, clock),
+        files=FileStore(redis_client, retention_s=settings.file_retention_s, clock=clock),
+        batches=BatchStore(redis_client, clock),
+        registry=registry or load_registry(settings.config_path),
+        dispatcher=dispatcher,
+        clock=clock,
+    )
+    register_error_handlers(app)
+    app.before_request(auth.authenticate_request)
+    app.register_blueprint(files.bp)
+    app.register_blueprint(batches.bp)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        redis_client.ping()
+        return {"status": "ok"}
+
+    logging.getLogger("batchsvc").setLevel(logging.INFO)
+    return app

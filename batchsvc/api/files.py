@@ -1,0 +1,136 @@
+"""The Files API (spec section 3): upload, list, retrieve, download, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from flask import Blueprint, Response, request
+
+from batchsvc.api.auth import current_project
+from batchsvc.api.params import parse_limit
+from batchsvc.api.services import services
+from batchsvc.api.uploads import receive_upload
+from batchsvc.errors import BatchsvcError, FileNotFound, InvalidRequest
+from batchsvc.files import PURPOSES, FileRecord
+from batchsvc.ids import new_file_id
+from batchsvc.storage import StorageMissing, upload_key
+
+bp = Blueprint("files", __name__)
+
+#: After a rejected upload, read (and drop) at most this much of the rest of the body so the
+#: client gets to read our answer instead of a connection reset.
+_DRAIN_LIMIT = 1 << 30
+
+
+def _drain() -> None:
+    stream = request.stream
+    left = _DRAIN_LIMIT
+    while left > 0:
+        chunk = stream.read(min(1 << 20, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
+@bp.post("/v1/files")
+def upload() -> Any:
+    svc = services()
+    project = current_project()
+    file_id = new_file_id()
+    key = upload_key(file_id)
+    try:
+        received = receive_upload(request.stream, request.headers.get("Content-Type"),
+                                  svc.storage, key)
+    except BatchsvcError:
+        _drain()
+        raise
+    record = svc.files.create(
+        file_id=file_id,
+        project_id=project.id,
+        size=received.size,
+        filename=received.filename or f"{file_id}.jsonl",
+        purpose="batch",
+        storage_key=key,
+    )
+    return record.to_api()
+
+
+@bp.get("/v1/files")
+def list_files() -> Any:
+    svc = services()
+    purpose = request.args.get("purpose") or None
+    if purpose is not None and purpose not in PURPOSES:
+        raise InvalidRequest(
+            'purpose must be "batch" or "batch_output"', code="invalid_purpose", param="purpose"
+        )
+    order = request.args.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise InvalidRequest('order must be "asc" or "desc"', code="invalid_order", param="order")
+    limit = parse_limit(request.args.get("limit"), default=10_000, maximum=10_000, clamp=False)
+    records, has_more = svc.files.list(
+        current_project().id,
+        purpose=purpose,
+        after=request.args.get("after") or None,
+        limit=limit,
+        descending=order == "desc",
+    )
+    data = [r.to_api() for r in records]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+def _find(file_id: str) -> FileRecord:
+    record = services().files.get(current_project().id, file_id)
+    if record is None:
+        raise FileNotFound(file_id)
+    return record
+
+
+@bp.get("/v1/files/<file_id>")
+def retrieve(file_id: str) -> Any:
+    return _find(file_id).to_api()
+
+
+def _content_disposition(filename: str) -> str:
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    header = f'attachment; filename="{fallback}"'
+    if fallback != filename:
+        header += f"; filename*=UTF-8''{quote(filename, safe='')}"
+    return header
+
+
+@bp.get("/v1/files/<file_id>/content")
+def content(file_id: str) -> Response:
+    record = _find(file_id)
+    storage = services().storage
+    try:
+        size = storage.size(record.storage_key)
+        chunks = storage.iter_chunks(record.storage_key)
+    except StorageMissing:
+        raise FileNotFound(file_id) from None
+    return Response(
+        chunks,
+        status=200,
+        headers={
+            "Content-Type": "application/jsonl",
+            "Content-Disposition": _content_disposition(record.filename),
+            "Content-Length": str(size),
+        },
+        direct_passthrough=True,
+    )
+
+
+@bp.delete("/v1/files/<file_id>")
+def delete(file_id: str) -> Any:
+    svc = services()
+    record = _find(file_id)
+    if not svc.files.mark_deleted(record):
+        raise FileNotFound(file_id)
+    svc.storage.delete(record.storage_key)
+    return {"id": record.id, "object": "file", "deleted": True}

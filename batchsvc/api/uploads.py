@@ -1,0 +1,146 @@
+"""Streaming ``multipart/form-data`` upload (spec 3.1, open point 14).
+
+The file part is written straight into a storage writer as it arrives (never whole in memory,
+never spooled twice) and the upload stops with 413 as soon as it passes the limit. The storage
+writer is atomic, so an upload that fails half-way leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ntpath
+import posixpath
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+from batchsvc.errors import InvalidRequest, PayloadTooLarge
+from batchsvc.storage import Storage
+
+MAX_UPLOAD_BYTES = 104_857_600
+#: A form field other than the file (``purpose``) is tiny; anything bigger is not a form we read.
+MAX_FIELD_BYTES = 65_536
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Upload:
+    purpose: str | None
+    filename: str | None
+    size: int
+
+
+def clean_filename(raw: str | None) -> str | None:
+    """The uploaded name without any directory part (``../../x`` becomes ``x``); the name is
+    metadata only and never a path, but clients download under it."""
+    if raw is None:
+        return None
+    name = ntpath.basename(posixpath.basename(raw.replace("\x00", ""))).strip()
+    if name in ("", ".", ".."):
+        return None
+    return name[:255]
+
+
+def _boundary(content_type: str | None) -> bytes:
+    mimetype, options = parse_options_header(content_type or "")
+    if mimetype != "multipart/form-data":
+        raise InvalidRequest(
+            "Content-Type must be multipart/form-data", code="invalid_content_type"
+        )
+    boundary = options.get("boundary", "")
+    if not boundary:
+        raise InvalidRequest("multipart body has no boundary", code="invalid_multipart")
+    try:
+        return boundary.encode("latin-1")
+    except UnicodeEncodeError:
+        raise InvalidRequest("multipart boundary is invalid", code="invalid_multipart") from None
+
+
+def receive_upload(
+    stream: BinaryIO, content_type: str | None, storage: Storage, key: str,
+    limit: int = MAX_UPLOAD_BYTES,
+) -> Upload:
+    """Parse the body, stream the ``file`` part into ``storage`` under ``key``.
+
+    The order of checks follows open point 14: content type, multipart parse, ``purpose``,
+    presence of ``file``, size (413 while streaming), empty file.
+
+    Raises:
+        InvalidRequest: bad content type, unparseable body, bad purpose, no file, empty file.
+        PayloadTooLarge: the file passed ``limit`` bytes.
+    """
+    decoder = MultipartDecoder(_boundary(content_type), max_form_memory_size=None)
+    purpose: str | None = None
+    purpose_seen = False
+    file_seen = False
+    filename: str | None = None
+    size = 0
+    part: str | None = None  # "purpose", "file" or None (ignored)
+    field_buffer = bytearray()
+
+    def bad_purpose() -> InvalidRequest:
+        return InvalidRequest(
+            "purpose must be \"batch\"", code="invalid_purpose", param="purpose"
+        )
+
+    with storage.open_writer(key) as out:
+        eof = False
+        while True:
+            try:
+                event = decoder.next_event()
+            except (ValueError, RequestEntityTooLarge):
+                raise InvalidRequest(
+                    "The multipart body could not be parsed", code="invalid_multipart"
+                ) from None
+            if isinstance(event, NeedData):
+                if eof:
+                    raise InvalidRequest(
+                        "The multipart body could not be parsed", code="invalid_multipart"
+                    )
+                chunk = stream.read(CHUNK)
+                if not chunk:
+                    eof = True
+                    decoder.receive_data(None)
+                else:
+                    decoder.receive_data(chunk)
+            elif isinstance(event, File | Field):
+                name = event.name
+                if name == "file" and not file_seen:
+                    part, file_seen = "file", True
+                    filename = clean_filename(event.filename) if isinstance(event, File) else None
+                elif name == "purpose" and not purpose_seen:
+                    part, purpose_seen = "purpose", True
+                    field_buffer.clear()
+                else:
+                    part = None
+            elif isinstance(event, Data):
+                if part == "file":
+                    size += len(event.data)
+                    if size > limit:
+                        if purpose_seen and purpose != "batch":
+                            raise bad_purpose()
+                        raise PayloadTooLarge(
+                            f"File exceeds maximum upload size of {limit} bytes"
+                        )
+                    out.write(event.data)
+                elif part == "purpose":
+                    field_buffer += event.data
+                    if len(field_buffer) > MAX_FIELD_BYTES:
+                        raise bad_purpose()
+                    if not event.more_data:
+                        purpose = field_buffer.decode("utf-8", "replace")
+                        if purpose != "batch":
+                            # Known before the file arrives: stop reading now.
+                            raise bad_purpose()
+            elif isinstance(event, Epilogue):
+                break
+        if not purpose_seen or purpose != "batch":
+            raise bad_purpose()
+        if not file_seen:
+            raise InvalidRequest("No file was uploaded (form field \"file\")",
+                                 code="missing_file", param="file")
+        if size == 0:
+            raise InvalidRequest("The uploaded file is empty", code="empty_file", param="file")
+    return Upload(purpose=purpose, filename=filename, size=size)

@@ -1,0 +1,391 @@
+"""Batch records (spec 5.2) and their per-line results, in Redis.
+
+Three things here must be atomic, so each is one Lua script:
+
+- a status transition (compare-and-set on ``status``, with its timestamp);
+- recording a line's result: only the first record of a line index is kept, and only that one
+  increments ``completed`` or ``failed`` (a redelivered line never counts twice), and nothing is
+  recorded once the batch is sealed for assembly;
+- short-circuiting the lines that never started (cancel, expiry): every index with neither a
+  record nor a live lease gets the given error line.
+
+Per-line records live in one hash per batch and are deleted once written into the result files,
+so Redis memory is bounded by what is in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from batchsvc import lifecycle
+from batchsvc.paging import SEQ_KEY, page_ids
+
+ACTIVE_INDEX = "bs:batches:active"
+
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0, ''} end
+for source in string.gmatch(ARGV[1], '[^,]+') do
+  if status == source then
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
+    for i = 5, #ARGV, 2 do
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+    return {1, ARGV[2]}
+  end
+end
+return {0, status}
+"""
+
+_RECORD = """
+if redis.call('HGET', KEYS[1], 'sealed') == '1' or not redis.call('HGET', KEYS[1], 'status') then
+  return {-1, 0, 0}
+end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
+  return {0, 0, 0}
+end
+redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+local counts = redis.call('HMGET', KEYS[1], 'completed', 'failed', 'total')
+return {1, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'), tonumber(counts[3] or '0')}
+"""
+
+# Lease keys are built inside the script from a prefix (single-node Redis; see DESIGN).
+_SHORT_CIRCUIT = """
+if redis.call('HGET', KEYS[1], 'sealed') == '1' then return {0, 0, 0} end
+local written = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0
+     and redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    written = written + 1
+  end
+end
+if written > 0 then redis.call('HINCRBY', KEYS[1], 'failed', written) end
+local counts = redis.call('HMGET', KEYS[1], 'completed', 'failed', 'total')
+return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
+        tonumber(counts[3] or '0')}
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def batch_key(batch_id: str) -> str:
+    return f"bs:batch:{batch_id}"
+
+
+def lines_key(batch_id: str) -> str:
+    return f"bs:batch:{batch_id}:lines"
+
+
+def lease_prefix(batch_id: str) -> str:
+    return f"bs:lease:{batch_id}:"
+
+
+def _index_key(project_id: str) -> str:
+    return f"bs:batches:{project_id}"
+
+
+OK = "o"
+ERR = "e"
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: str
+    project_id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    expires_at: int
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    timestamps: dict[str, int | None] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def recorded(self) -> int:
+        return self.completed + self.failed
+
+    def to_api(self) -> dict[str, Any]:
+        """The Batch object of spec 5.2: every field present, nullable ones as ``null``."""
+        ts = {name: self.timestamps.get(name) for name in lifecycle.TIMESTAMP_FIELDS}
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": self.errors,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "in_progress_at": ts["in_progress_at"],
+            "expires_at": self.expires_at,
+            "finalizing_at": ts["finalizing_at"],
+            "completed_at": ts["completed_at"],
+            "failed_at": ts["failed_at"],
+            "expired_at": ts["expired_at"],
+            "cancelling_at": ts["cancelling_at"],
+            "cancelled_at": ts["cancelled_at"],
+            "request_counts": {
+                "total": self.total,
+                "completed": self.completed,
+                "failed": self.failed,
+            },
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> BatchRecord:
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        known = {
+            "id", "project_id", "endpoint", "input_file_id", "completion_window", "status",
+            "created_at", "expires_at", "total", "completed", "failed", "output_file_id",
+            "error_file_id", "errors", "metadata", *lifecycle.TIMESTAMP_FIELDS,
+        }
+        return cls(
+            id=f["id"],
+            project_id=f["project_id"],
+            endpoint=f["endpoint"],
+            input_file_id=f["input_file_id"],
+            completion_window=f["completion_window"],
+            status=f["status"],
+            created_at=int(f["created_at"]),
+            expires_at=int(f["expires_at"]),
+            total=int(f.get("total", 0)),
+            completed=int(f.get("completed", 0)),
+            failed=int(f.get("failed", 0)),
+            output_file_id=f.get("output_file_id") or None,
+            error_file_id=f.get("error_file_id") or None,
+            errors=json.loads(f["errors"]) if f.get("errors") else None,
+            metadata=json.loads(f.get("metadata") or "{}"),
+            timestamps={
+                name: int(f[name]) if f.get(name) else None for name in lifecycle.TIMESTAMP_FIELDS
+            },
+            extra={k: v for k, v in f.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """What recording a line did: ``written`` is False for a duplicate (or a sealed batch);
+    ``recorded`` and ``total`` are the batch's counts right after."""
+
+    written: bool
+    recorded: int
+    total: int
+
+    @property
+    def all_recorded(self) -> bool:
+        return self.total > 0 and self.recorded >= self.total
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.time) -> None:
+        self.r = client
+        self.clock = clock
+        self._transition = client.register_script(_TRANSITION)
+        self._record = client.register_script(_RECORD)
+        self._short_circuit = client.register_script(_SHORT_CIRCUIT)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    # -- records -----------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        batch_id: str,
+        project_id: str,
+        endpoint: str,
+        input_file_id: str,
+        completion_window: str,
+        metadata: dict[str, Any],
+        status: str,
+        created_at: int,
+        expires_at: int,
+        total: int = 0,
+        errors: dict[str, Any] | None = None,
+        timestamps: dict[str, int] | None = None,
+    ) -> BatchRecord:
+        """Commit a batch in one transaction: its hash, its project index and (unless terminal)
+        the active index the sweeps scan."""
+        seq = self.r.incr(SEQ_KEY)
+        mapping: dict[str, Any] = {
+            "id": batch_id,
+            "project_id": project_id,
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+            "status": status,
+            "created_at": created_at,
+            "expires_at": expires_at,
+            "total": total,
+            "completed": 0,
+            "failed": 0,
+            "metadata": json.dumps(metadata, separators=(",", ":")),
+            "seq": seq,
+        }
+        if errors is not None:
+            mapping["errors"] = json.dumps(errors, separators=(",", ":"))
+        mapping.update(timestamps or {})
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(batch_key(batch_id), mapping=mapping)
+        pipe.zadd(_index_key(project_id), {batch_id: seq})
+        if not lifecycle.is_terminal(status):
+            pipe.zadd(ACTIVE_INDEX, {batch_id: created_at})
+        pipe.execute()
+        record = self.get_any(batch_id)
+        assert record is not None
+        return record
+
+    def get_any(self, batch_id: str) -> BatchRecord | None:
+        raw = self.r.hgetall(batch_key(batch_id))
+        return BatchRecord.from_redis(raw) if raw else None
+
+    def get(self, project_id: str, batch_id: str) -> BatchRecord | None:
+        record = self.get_any(batch_id)
+        if record is None or record.project_id != project_id:
+            return None
+        return record
+
+    def list(self, project_id: str, *, after: str | None, limit: int) -> tuple[
+        list[BatchRecord], bool
+    ]:
+        page = page_ids(self.r, _index_key(project_id), after=after, limit=limit, descending=True)
+        records = [r for r in (self.get_any(i) for i in page.ids) if r is not None]
+        return records, page.has_more
+
+    def active_ids(self) -> list[str]:
+        return [m.decode() for m in self.r.zrange(ACTIVE_INDEX, 0, -1)]
+
+    def set_fields(self, batch_id: str, **fields: str | int) -> None:
+        self.r.hset(batch_key(batch_id), mapping=fields)
+
+    def set_field_once(self, batch_id: str, name: str, value: str) -> str:
+        """Set ``name`` unless already set; return the value that is now stored."""
+        self.r.hsetnx(batch_key(batch_id), name, value)
+        stored = self.r.hget(batch_key(batch_id), name)
+        assert stored is not None
+        return stored.decode()
+
+    def transition(
+        self,
+        batch_id: str,
+        sources: Sequence[str],
+        target: str,
+        *,
+        fields: dict[str, str | int] | None = None,
+    ) -> tuple[bool, str]:
+        """Move ``batch_id`` to ``target`` if its status is one of ``sources``, setting the
+        transition's timestamp (and ``fields``) atomically. Returns (moved, status now)."""
+        stamps = {lifecycle.timestamp_field(s, target) for s in sources}
+        if len(stamps) != 1:
+            raise ValueError(f"transitions {sources} -> {target} set different timestamps")
+        args: list[str | int] = [",".join(sources), target, stamps.pop(), self.now()]
+        for name, value in (fields or {}).items():
+            args += [name, value]
+        moved, status = self._transition(keys=[batch_key(batch_id)], args=args)
+        if moved and lifecycle.is_terminal(target):
+            self.r.zrem(ACTIVE_INDEX, batch_id)
+        return bool(moved), status.decode() if isinstance(status, bytes) else str(status)
+
+    # -- lines -------------------------------------------------------------------------------
+
+    def record_line(self, batch_id: str, index: int, ok: bool, line_json: str) -> RecordOutcome:
+        """Record line ``index``'s result unless it has one; count it only if written."""
+        written, recorded, total = self._record(
+            keys=[batch_key(batch_id), lines_key(batch_id)],
+            args=[index, (OK if ok else ERR) + line_json, "completed" if ok else "failed"],
+        )
+        return RecordOutcome(written == 1, int(recorded), int(total))
+
+    def has_record(self, batch_id: str, index: int) -> bool:
+        return bool(self.r.hexists(lines_key(batch_id), index))
+
+    def short_circuit(
+        self, batch_id: str, lines: Iterable[tuple[int, str]], chunk: int = 500
+    ) -> RecordOutcome:
+        """Record each ``(index, error_line_json)`` whose line has neither a record nor a live
+        lease (it never started), counted as failed. Returns the counts after the last chunk."""
+        written_total, recorded, total = 0, 0, 0
+        args: list[str | int] = [lease_prefix(batch_id)]
+
+        def flush() -> None:
+            nonlocal args, written_total, recorded, total
+            written, recorded, total = self._short_circuit(
+                keys=[batch_key(batch_id), lines_key(batch_id)], args=args
+            )
+            written_total += int(written)
+            args = [lease_prefix(batch_id)]
+
+        for index, line_json in lines:
+            args += [index, ERR + line_json]
+            if len(args) > 2 * chunk:
+                flush()
+        flush()
+        return RecordOutcome(written_total > 0, int(recorded), int(total))
+
+    def iter_records(
+        self, batch_id: str, total: int, chunk: int = 1000
+    ) -> Iterator[tuple[int, str | None, str]]:
+        """Yield ``(index, kind, line_json)`` in input order, ``kind`` ``"o"``/``"e"``, or
+        ``None`` for a line with no record; reads ``chunk`` records at a time."""
+        for start in range(0, total, chunk):
+            indices = list(range(start, min(start + chunk, total)))
+            for index, value in zip(indices, self.r.hmget(lines_key(batch_id), indices),
+                                    strict=True):
+                if value is None:
+                    yield index, None, ""
+                else:
+                    text = value.decode()
+                    yield index, text[0], text[1:]
+
+    def delete_records(self, batch_id: str) -> None:
+        # UNLINK frees a large hash in the background instead of blocking Redis.
+        self.r.unlink(lines_key(batch_id))
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def acquire_lease(self, batch_id: str, index: int, token: str, ttl_s: float) -> bool:
+        return bool(
+            self.r.set(lease_prefix(batch_id) + str(index), token, nx=True, px=int(ttl_s * 1000))
+        )
+
+    def renew_lease(self, batch_id: str, index: int, token: str, ttl_s: float) -> bool:
+        return bool(
+            self._renew(keys=[lease_prefix(batch_id) + str(index)], args=[token, int(ttl_s * 1000)])
+        )
+
+    def release_lease(self, batch_id: str, index: int, token: str) -> None:
+        self._release(keys=[lease_prefix(batch_id) + str(index)], args=[token])
+
+    def live_leases(self, batch_id: str) -> int:
+        return sum(1 for _ in self.r.scan_iter(match=lease_prefix(batch_id) + "*", count=1000))

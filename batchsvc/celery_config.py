@@ -1,0 +1,37 @@
+"""The Celery settings every batchsvc process shares (API producer, control and inference
+workers, beat, Flower), as a plain dict: building it needs no Celery import, so the API can use
+it without loading the workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchsvc.queues import CONTROL_QUEUE
+from batchsvc.settings import Settings
+
+
+def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
+    transport = {
+        # A killed worker's unacknowledged lines come back after this; the per-line lease
+        # stops a redelivered copy from running a line that is still running elsewhere.
+        "visibility_timeout": settings.visibility_timeout_s,
+    }
+    return {
+        "broker_url": redis_url,
+        "result_backend": redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": CONTROL_QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "result_expires": 86_400,
+        "worker_hijack_root_logger": False,
+        "broker_connection_max_retries": None,
+    }

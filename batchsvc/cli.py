@@ -1,0 +1,338 @@
+"""The ``batchsvc`` command: admin (projects, keys, models) and the process launchers the
+Procfile uses. Admin commands print exactly one compact JSON line on stdout; everything else
+goes to stderr, so scripts can parse the output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+from batchsvc import embedded_redis
+from batchsvc.errors import BatchsvcError, ConfigError
+from batchsvc.models_config import load_registry
+from batchsvc.projects import ProjectStore
+from batchsvc.queues import CONTROL_QUEUE
+from batchsvc.settings import Settings
+
+DEMO_FILE = "demo.env"
+DEMO_PROJECT_NAME = "demo"
+
+
+def _emit(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _connect(settings: Settings, wait_s: float = 5.0) -> redis.Redis:
+    return redis.Redis.from_url(embedded_redis.resolve_url(settings, wait_s=wait_s))
+
+
+# -- admin ---------------------------------------------------------------------------------
+
+
+def cmd_projects_create(settings: Settings, args: argparse.Namespace) -> int:
+    models = None
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        registry = load_registry(settings.config_path)
+        unknown = [m for m in models if m not in registry]
+        if unknown:
+            raise ConfigError(f"unknown model(s): {', '.join(unknown)}")
+    project, key = ProjectStore(_connect(settings)).create_project(args.name, models)
+    _emit({"project_id": project.id, "api_key": key.api_key})
+    return 0
+
+
+def cmd_projects_list(settings: Settings, args: argparse.Namespace) -> int:
+    _emit([p.to_dict() for p in ProjectStore(_connect(settings)).list_projects()])
+    return 0
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    key = ProjectStore(_connect(settings)).create_key(args.project)
+    _emit({"project_id": key.project_id, "api_key": key.api_key})
+    return 0
+
+
+def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    revoked = ProjectStore(_connect(settings)).revoke(args.prefix)
+    _emit({"prefix": args.prefix, "revoked": revoked})
+    return 0 if revoked else 1
+
+
+def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
+    _emit([spec.public_dict() for spec in load_registry(settings.config_path)])
+    return 0
+
+
+# -- the demo project ----------------------------------------------------------------------
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return values
+    for line in lines:
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if sep:
+            values[name.strip()] = value.strip()
+    return values
+
+
+def ensure_demo(settings: Settings, client: redis.Redis) -> dict[str, str]:
+    """Create the demo project and key once; keep the key's plaintext only in a mode-0600 file
+    under the data dir. Rewrites the file's base URL for the current port."""
+    path = settings.data_dir / DEMO_FILE
+    store = ProjectStore(client)
+    known = _read_env_file(path)
+    project_id, api_key = known.get("BATCHSVC_PROJECT_ID"), known.get("BATCHSVC_API_KEY")
+    valid = False
+    if project_id and api_key:
+        try:
+            store.authenticate(api_key, project_id)
+            valid = True
+        except BatchsvcError:
+            valid = False
+    if not valid:
+        project, key = store.create_project(DEMO_PROJECT_NAME)
+        project_id, api_key = project.id, key.api_key
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    demo = {
+        "BATCHSVC_BASE_URL": f"http://{host}:{settings.port}/v1",
+        "BATCHSVC_PROJECT_ID": str(project_id),
+        "BATCHSVC_API_KEY": str(api_key),
+    }
+    _write_private(path, "".join(f"export {k}={v}\n" for k, v in demo.items()))
+    return demo
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    _emit(ensure_demo(settings, _connect(settings)))
+    return 0
+
+
+# -- process launchers (the Procfile's lines) ----------------------------------------------
+
+
+def _exec(argv: list[str], redis_url: str) -> int:  # pragma: no cover - replaces the process
+    env = dict(os.environ, REDIS_URL=redis_url)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
+
+
+def _bin(name: str) -> str:
+    """A console script of this installation (next to the running interpreter)."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def cmd_redis_server(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.redis_url:
+        _say(f"REDIS_URL is set ({settings.redis_url}); not starting the embedded Redis.")
+        # Stay up so honcho does not stop the other processes.
+        import signal
+
+        signal.pause()
+        return 0
+    embedded_redis.exec_server(settings)
+    return 0
+
+
+def cmd_exec(settings: Settings, args: argparse.Namespace) -> int:
+    command = [c for c in args.command if c != "--"]
+    if not command:
+        raise ConfigError("usage: batchsvc exec -- COMMAND [ARGS...]")
+    return _exec(command, embedded_redis.resolve_url(settings, wait_s=60))
+
+
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    url = embedded_redis.resolve_url(settings, wait_s=60)
+    load_registry(settings.config_path)  # fail now, with the config error, not per request
+    demo = ensure_demo(settings, redis.Redis.from_url(url))
+    _say(
+        "\n".join(
+            [
+                "",
+                "batchsvc is up",
+                f"  base URL:    {demo['BATCHSVC_BASE_URL']}",
+                f"  project id:  {demo['BATCHSVC_PROJECT_ID']}",
+                f"  API key:     {demo['BATCHSVC_API_KEY']}",
+                f"  (kept in {settings.data_dir / DEMO_FILE}; `. {settings.data_dir / DEMO_FILE}`"
+                " exports them)",
+                "",
+            ]
+        )
+    )
+    return _exec(
+        [
+            _bin("gunicorn"),
+            "--bind", f"{settings.host}:{settings.port}",
+            "--worker-class", "gthread",
+            "--workers", str(args.workers),
+            "--threads", str(args.threads),
+            # Above the longest model timeout: the sync endpoint waits for its model.
+            "--timeout", "660",
+            "--graceful-timeout", "30",
+            "--access-logfile", "-",
+            "--no-control-socket",
+            "batchsvc.api:create_app()",
+        ],
+        url,
+    )
+
+
+def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
+    url = embedded_redis.resolve_url(settings, wait_s=60)
+    return _exec(
+        [
+            _bin("celery"), "-A", "workers.main", "worker",
+            "-Q", CONTROL_QUEUE,
+            "-P", "threads", "-c", str(args.concurrency),
+            "--prefetch-multiplier", "1",
+            "-E",
+            "-n", f"control-{os.getpid()}@{socket.gethostname()}",
+            "-l", "INFO",
+        ],
+        url,
+    )
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    url = embedded_redis.resolve_url(settings, wait_s=60)
+    registry = load_registry(settings.config_path)
+    served = registry.select(list(settings.worker_models)) if settings.worker_models else registry
+    if not len(served):
+        raise ConfigError("no models to serve: configure at least one model")
+    # Sync queues first: the worker serves them ahead of batch lines (see workers.celery_app).
+    queues = [m.sync_queue for m in served] + [m.queue for m in served]
+    _say(f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}")
+    return _exec(
+        [
+            _bin("celery"), "-A", "workers.main", "worker",
+            "-Q", ",".join(queues),
+            "-P", "threads", "-c", str(settings.worker_concurrency),
+            "--prefetch-multiplier", "1",
+            "-E",
+            "-n", f"inference-{os.getpid()}@{socket.gethostname()}",
+            "-l", "INFO",
+        ],
+        url,
+    )
+
+
+def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:
+    url = embedded_redis.resolve_url(settings, wait_s=60)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return _exec(
+        [
+            _bin("celery"), "-A", "workers.main", "beat",
+            "-s", str(settings.data_dir / "celerybeat-schedule"),
+            "-l", "INFO",
+        ],
+        url,
+    )
+
+
+def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
+    url = embedded_redis.resolve_url(settings, wait_s=60)
+    return _exec(
+        [
+            _bin("celery"), "-A", "workers.main", "flower",
+            "--address=127.0.0.1",  # never on the network: its task view shows prompts
+            f"--port={settings.port}",
+            "--persistent=False",
+        ],
+        url,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchsvc", description=__doc__)
+    sub = parser.add_subparsers(dest="group", required=True)
+
+    projects = sub.add_parser("projects", help="manage projects").add_subparsers(
+        dest="action", required=True
+    )
+    create = projects.add_parser("create", help="create a project and its first key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--models", help="comma-separated model ids (default: all)")
+    create.set_defaults(func=cmd_projects_create)
+    projects.add_parser("list", help="list projects").set_defaults(func=cmd_projects_list)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    kcreate = keys.add_parser("create", help="issue another key for a project")
+    kcreate.add_argument("--project", required=True)
+    kcreate.set_defaults(func=cmd_keys_create)
+    revoke = keys.add_parser("revoke", help="revoke the key(s) with this 12-character prefix")
+    revoke.add_argument("prefix")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(
+        dest="action", required=True
+    )
+    models.add_parser("list", help="print the registry").set_defaults(func=cmd_models_list)
+
+    sub.add_parser("demo", help="ensure the demo project; print it").set_defaults(func=cmd_demo)
+    sub.add_parser("redis-server", help="run the embedded Redis").set_defaults(
+        func=cmd_redis_server
+    )
+    web = sub.add_parser("web", help="run the API under gunicorn")
+    web.add_argument("--workers", type=int, default=2)
+    web.add_argument("--threads", type=int, default=16)
+    web.set_defaults(func=cmd_web)
+    control = sub.add_parser("control", help="run the control worker")
+    control.add_argument("--concurrency", type=int, default=4)
+    control.set_defaults(func=cmd_control)
+    sub.add_parser("worker", help="run an inference worker (MODELS, CONCURRENCY)").set_defaults(
+        func=cmd_worker
+    )
+    sub.add_parser("beat", help="run celery beat (the sweeps)").set_defaults(func=cmd_beat)
+    sub.add_parser("flower", help="run Flower on 127.0.0.1").set_defaults(func=cmd_flower)
+    ex = sub.add_parser("exec", help="run a command with REDIS_URL set to this installation's")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=cmd_exec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return int(args.func(settings, args))
+    except BatchsvcError as exc:
+        _say(f"batchsvc: {exc.message}")
+        return 2
+    except redis.RedisError as exc:
+        _say(f"batchsvc: cannot reach Redis: {exc}")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Developer tools: helpers for tests, benchmarks and local runs; never used in production paths."""

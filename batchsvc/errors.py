@@ -1,0 +1,162 @@
+"""One exception hierarchy for batchsvc.
+
+Every error a client can see is a :class:`BatchsvcError` whose class says what the HTTP edge
+needs (status, envelope ``type``, default ``code``); instances carry the message and, where it
+applies, ``param`` and ``line``. The API maps them to the OpenAI error envelope in one place
+(``batchsvc.api.errors``); the workers turn :class:`LineError` into error-file lines with the same
+vocabulary. Nothing here imports Flask or Celery.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BatchsvcError(Exception):
+    """Base of every error batchsvc raises on purpose."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        line: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        self.line = line
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        """The ``{"error": {...}}`` body of spec section 2.4 (``line`` only when set)."""
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "code": self.code,
+            "param": self.param,
+        }
+        if self.line is not None:
+            error["line"] = self.line
+        return {"error": error}
+
+
+class InvalidRequest(BatchsvcError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class JsonlInvalid(InvalidRequest):
+    """A create-time JSONL validation failure (spec 7.1); leaves a ``failed`` batch behind."""
+
+    default_code = "invalid_request_error"
+
+
+class AuthenticationMissing(BatchsvcError):
+    status = 401
+    type = "authentication_error"
+
+    def __init__(self) -> None:
+        super().__init__("Missing authentication headers")
+
+
+class InvalidCredentials(BatchsvcError):
+    status = 403
+    type = "authentication_error"
+
+    def __init__(self) -> None:
+        super().__init__("Invalid credentials")
+
+
+class NotFound(BatchsvcError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class FileNotFound(NotFound):
+    default_code = "file_not_found"
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"File {file_id} not found")
+
+
+class BatchNotFound(NotFound):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"Batch not found: {batch_id}")
+
+
+class Conflict(BatchsvcError):
+    """409; the OpenAI SDK retries 409 unless told not to, so it always says not to."""
+
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"x-should-retry": "false"})
+
+
+class PayloadTooLarge(BatchsvcError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "file_too_large"
+
+
+class StorageError(BatchsvcError):
+    default_code = "storage_error"
+
+
+class ConfigError(BatchsvcError):
+    """The TOML model registry or the environment is invalid; raised at start-up."""
+
+
+class LineError(BatchsvcError):
+    """A failure of one batch line (or one sync request) at run time.
+
+    ``code`` is the error-file code of spec 9.3 and ``legacy`` the internal code shown in the
+    ``[legacy:...]`` prefix of the error line's message.
+    """
+
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(
+        self,
+        code: str,
+        legacy: str,
+        detail: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(detail, code=code, param=param)
+        self.legacy = legacy
+        self.detail = detail
+        self.http_status = status
+        self.error_type = type_
+
+    @property
+    def line_message(self) -> str:
+        """The error-file message: ``[legacy:<code>] <detail>`` (spec 7.3)."""
+        return f"[legacy:{self.legacy}] {self.detail}"
+
+
+class ContextLengthExceeded(LineError):
+    """Input over the model's token limit on a model with ``error_on_max_token`` (spec 8.3)."""
+
+    def __init__(self, prompt_tokens: int, limit: int) -> None:
+        super().__init__(
+            "context_length_exceeded",
+            "http_400",
+            f"Input is {prompt_tokens} tokens; this model accepts at most {limit}",
+            param="messages",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit

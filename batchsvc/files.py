@@ -1,0 +1,203 @@
+"""File records (spec 5.1) in Redis; their bytes live in :mod:`batchsvc.storage`.
+
+A deleted file keeps its record for audit (``deleted_at``) but leaves every index, so list,
+retrieve and download all answer 404 for it. A file past ``expires_at`` behaves as deleted until
+the retention sweep removes its bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from batchsvc.ids import canonical_file_id
+from batchsvc.paging import SEQ_KEY, Page, page_ids
+
+PURPOSES = ("batch", "batch_output")
+EXPIRY_INDEX = "bs:files:expiry"
+
+
+def _file_key(file_id: str) -> str:
+    return f"bs:file:{file_id}"
+
+
+def _index_key(project_id: str, purpose: str | None) -> str:
+    return f"bs:files:{project_id}" + (f":{purpose}" if purpose else "")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    project_id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    storage_key: str
+    expires_at: int | None = None
+    is_error: bool = False
+    deleted_at: int | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        """The File object of spec 5.1 (``is_error`` only on error files, never ``false``)."""
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+        }
+        if self.expires_at is not None:
+            obj["expires_at"] = self.expires_at
+        if self.is_error:
+            obj["is_error"] = True
+        return obj
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> FileRecord:
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            id=f["id"],
+            project_id=f["project_id"],
+            bytes=int(f["bytes"]),
+            created_at=int(f["created_at"]),
+            filename=f["filename"],
+            purpose=f["purpose"],
+            storage_key=f["storage_key"],
+            expires_at=int(f["expires_at"]) if f.get("expires_at") else None,
+            is_error=f.get("is_error") == "1",
+            deleted_at=int(f["deleted_at"]) if f.get("deleted_at") else None,
+        )
+
+
+class FileStore:
+    def __init__(
+        self, client: redis.Redis, *, retention_s: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.r = client
+        self.retention_s = retention_s
+        self.clock = clock
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def create(
+        self,
+        *,
+        file_id: str,
+        project_id: str,
+        size: int,
+        filename: str,
+        purpose: str,
+        storage_key: str,
+        is_error: bool = False,
+        created_at: int | None = None,
+    ) -> FileRecord:
+        """Record a stored file. Creating an id that exists returns the existing record, so a
+        retried finalize never makes a second File for the same result."""
+        existing = self.r.hgetall(_file_key(file_id))
+        if existing:
+            return FileRecord.from_redis(existing)
+        created = self.now() if created_at is None else created_at
+        record = FileRecord(
+            id=file_id,
+            project_id=project_id,
+            bytes=size,
+            created_at=created,
+            filename=filename,
+            purpose=purpose,
+            storage_key=storage_key,
+            expires_at=created + self.retention_s,
+            is_error=is_error,
+        )
+        seq = self.r.incr(SEQ_KEY)
+        mapping: dict[str, Any] = {
+            "id": record.id,
+            "project_id": project_id,
+            "bytes": size,
+            "created_at": created,
+            "filename": filename,
+            "purpose": purpose,
+            "storage_key": storage_key,
+            "expires_at": record.expires_at,
+            "is_error": "1" if is_error else "0",
+            "seq": seq,
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(_file_key(file_id), mapping=mapping)
+        pipe.zadd(_index_key(project_id, None), {file_id: seq})
+        pipe.zadd(_index_key(project_id, purpose), {file_id: seq})
+        pipe.zadd(EXPIRY_INDEX, {file_id: record.expires_at or 0})
+        pipe.execute()
+        return record
+
+    def _live(self, record: FileRecord) -> bool:
+        if record.deleted_at is not None:
+            return False
+        return record.expires_at is None or self.now() < record.expires_at
+
+    def get(self, project_id: str, file_id: str) -> FileRecord | None:
+        """The live file of this project, or ``None`` (missing, other project, deleted,
+        expired: the same answer, spec 2.3)."""
+        raw = self.r.hgetall(_file_key(canonical_file_id(file_id)))
+        if not raw:
+            return None
+        record = FileRecord.from_redis(raw)
+        if record.project_id != project_id or not self._live(record):
+            return None
+        return record
+
+    def get_any(self, file_id: str) -> FileRecord | None:
+        raw = self.r.hgetall(_file_key(file_id))
+        return FileRecord.from_redis(raw) if raw else None
+
+    def list(
+        self,
+        project_id: str,
+        *,
+        purpose: str | None,
+        after: str | None,
+        limit: int,
+        descending: bool,
+    ) -> tuple[list[FileRecord], bool]:
+        key = _index_key(project_id, purpose)
+        after_id = canonical_file_id(after) if after else None
+        records: list[FileRecord] = []
+        has_more = False
+        # Expired files are skipped (and dropped from the index) until the page is full.
+        while True:
+            page: Page = page_ids(self.r, key, after=after_id, limit=limit - len(records),
+                                  descending=descending)
+            for file_id in page.ids:
+                raw = self.r.hgetall(_file_key(file_id))
+                record = FileRecord.from_redis(raw) if raw else None
+                if record is not None and self._live(record):
+                    records.append(record)
+            has_more = page.has_more
+            if len(records) >= limit or not page.has_more or not page.ids:
+                break
+            after_id = page.ids[-1]
+        return records, has_more
+
+    def mark_deleted(self, record: FileRecord) -> bool:
+        """Soft-delete: keep the record with ``deleted_at``, drop it from every index.
+        Returns ``False`` if another request deleted it first."""
+        if not self.r.hsetnx(_file_key(record.id), "deleted_at", self.now()):
+            return False
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(_index_key(record.project_id, None), record.id)
+        pipe.zrem(_index_key(record.project_id, record.purpose), record.id)
+        pipe.zrem(EXPIRY_INDEX, record.id)
+        pipe.execute()
+        return True
+
+    def expired_ids(self, now: int, limit: int = 1000) -> Iterator[str]:
+        """Files whose retention ran out (for the retention sweep)."""
+        for member in self.r.zrangebyscore(EXPIRY_INDEX, 0, now, start=0, num=limit):
+            yield member.decode()

@@ -1,0 +1,194 @@
+"""Ending a batch: short-circuiting the lines that never started (cancel, expiry) and
+assembling the result files (spec 7.2, 7.3, 6.2).
+
+Assembly streams the recorded lines, in input order, straight into the two storage writers
+(each atomic: temp file + rename), so memory stays flat whatever the batch size, and no client
+ever sees half a file. The order of the steps is what makes a crash at any point harmless:
+
+1. seal the batch (no record is accepted after this), check that every line is recorded;
+2. write both files under ids fixed on the first attempt, and create their File objects
+   (creating an existing id is a no-op), then mark ``files_written``;
+3. delete the per-line records (Redis memory stays bounded by what is in flight);
+4. only then set the terminal status, its timestamp and the file ids in one step, so a client
+   that sees a terminal status can download at once.
+
+A retry after a crash redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+
+from batchsvc import lifecycle
+from batchsvc.batches import ERR, OK, BatchRecord, BatchStore, batch_key
+from batchsvc.errors import LineError
+from batchsvc.files import FileStore
+from batchsvc.ids import new_file_id
+from batchsvc.jsonl import iter_request_lines
+from batchsvc.results import error_line
+from batchsvc.storage import Storage, StorageMissing, batch_input_key, upload_key
+
+log = logging.getLogger("batchsvc.finalize")
+
+LOCK_TTL_S = 600
+
+
+@dataclass(frozen=True)
+class Finalizer:
+    redis: redis.Redis
+    batches: BatchStore
+    files: FileStore
+    storage: Storage
+
+    # -- short-circuit -----------------------------------------------------------------------
+
+    def short_circuit(self, batch: BatchRecord, error: LineError) -> int:
+        """Record ``error`` for every line that has neither a record nor a live lease, without
+        waiting for queued messages to drain. Returns the batch's recorded count after."""
+        try:
+            stream = self.storage.open_reader(batch_input_key(batch.id))
+        except StorageMissing:
+            log.error("batch %s has no input copy; cannot short-circuit", batch.id)
+            return batch.recorded
+
+        def lines() -> Iterator[tuple[int, str]]:
+            with stream:
+                for line in iter_request_lines(stream):
+                    yield line.index, error_line(batch.id, line.index, line.custom_id, error)
+
+        return self.batches.short_circuit(batch.id, lines()).recorded
+
+    # -- assembly ----------------------------------------------------------------------------
+
+    def finalize(self, batch_id: str) -> str:
+        """Assemble the files and end the batch if every line is recorded.
+
+        Returns the batch's status afterwards (unchanged when lines are still missing or another
+        finalize holds the lock).
+        """
+        lock = self.redis.lock(f"{batch_key(batch_id)}:finalize", timeout=LOCK_TTL_S,
+                               blocking=False)
+        if not lock.acquire(blocking=False):
+            batch = self.batches.get_any(batch_id)
+            return batch.status if batch else "missing"
+        try:
+            return self._finalize_locked(batch_id)
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                log.warning("finalize lock of %s expired while held", batch_id)
+
+    def _finalize_locked(self, batch_id: str) -> str:
+        batch = self.batches.get_any(batch_id)
+        if batch is None:
+            return "missing"
+        if lifecycle.is_terminal(batch.status):
+            self.batches.delete_records(batch_id)
+            return batch.status
+        if batch.recorded < batch.total:
+            return batch.status
+        if batch.status == lifecycle.IN_PROGRESS:
+            if batch.extra.get("expiring") == "1":
+                target = lifecycle.EXPIRED
+            else:
+                self.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.FINALIZING)
+                target = lifecycle.COMPLETED
+        elif batch.status == lifecycle.FINALIZING:
+            target = lifecycle.COMPLETED
+        elif batch.status == lifecycle.CANCELLING:
+            target = lifecycle.CANCELLED
+        else:
+            return batch.status
+        self.batches.set_fields(batch_id, sealed=1)
+        batch = self.batches.get_any(batch_id)
+        assert batch is not None
+        if batch.extra.get("files_written") != "1":
+            if not self._write_files(batch):
+                return batch.status
+            batch = self.batches.get_any(batch_id)
+            assert batch is not None
+        self.batches.delete_records(batch_id)
+        self.storage.delete(batch_input_key(batch_id))
+        source = batch.status
+        moved, status = self.batches.transition(
+            batch_id,
+            [source],
+            target,
+            fields={
+                "output_file_id": batch.extra.get("result_output_file_id", ""),
+                "error_file_id": batch.extra.get("result_error_file_id", ""),
+            },
+        )
+        if moved:
+            log.info("batch %s %s: %d completed, %d failed", batch_id, target, batch.completed,
+                     batch.failed)
+        return status
+
+    def _write_files(self, batch: BatchRecord) -> bool:
+        """Stream the records into the two files; False (nothing published) if any record is
+        missing, which a recount never lets happen in normal operation."""
+        output_id = self.batches.set_field_once(batch.id, "planned_output_file_id",
+                                                new_file_id())
+        error_id = self.batches.set_field_once(batch.id, "planned_error_file_id", new_file_id())
+        counts = {OK: 0, ERR: 0}
+        sizes = {OK: 0, ERR: 0}
+        missing = 0
+        try:
+            with (
+                self.storage.open_writer(upload_key(output_id)) as out,
+                self.storage.open_writer(upload_key(error_id)) as err,
+            ):
+                writers = {OK: out, ERR: err}
+                for index, kind, line_json in self.batches.iter_records(batch.id, batch.total):
+                    if kind is None:
+                        missing += 1
+                        log.error("batch %s line %d has no record", batch.id, index)
+                        continue
+                    data = line_json.encode() + b"\n"
+                    writers[kind].write(data)
+                    counts[kind] += 1
+                    sizes[kind] += len(data)
+                if missing:
+                    raise _Incomplete()
+        except _Incomplete:
+            return False
+        if counts[OK] != batch.completed or counts[ERR] != batch.failed:
+            # The counters and the records disagree: the records are what the files hold, so
+            # make the counters match them (each line once, in exactly one counter).
+            log.error("batch %s counters %d/%d disagree with records %d/%d; using records",
+                      batch.id, batch.completed, batch.failed, counts[OK], counts[ERR])
+            self.batches.set_fields(batch.id, completed=counts[OK], failed=counts[ERR])
+        fields: dict[str, str | int] = {"files_written": 1}
+        now = self.files.now()
+        for kind, file_id, filename, is_error in (
+            (OK, output_id, f"{output_id}.jsonl", False),
+            (ERR, error_id, f"{batch.id}_errors.jsonl", True),
+        ):
+            field = "result_error_file_id" if is_error else "result_output_file_id"
+            if counts[kind] == 0:
+                self.storage.delete(upload_key(file_id))
+                fields[field] = ""
+                continue
+            self.files.create(
+                file_id=file_id,
+                project_id=batch.project_id,
+                size=sizes[kind],
+                filename=filename,
+                purpose="batch_output",
+                storage_key=upload_key(file_id),
+                is_error=is_error,
+                created_at=now,
+            )
+            fields[field] = file_id
+        self.batches.set_fields(batch.id, **fields)
+        return True
+
+
+class _Incomplete(Exception):
+    """Raised inside the writers' block so both discard their temp files."""
+

@@ -1,0 +1,164 @@
+"""Projects and their API keys, in Redis.
+
+A key is shown once, at creation, and stored only as its SHA-256 (a key is 240 random bits, so a
+fast hash is enough; a slow KDF would only add latency to every request). Lookup goes by the
+hash, and the stored hash is compared with ``hmac.compare_digest`` so no step depends on the
+secret's bytes in a data-dependent way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from batchsvc.errors import InvalidCredentials, NotFound
+from batchsvc.ids import new_api_key, new_project_id
+
+KEY_PREFIX_LEN = 12
+_PROJECTS = "bs:projects"
+_SEQ = "bs:seq"
+
+
+def _project_key(project_id: str) -> str:
+    return f"bs:project:{project_id}"
+
+
+def _api_key_key(digest: str) -> str:
+    return f"bs:apikey:{digest}"
+
+
+def _prefix_key(prefix: str) -> str:
+    return f"bs:apikey-prefix:{prefix}"
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    name: str
+    created_at: int
+    #: Enabled model ids; ``None`` means every configured model.
+    models: tuple[str, ...] | None
+
+    def allows(self, model_id: str) -> bool:
+        return self.models is None or model_id in self.models
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "project_id": self.id,
+            "name": self.name,
+            "created_at": self.created_at,
+            "models": list(self.models) if self.models is not None else "*",
+        }
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    project_id: str
+    api_key: str
+    prefix: str
+
+
+class ProjectStore:
+    def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.time) -> None:
+        self.r = client
+        self.clock = clock
+
+    def create_project(
+        self, name: str, models: list[str] | None = None
+    ) -> tuple[Project, IssuedKey]:
+        project = Project(
+            id=new_project_id(),
+            name=name,
+            created_at=int(self.clock()),
+            models=tuple(models) if models is not None else None,
+        )
+        seq = self.r.incr(_SEQ)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            _project_key(project.id),
+            mapping={
+                "id": project.id,
+                "name": name,
+                "created_at": project.created_at,
+                "models": json.dumps(list(models)) if models is not None else "*",
+            },
+        )
+        pipe.zadd(_PROJECTS, {project.id: seq})
+        pipe.execute()
+        return project, self.create_key(project.id)
+
+    def get_project(self, project_id: str) -> Project | None:
+        raw = self.r.hgetall(_project_key(project_id))
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        models = None if fields["models"] == "*" else tuple(json.loads(fields["models"]))
+        return Project(fields["id"], fields["name"], int(fields["created_at"]), models)
+
+    def list_projects(self) -> list[Project]:
+        ids = [i.decode() for i in self.r.zrange(_PROJECTS, 0, -1)]
+        return [p for p in (self.get_project(i) for i in ids) if p is not None]
+
+    def create_key(self, project_id: str) -> IssuedKey:
+        if self.get_project(project_id) is None:
+            raise NotFound(f"Project not found: {project_id}")
+        api_key = new_api_key()
+        digest = hash_key(api_key)
+        prefix = api_key[:KEY_PREFIX_LEN]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(
+            _api_key_key(digest),
+            mapping={
+                "project_id": project_id,
+                "prefix": prefix,
+                "created_at": int(self.clock()),
+                "active": 1,
+                "digest": digest,
+            },
+        )
+        pipe.sadd(_prefix_key(prefix), digest)
+        pipe.execute()
+        return IssuedKey(project_id=project_id, api_key=api_key, prefix=prefix)
+
+    def revoke(self, prefix: str) -> int:
+        """Deactivate every key starting with ``prefix`` (its first 12 characters); returns how
+        many were revoked."""
+        if len(prefix) < KEY_PREFIX_LEN:
+            raise NotFound(f"a key prefix has {KEY_PREFIX_LEN} characters, got {prefix!r}")
+        digests = [d.decode() for d in self.r.smembers(_prefix_key(prefix[:KEY_PREFIX_LEN]))]
+        revoked = 0
+        for digest in digests:
+            if self.r.hget(_api_key_key(digest), "active") == b"1":
+                self.r.hset(_api_key_key(digest), "active", 0)
+                revoked += 1
+        return revoked
+
+    def authenticate(self, api_key: str, project_id: str | None) -> Project:
+        """The project an active key belongs to; with ``project_id`` the key must belong to it.
+
+        Raises:
+            InvalidCredentials: unknown or inactive key, or a key of another project.
+        """
+        digest = hash_key(api_key)
+        stored = self.r.hmget(_api_key_key(digest), ["digest", "project_id", "active"])
+        stored_digest, owner, active = (v.decode() if v is not None else "" for v in stored)
+        if not hmac.compare_digest(stored_digest.encode(), digest.encode()) or active != "1":
+            raise InvalidCredentials()
+        if project_id is not None and not hmac.compare_digest(
+            owner.encode(), project_id.encode("utf-8", "surrogatepass")
+        ):
+            raise InvalidCredentials()
+        project = self.get_project(owner)
+        if project is None:
+            raise InvalidCredentials()
+        return project

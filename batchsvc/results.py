@@ -1,0 +1,73 @@
+"""The line shapes of the output file (spec 7.2) and the error file (spec 7.3).
+
+Workers, cancel and expiry all build their lines here, so the shapes cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from batchsvc.errors import LineError
+from batchsvc.ids import line_record_id
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def output_line(
+    batch_id: str, index: int, custom_id: str, body: dict[str, Any], request_id: str | None,
+    status_code: int = 200,
+) -> str:
+    """A successful line, with OpenAI's ``"error": null`` (spec open point 9)."""
+    return _dumps(
+        {
+            "id": line_record_id(batch_id, index),
+            "custom_id": custom_id,
+            "response": {"status_code": status_code, "request_id": request_id, "body": body},
+            "error": None,
+        }
+    )
+
+
+def error_line(batch_id: str, index: int, custom_id: str, error: LineError) -> str:
+    """A failed line: ``response: null`` and an ``error`` with a ``[legacy:...]`` message."""
+    return _dumps(
+        {
+            "id": line_record_id(batch_id, index),
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": error.code, "message": error.line_message, "param": error.param},
+        }
+    )
+
+
+def batch_cancelled() -> LineError:
+    return LineError(
+        "batch_cancelled", "batch_cancelled", "Batch was cancelled before this line was dispatched"
+    )
+
+
+def batch_expired() -> LineError:
+    return LineError(
+        "batch_expired",
+        "batch_expired",
+        "The 24h completion window elapsed before this line was dispatched",
+    )
+
+
+def model_not_found(model: object) -> LineError:
+    """Unknown model, or one not enabled for the project (spec open point 26)."""
+    shown = model if isinstance(model, str) else json.dumps(model)
+    return LineError(
+        "not_found_error",
+        "http_404",
+        f'The model "{shown}" does not exist or is not enabled for this project',
+        param="model",
+        status=404,
+    )
+
+
+def internal_error(detail: str, legacy: str = "internal_error") -> LineError:
+    return LineError("internal_error", legacy, detail, status=500, type_="internal_error")

@@ -1,0 +1,142 @@
+"""Settings: one frozen object, loaded from the environment in exactly one place.
+
+Every variable batchsvc reads is listed in :meth:`Settings.from_env` with its coercion and default
+(and in ``deploy/env.example``). Nothing else in the code reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from batchsvc.errors import ConfigError
+
+#: The model registry shipped in the repo (a demo model on the echo backend).
+DEFAULT_CONFIG = Path(__file__).with_name("default_config.toml")
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
+
+
+def _number(name: str, raw: str, *, minimum: float = 0.0) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _int(name: str, raw: str, *, minimum: int = 0) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the embedded defaults ``make run`` uses."""
+
+    #: ``redis://...`` of an external Redis; ``None`` means the embedded redis-server whose
+    #: address is kept under ``data_dir``.
+    redis_url: str | None = None
+    #: Where the embedded Redis keeps its AOF and address, and where local storage keeps files.
+    data_dir: Path = Path("var")
+    #: The TOML model registry.
+    config_path: Path = DEFAULT_CONFIG
+    #: Port of the API (honcho hands each Procfile line its own PORT).
+    port: int = 8000
+    #: Address the API binds to; loopback by default (put a proxy with TLS in front of it).
+    host: str = "127.0.0.1"
+    #: Models an inference worker serves (``MODELS=a,b``); ``None`` means every configured one.
+    worker_models: tuple[str, ...] | None = None
+    #: Threads of an inference worker: requests it keeps in flight at its model servers.
+    worker_concurrency: int = 8
+    #: Whether ``x-project-id`` is required (spec open point 1); optional mode scopes a request
+    #: without it to the key's own project.
+    require_project_header: bool = True
+    #: Seconds before Redis hands an unacknowledged task message to another worker. Short, so a
+    #: killed worker's lines come back soon; the per-line lease stops a second run.
+    visibility_timeout_s: float = 300.0
+    #: Time-to-live of a per-line lease; the running task renews it every third of this.
+    lease_ttl_s: float = 30.0
+    #: How often beat runs the recovery sweep.
+    sweep_interval_s: float = 30.0
+    #: How long a batch whose lines are all recorded may wait for its chord before the sweep
+    #: finalizes it.
+    stuck_after_s: float = 60.0
+    #: The completion window. Clients always see 24 h; operators may shorten it for testing.
+    completion_window_s: int = 86_400
+    #: Retention of uploaded and result files (spec: 30 days).
+    file_retention_s: int = 2_592_000
+    #: The storage backend; only ``local`` (files under ``data_dir/files``) exists today.
+    storage_backend: str = "local"
+
+    @property
+    def storage_root(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A copy with some fields replaced (tests and the CLI use this)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        get = env.get
+        data_dir = Path(get("BATCHSVC_DATA_DIR") or "var").expanduser().absolute()
+        models = get("MODELS") or ""
+        storage_backend = get("BATCHSVC_STORAGE", "local")
+        if storage_backend != "local":
+            raise ConfigError(f"BATCHSVC_STORAGE must be 'local', got {storage_backend!r}")
+        return cls(
+            redis_url=get("REDIS_URL") or None,
+            data_dir=data_dir,
+            config_path=Path(get("BATCHSVC_CONFIG") or DEFAULT_CONFIG).expanduser().absolute(),
+            port=_int("PORT", get("PORT", "8000"), minimum=1),
+            host=get("BATCHSVC_HOST") or "127.0.0.1",
+            worker_models=tuple(m.strip() for m in models.split(",") if m.strip()) or None,
+            worker_concurrency=_int("CONCURRENCY", get("CONCURRENCY") or "8", minimum=1),
+            require_project_header=_bool(
+                "BATCHSVC_REQUIRE_PROJECT_HEADER", get("BATCHSVC_REQUIRE_PROJECT_HEADER", "true")
+            ),
+            visibility_timeout_s=_number(
+                "BATCHSVC_VISIBILITY_TIMEOUT_S", get("BATCHSVC_VISIBILITY_TIMEOUT_S", "300"),
+                minimum=1,
+            ),
+            lease_ttl_s=_number(
+                "BATCHSVC_LEASE_TTL_S", get("BATCHSVC_LEASE_TTL_S", "30"), minimum=1
+            ),
+            sweep_interval_s=_number(
+                "BATCHSVC_SWEEP_INTERVAL_S", get("BATCHSVC_SWEEP_INTERVAL_S", "30"), minimum=0.5
+            ),
+            stuck_after_s=_number(
+                "BATCHSVC_STUCK_AFTER_S", get("BATCHSVC_STUCK_AFTER_S", "60"), minimum=0
+            ),
+            completion_window_s=_int(
+                "BATCHSVC_COMPLETION_WINDOW_S", get("BATCHSVC_COMPLETION_WINDOW_S", "86400"),
+                minimum=1,
+            ),
+            file_retention_s=_int(
+                "BATCHSVC_FILE_RETENTION_S", get("BATCHSVC_FILE_RETENTION_S", "2592000"),
+                minimum=1,
+            ),
+            storage_backend=storage_backend,
+        )

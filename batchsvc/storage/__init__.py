@@ -1,0 +1,49 @@
+"""Where file bytes live, behind a small interface.
+
+Keys are built by batchsvc from ids (``uploads/<file_id>``), never from client input, so a
+client's filename can never become a path. An object store (S3-compatible) can be added as
+another implementation without touching the API or the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import BinaryIO, Protocol
+
+from batchsvc.errors import BatchsvcError
+
+
+class StorageMissing(BatchsvcError):
+    """The key has no stored bytes (never written, deleted, or lost)."""
+
+
+class Storage(Protocol):
+    def open_writer(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """Write ``key`` atomically: readers see the old bytes or all the new ones, never a
+        part; an exception inside the ``with`` block leaves nothing behind."""
+
+    def open_reader(self, key: str) -> BinaryIO:
+        """Open ``key`` for streaming reads. Raises :class:`StorageMissing`."""
+
+    def iter_chunks(self, key: str, chunk_size: int = 65536) -> Iterator[bytes]:
+        """Stream ``key`` in chunks (HTTP downloads). Raises :class:`StorageMissing`."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int:
+        """Size in bytes. Raises :class:`StorageMissing`."""
+
+    def copy(self, src: str, dst: str) -> None:
+        """Give ``dst`` the bytes of ``src``; later deleting ``src`` does not touch ``dst``."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+
+def upload_key(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def batch_input_key(batch_id: str) -> str:
+    return f"batches/{batch_id}/input.jsonl"

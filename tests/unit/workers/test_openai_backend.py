@@ -1,0 +1,566 @@
+"""The ``openai`` backend against a real fake upstream on a loopback port.
+
+Sleeps between attempts are recorded, never slept, so retries run instantly and the backoff each
+attempt chose can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import requests
+
+from batchsvc.devtools.fake_upstream import FINGERPRINT, FakeUpstream
+from batchsvc.errors import LineError
+from batchsvc.models_config import ModelSpec
+from workers.backends import BackendResponse, ChatBackend
+from workers.backends import openai as openai_backend
+from workers.backends.openai import OpenAIBackend, classification_content, parse_retry_after
+
+PUBLIC_ID = "acme/chat-1"
+UPSTREAM = "org/Upstream-Model-1"
+
+
+def chat_body(text: str = "hello there world", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": PUBLIC_ID,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": text},
+        ],
+        **extra,
+    }
+
+
+def make_spec(base_url: str, **overrides: Any) -> ModelSpec:
+    fields: dict[str, Any] = {
+        "id": PUBLIC_ID,
+        "backend": "openai",
+        "max_tokens": 8192,
+        "base_url": base_url,
+        "upstream_model": UPSTREAM,
+        "timeout_s": 5.0,
+        "max_attempts": 4,
+    }
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+class Harness:
+    """A fake upstream, a session of our own and a backend whose sleeps are recorded."""
+
+    def __init__(self, fake: FakeUpstream, session: requests.Session) -> None:
+        self.fake = fake
+        self.session = session
+        self.sleeps: list[float] = []
+
+    def backend(
+        self,
+        spec: ModelSpec | None = None,
+        *,
+        rand: Callable[[], float] = lambda: 0.0,
+        environ: dict[str, str] | None = None,
+    ) -> tuple[OpenAIBackend, ModelSpec]:
+        spec = spec or make_spec(self.fake.base_url)
+        backend = OpenAIBackend(
+            spec,
+            session=self.session,
+            sleep=self.sleeps.append,
+            rand=rand,
+            environ=environ if environ is not None else {},
+        )
+        return backend, spec
+
+    def complete(self, body: dict[str, Any] | None = None, **spec_overrides: Any) -> Any:
+        backend, spec = self.backend(make_spec(self.fake.base_url, **spec_overrides))
+        return backend.complete(spec, body or chat_body(), 7)
+
+    def fail(self, body: dict[str, Any] | None = None, **spec_overrides: Any) -> LineError:
+        with pytest.raises(LineError) as info:
+            self.complete(body, **spec_overrides)
+        return info.value
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    s = openai_backend._new_session(32)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def h(fake: FakeUpstream, session: requests.Session) -> Harness:
+    return Harness(fake, session)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- success -------------------------------------------------------------------------------
+
+
+def test_success_passes_the_completion_through_with_model_and_fingerprint_rewritten(
+    h: Harness,
+) -> None:
+    # Given a body with extra chat parameters
+    body = chat_body("the capital of France", temperature=0, max_tokens=50)
+    original = json.loads(json.dumps(body))
+    backend, spec = h.backend()
+    assert isinstance(backend, ChatBackend)
+
+    # When
+    result = backend.complete(spec, body, 9)
+
+    # Then the upstream saw its own model name and every other field unchanged
+    [seen] = h.fake.recent_requests
+    assert seen.body == {**original, "model": UPSTREAM}
+    assert seen.headers["content-type"] == "application/json"
+    assert "authorization" not in seen.headers
+    # and the caller's dict was not touched
+    assert body == original
+    # and the answer is the upstream's, but for model and system_fingerprint
+    assert isinstance(result, BackendResponse)
+    assert result.status_code == 200
+    assert result.request_id == "req_up_1"
+    assert result.body["model"] == PUBLIC_ID
+    assert "system_fingerprint" in result.body and result.body["system_fingerprint"] is None
+    assert result.body["object"] == "chat.completion"
+    assert result.body["choices"][0]["message"]["content"] == "the capital of France"
+    assert result.body["choices"][0]["finish_reason"] == "stop"
+    assert result.body["usage"]["prompt_tokens"] == 6  # the fake's own count, passed through
+    assert result.body["usage"]["completion_tokens"] == 4
+    assert h.sleeps == []
+    assert h.fake.requests_seen == 1
+
+
+def test_the_fake_itself_reports_its_fingerprint_and_the_upstream_model(fake: FakeUpstream) -> None:
+    r = requests.post(f"{fake.base_url}/chat/completions", json=chat_body(), timeout=5)
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "req_up_1"
+    assert r.json()["system_fingerprint"] == FINGERPRINT
+    assert r.json()["model"] == PUBLIC_ID
+    assert requests.get(fake.base_url.removesuffix("/v1") + "/health", timeout=5).ok
+
+
+# ---- retries -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rand", "expected"), [(0.0, [0.5, 1.0]), (0.999999, [1.0, 2.0])], ids=["low", "high"]
+)
+def test_503_twice_then_success_takes_three_attempts_with_equal_jitter_backoff(
+    h: Harness, rand: float, expected: list[float]
+) -> None:
+    h.fake.set_faults([{"status": 503, "message": "overloaded", "repeat": 2}])
+    backend, spec = h.backend(rand=lambda: rand)
+
+    result = backend.complete(spec, chat_body(), 7)
+
+    assert result.request_id == "req_up_3"
+    assert h.fake.requests_seen == 3
+    assert h.sleeps == pytest.approx(expected, abs=1e-5)
+
+
+def test_backoff_doubles_and_is_capped_at_30_seconds() -> None:
+    lows = [openai_backend.backoff_delay(k, lambda: 0.0) for k in range(1, 9)]
+    highs = [openai_backend.backoff_delay(k, lambda: 1.0) for k in range(1, 9)]
+    assert lows == [0.5, 1, 2, 4, 8, 15, 15, 15]
+    assert highs == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_429_with_retry_after_is_waited_for(h: Harness) -> None:
+    h.fake.set_faults([{"status": 429, "retry_after": 7}])
+    h.complete()
+    assert h.sleeps == [7.0]
+    assert h.fake.requests_seen == 2
+
+
+def test_retry_after_is_capped_at_30_seconds(h: Harness) -> None:
+    h.fake.set_faults([{"status": 429, "retry_after": 120}, {"status": 429, "retry_after": 0}])
+    h.complete()
+    # 120 s capped at 30; a Retry-After shorter than the backoff leaves the backoff (rand 0: 1 s)
+    assert h.sleeps == [30.0, 1.0]
+
+
+def test_retry_after_as_an_http_date(h: Harness) -> None:
+    h.fake.set_faults([{"status": 429, "retry_after": email.utils.formatdate(time.time() + 20)}])
+    h.complete()
+    assert 17 <= h.sleeps[0] <= 20
+
+
+def test_parse_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "1.5"}) == 1.5
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    date = email.utils.formatdate(now + 12, usegmt=True)
+    assert parse_retry_after({"retry-after": date}, now=now) == pytest.approx(12)
+    assert parse_retry_after({"retry-after": email.utils.formatdate(now - 5)}, now=now) == 0
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({"retry-after": "-1"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_permanent_500_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
+    h.fake.set_faults([{"status": 500, "message": "CUDA out of memory", "repeat": None}])
+
+    err = h.fail()
+
+    assert err.code == "internal_error"
+    assert err.legacy == "retries_exhausted"
+    assert err.line_message == (
+        "[legacy:retries_exhausted] Line failed after 4 attempts: "
+        "upstream returned 500: CUDA out of memory"
+    )
+    assert err.param is None
+    assert h.fake.requests_seen == 4
+    assert len(h.sleeps) == 3
+
+
+def test_a_hang_past_the_timeout_ends_within_about_two_timeouts(h: Harness) -> None:
+    h.fake.set_faults([{"hang_s": 10, "repeat": None}])
+
+    started = time.monotonic()
+    err = h.fail(timeout_s=0.3, max_attempts=2)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.5
+    assert err.code == "internal_error"
+    assert err.line_message == (
+        "[legacy:retries_exhausted] Line failed after 2 attempts: upstream timed out after 0.3 s"
+    )
+    assert h.fake.requests_seen == 2
+
+
+def test_malformed_json_is_retried_then_succeeds(h: Harness) -> None:
+    h.fake.set_faults([{"malformed": True}])
+    result = h.complete()
+    assert result.body["model"] == PUBLIC_ID
+    assert h.fake.requests_seen == 2
+
+
+def test_malformed_json_every_time_ends_as_internal_error(h: Harness) -> None:
+    h.fake.set_faults([{"malformed": True, "repeat": None}])
+    err = h.fail(max_attempts=3)
+    assert err.code == "internal_error"
+    assert err.line_message.startswith(
+        "[legacy:retries_exhausted] Line failed after 3 attempts: upstream returned 200 with a "
+        "body that is not a chat.completion: invalid JSON"
+    )
+    assert h.fake.requests_seen == 3
+
+
+def test_a_2xx_without_choices_is_treated_like_a_5xx(h: Harness) -> None:
+    h.fake.set_faults([{"json": {"object": "chat.completion", "choices": []}, "repeat": 2}])
+    h.complete()
+    assert h.fake.requests_seen == 3
+
+
+def test_a_dropped_connection_is_retried(h: Harness) -> None:
+    h.fake.set_faults([{"close": True}])
+    result = h.complete()
+    assert result.request_id == "req_up_2"
+    assert len(h.sleeps) == 1
+
+
+def test_connection_refused_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
+    backend, spec = h.backend(make_spec(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3))
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    err = info.value
+    assert err.code == "internal_error"
+    assert err.line_message.startswith(
+        "[legacy:retries_exhausted] Line failed after 3 attempts: connection error: "
+    )
+    assert "Connection refused" in err.line_message
+    assert " object at 0x" not in err.line_message
+    assert len(h.sleeps) == 2
+
+
+def test_retries_are_counted_by_model_and_reason(h: Harness) -> None:
+    openai_backend.reset_retry_counts()
+    h.fake.set_faults([{"status": 503, "repeat": 2}, {"status": 429}])
+    h.complete()
+    assert openai_backend.retry_counts() == {(PUBLIC_ID, "http_503"): 2, (PUBLIC_ID, "http_429"): 1}
+    assert openai_backend.total_retries() == 3
+
+
+def test_per_request_faults_from_metadata_do_not_touch_other_requests(h: Harness) -> None:
+    # Given a shared plan that would fail the next request, and a line that brings its own fault
+    h.fake.set_faults([{"status": 400}])
+    faulty = chat_body(metadata={"fake": {"status": 503, "fail_times": 2}})
+
+    # When the line runs, it fails twice then succeeds, without consuming the plan
+    result = h.complete(faulty)
+    assert result.request_id == "req_up_3"
+    assert h.fake.stats()["faults_pending"] == 1
+    # and the metadata travelled to the upstream untouched
+    assert h.fake.recent_requests[0].body["metadata"] == faulty["metadata"]
+
+
+def test_concurrent_lines_with_their_own_fault_keys_each_fail_their_own_times(
+    h: Harness,
+) -> None:
+    bodies = [
+        chat_body(f"line {i}", metadata={"fake": {"status": 503, "fail_times": i, "key": f"k{i}"}})
+        for i in range(4)
+    ]
+    backend, spec = h.backend()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: backend.complete(spec, b, 1), bodies))
+    assert [r.body["choices"][0]["message"]["content"] for r in results] == [
+        f"line {i}" for i in range(4)
+    ]
+    assert h.fake.requests_seen == 4 + (0 + 1 + 2 + 3)
+
+
+# ---- final errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "legacy"),
+    [
+        (400, "invalid_request_error", "http_400"),
+        (422, "invalid_request_error", "http_422"),
+        (401, "authentication_error", "http_401"),
+        (403, "authentication_error", "http_403"),
+        (404, "not_found_error", "http_404"),
+        (413, "request_too_large", "http_413"),
+        (420, "insufficient_quota", "http_420"),
+    ],
+)
+def test_client_errors_map_to_their_code_with_the_upstream_message_and_are_not_retried(
+    h: Harness, status: int, code: str, legacy: str
+) -> None:
+    h.fake.set_faults(
+        [
+            {
+                "status": status,
+                "message": "messages: missing required field",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "repeat": None,
+            }
+        ]
+    )
+
+    err = h.fail()
+
+    assert err.code == code
+    assert err.legacy == legacy
+    assert err.line_message == (
+        f"[legacy:{legacy}] "
+        '{"message":"messages: missing required field","type":"invalid_request_error"}'
+    )
+    assert err.param == "messages"
+    assert h.fake.requests_seen == 1
+    assert h.sleeps == []
+
+
+def test_a_non_json_error_body_is_folded_in_as_text(h: Harness) -> None:
+    h.fake.set_faults([{"status": 400, "raw": "<html>Bad Request</html>"}])
+    err = h.fail()
+    assert err.line_message == "[legacy:http_400] <html>Bad Request</html>"
+
+
+def test_a_huge_error_body_is_truncated(h: Harness) -> None:
+    h.fake.set_faults([{"status": 400, "raw": "x" * 10_000}])
+    err = h.fail()
+    assert len(err.detail) == openai_backend.DETAIL_LIMIT
+
+
+def test_a_tgi_style_error_string_is_understood(h: Harness) -> None:
+    h.fake.set_faults(
+        [{"status": 422, "json": {"error": "Input too long", "error_type": "validation"}}]
+    )
+    err = h.fail()
+    assert err.line_message == '[legacy:http_422] {"message":"Input too long","type":"validation"}'
+
+
+def test_429_on_every_attempt_ends_as_rate_limit_exceeded(h: Harness) -> None:
+    h.fake.set_faults([{"status": 429, "message": "Rate limit reached", "repeat": None}])
+    err = h.fail()
+    assert err.code == "rate_limit_exceeded"
+    assert err.legacy == "http_429"
+    assert err.line_message == (
+        "[legacy:http_429] Line failed after 4 attempts: upstream returned 429: Rate limit reached"
+    )
+    assert h.fake.requests_seen == 4
+
+
+def test_a_quota_429_is_insufficient_quota_at_once(h: Harness) -> None:
+    h.fake.set_faults([{"status": 429, "quota": True, "repeat": None}])
+    err = h.fail()
+    assert err.code == "insufficient_quota"
+    assert err.legacy == "http_429"
+    assert "You exceeded your current quota" in err.line_message
+    assert h.fake.requests_seen == 1
+
+
+def test_503_then_429_exhausted_reports_the_last_answer(h: Harness) -> None:
+    h.fake.set_faults([{"status": 503}, {"status": 429, "repeat": None}])
+    assert h.fail(max_attempts=2).code == "rate_limit_exceeded"
+    h.fake.set_faults([{"status": 429}, {"status": 503, "repeat": None}])
+    assert h.fail(max_attempts=2).code == "internal_error"
+
+
+# ---- classification ------------------------------------------------------------------------
+
+
+def test_classification_content_object_becomes_a_json_string(h: Harness) -> None:
+    verdict = {"sentiment": "positive", "topics": ["battery"]}
+    body = chat_body(metadata={"fake": {"classification": verdict}})
+
+    result = h.complete(body, kind="classification")
+
+    content = result.body["choices"][0]["message"]["content"]
+    assert isinstance(content, str)
+    assert json.loads(content) == verdict
+
+
+def test_chat_models_leave_content_alone(h: Harness) -> None:
+    result = h.complete(chat_body("not json at all"))
+    assert result.body["choices"][0]["message"]["content"] == "not json at all"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"label": "x"}, '{"label":"x"}'),
+        (["a", "b"], '["a","b"]'),
+        (0.75, "0.75"),
+        (None, "null"),
+        ('{"label": "x"}', '{"label": "x"}'),  # already JSON: kept byte for byte
+        ("positive", '"positive"'),  # a bare label becomes a JSON string
+        ("café", '"café"'),
+    ],
+)
+def test_classification_content_always_parses_as_json(content: Any, expected: str) -> None:
+    out = classification_content(content)
+    assert out == expected
+    json.loads(out)
+
+
+# ---- the API key ---------------------------------------------------------------------------
+
+
+def test_the_api_key_is_sent_from_the_environment(session: requests.Session) -> None:
+    with FakeUpstream(api_key="sk-upstream") as fake:
+        h = Harness(fake, session)
+        spec = make_spec(fake.base_url, api_key_env="UPSTREAM_KEY")
+        backend, _ = h.backend(spec, environ={"UPSTREAM_KEY": "sk-upstream"})
+        backend.complete(spec, chat_body(), 1)
+        assert fake.recent_requests[0].headers["authorization"] == "Bearer sk-upstream"
+
+        backend, _ = h.backend(spec, environ={"UPSTREAM_KEY": "sk-wrong"})
+        with pytest.raises(LineError) as info:
+            backend.complete(spec, chat_body(), 1)
+        assert info.value.code == "authentication_error"
+        assert info.value.legacy == "http_401"
+
+
+def test_a_missing_api_key_env_var_fails_without_calling_the_upstream(h: Harness) -> None:
+    spec = make_spec(h.fake.base_url, api_key_env="NOT_SET_ANYWHERE")
+    backend, _ = h.backend(spec, environ={})
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    assert info.value.code == "authentication_error"
+    assert info.value.legacy == "api_key_unavailable"
+    assert "NOT_SET_ANYWHERE" in info.value.line_message
+    assert h.fake.requests_seen == 0
+
+
+# ---- the shared session --------------------------------------------------------------------
+
+
+def test_one_shared_session_per_process_sized_by_configure_pool() -> None:
+    try:
+        first = openai_backend.configure_pool(3)
+        assert openai_backend.session_for(99) is first
+        assert first.get_adapter("http://x/")._pool_maxsize == 3  # type: ignore[attr-defined]
+        assert openai_backend.configure_pool(3) is first
+        resized = openai_backend.configure_pool(5)
+        assert resized is not first
+        assert resized.get_adapter("https://x/")._pool_maxsize == 5  # type: ignore[attr-defined]
+    finally:
+        openai_backend.configure_pool(openai_backend.DEFAULT_POOL_SIZE)
+
+
+def test_the_default_session_is_used_and_created_once_across_threads(fake: FakeUpstream) -> None:
+    spec = make_spec(fake.base_url)
+    backend = OpenAIBackend(spec, sleep=lambda s: None)
+    sessions: list[requests.Session] = []
+    barrier = threading.Barrier(8)
+
+    def grab() -> None:
+        barrier.wait()
+        sessions.append(openai_backend.session_for(8))
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(s) for s in sessions}) == 1
+    assert backend.complete(spec, chat_body(), 1).request_id == "req_up_1"
+
+
+# ---- the fake upstream's concurrency accounting --------------------------------------------
+
+
+def test_fake_caps_concurrency_and_measures_the_peak(session: requests.Session) -> None:
+    with FakeUpstream(latency_s=0.2, max_concurrency=4) as fake:
+        backend, spec = Harness(fake, session).backend()
+        started = time.monotonic()
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(10)))
+        elapsed = time.monotonic() - started
+
+        assert len(results) == 10
+        assert fake.requests_seen == 10
+        assert fake.peak_in_flight == 4
+        assert fake.peak_open == 10  # all ten arrived; six waited for a slot
+        assert fake.in_flight == 0
+        assert 0.55 < elapsed < 2.0  # three waves of 0.2 s
+
+        fake.reset_stats()
+        assert (fake.requests_seen, fake.peak_in_flight) == (0, 0)
+
+
+def test_fake_without_a_cap_sees_every_concurrent_request(session: requests.Session) -> None:
+    with FakeUpstream(latency_s=0.2) as fake:
+        backend, spec = Harness(fake, session).backend()
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(12)))
+        assert fake.peak_in_flight == 12
+
+
+def test_fake_remote_control_endpoints(fake: FakeUpstream) -> None:
+    root = fake.base_url.removesuffix("/v1")
+    r = requests.post(f"{root}/_fake/faults", json=[{"status": 503, "repeat": 2}], timeout=5)
+    assert r.json()["faults_pending"] == 1
+    codes = [
+        requests.post(f"{fake.base_url}/chat/completions", json=chat_body(), timeout=5).status_code
+        for _ in range(3)
+    ]
+    assert codes == [503, 503, 200]
+    stats = requests.get(f"{root}/_fake/stats", timeout=5).json()
+    assert stats["requests_seen"] == 3
+    assert requests.post(f"{root}/_fake/reset", timeout=5).json()["requests_seen"] == 0

@@ -1,0 +1,103 @@
+"""The collaborators of the tasks in one worker process, built once on first use from the
+environment (``Settings.from_env``). Tasks stay thin: they fetch this and call plain functions.
+
+An inference worker touches only Redis and its model backends: storage and the finalizer are
+built lazily, so a GPU host needs no shared disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+
+import redis
+from celery import current_app
+
+from batchsvc.batches import BatchStore
+from batchsvc.embedded_redis import resolve_url
+from batchsvc.files import FileStore
+from batchsvc.finalize import Finalizer
+from batchsvc.models_config import ModelRegistry, ModelSpec, load_registry
+from batchsvc.projects import ProjectStore
+from batchsvc.queues import CONTROL_QUEUE, FINALIZE_BATCH
+from batchsvc.settings import Settings
+from batchsvc.storage.local import LocalStorage
+from workers.backends import ChatBackend, make_backend
+from workers.leases import LeaseKeeper
+from workers.line_runner import LineContext
+
+
+def request_finalize(batch_id: str) -> None:
+    current_app.send_task(FINALIZE_BATCH, args=[batch_id], queue=CONTROL_QUEUE)
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    redis: redis.Redis
+    registry: ModelRegistry
+    _backends: dict[str, ChatBackend] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @functools.cached_property
+    def batches(self) -> BatchStore:
+        return BatchStore(self.redis)
+
+    @functools.cached_property
+    def projects(self) -> ProjectStore:
+        return ProjectStore(self.redis)
+
+    @functools.cached_property
+    def files(self) -> FileStore:
+        return FileStore(self.redis, retention_s=self.settings.file_retention_s)
+
+    @functools.cached_property
+    def storage(self) -> LocalStorage:
+        return LocalStorage(self.settings.storage_root)
+
+    @functools.cached_property
+    def finalizer(self) -> Finalizer:
+        return Finalizer(self.redis, self.batches, self.files, self.storage)
+
+    @functools.cached_property
+    def leases(self) -> LeaseKeeper:
+        return LeaseKeeper(self.batches, self.settings.lease_ttl_s)
+
+    def backend_for(self, spec: ModelSpec) -> ChatBackend:
+        with self._lock:
+            backend = self._backends.get(spec.id)
+            if backend is None:
+                if spec.backend == "openai":
+                    from workers.backends.openai import configure_pool
+
+                    configure_pool(self.settings.worker_concurrency)
+                backend = self._backends[spec.id] = make_backend(spec)
+            return backend
+
+    @functools.cached_property
+    def lines(self) -> LineContext:
+        return LineContext(
+            batches=self.batches,
+            registry=self.registry,
+            leases=self.leases,
+            backend_for=self.backend_for,
+            request_finalize=request_finalize,
+        )
+
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> WorkerContext:
+    global _context
+    with _context_lock:
+        if _context is None:
+            settings = Settings.from_env()
+            _context = WorkerContext(
+                settings=settings,
+                redis=redis.Redis.from_url(resolve_url(settings), health_check_interval=30),
+                registry=load_registry(settings.config_path),
+            )
+        return _context

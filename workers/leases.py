@@ -1,0 +1,63 @@
+"""Keeps the per-line leases of one worker process alive.
+
+A running line holds a Redis key with a TTL; one background thread per process renews every
+held lease at a third of the TTL, so a redelivered copy of a line that is still waiting on its
+model sees the lease and leaves, while the lease of a killed worker lapses within one TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from batchsvc.batches import BatchStore
+
+log = logging.getLogger("batchsvc.leases")
+
+
+class LeaseKeeper:
+    def __init__(self, batches: BatchStore, ttl_s: float) -> None:
+        self.batches = batches
+        self.ttl_s = ttl_s
+        self._held: dict[tuple[str, int], str] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._renew_forever, name="lease-keeper",
+                                            daemon=True)
+            self._thread.start()
+
+    def _renew_forever(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            with self._lock:
+                held = list(self._held.items())
+            for (batch_id, index), token in held:
+                try:
+                    self.batches.renew_lease(batch_id, index, token, self.ttl_s)
+                except Exception:  # a Redis blip must not kill the renewer
+                    log.exception("could not renew lease %s:%d", batch_id, index)
+
+    @contextmanager
+    def hold(self, batch_id: str, index: int, token: str) -> Iterator[bool]:
+        """Acquire the lease of line ``index``; yields False (and holds nothing) if a live
+        lease exists. Renewed while held, released on exit."""
+        if not self.batches.acquire_lease(batch_id, index, token, self.ttl_s):
+            yield False
+            return
+        with self._lock:
+            self._held[(batch_id, index)] = token
+            self._ensure_thread()
+        try:
+            yield True
+        finally:
+            with self._lock:
+                self._held.pop((batch_id, index), None)
+            self.batches.release_lease(batch_id, index, token)
+
+    def stop(self) -> None:
+        self._stop.set()

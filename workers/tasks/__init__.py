@@ -1,0 +1,1 @@
+"""Celery tasks: thin wrappers that decode arguments and call plain functions."""

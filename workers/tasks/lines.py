@@ -1,0 +1,17 @@
+"""The batch-line task, routed to the queue of the line's model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from batchsvc.queues import RUN_LINE
+from workers.context import context
+from workers.line_runner import run_batch_line
+
+
+@shared_task(name=RUN_LINE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
+    # Returns nothing: the Redis chord join sends every header result to the callback at once.
+    run_batch_line(context().lines, batch_id, index, custom_id, model, body)
