@@ -15,6 +15,10 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # A killed worker's unacknowledged lines come back after this; the per-line lease
         # stops a redelivered copy from running a line that is still running elsewhere.
         "visibility_timeout": settings.visibility_timeout_s,
+        # kombu scans for such messages only every interval x throttle seconds (100 s by
+        # default), which would dwarf a short visibility timeout: scan every few seconds.
+        "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout_s / 5)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": redis_url,
