@@ -44,26 +44,29 @@ return {0, status}
 """
 
 _RECORD = """
+local written = 1
 if redis.call('HGET', KEYS[1], 'sealed') == '1' or not redis.call('HGET', KEYS[1], 'status') then
-  return {-1, 0, 0}
+  written = -1
+elseif redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
+  written = 0
+else
+  redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
 end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
-  return {0, 0, 0}
-end
-redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
 local counts = redis.call('HMGET', KEYS[1], 'completed', 'failed', 'total')
-return {1, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'), tonumber(counts[3] or '0')}
+return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
+        tonumber(counts[3] or '0')}
 """
 
 # Lease keys are built inside the script from a prefix (single-node Redis; see DESIGN).
 _SHORT_CIRCUIT = """
-if redis.call('HGET', KEYS[1], 'sealed') == '1' then return {0, 0, 0} end
 local written = 0
-for i = 2, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0
-     and redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    written = written + 1
+if redis.call('HGET', KEYS[1], 'sealed') ~= '1' and redis.call('HGET', KEYS[1], 'status') then
+  for i = 2, #ARGV, 2 do
+    if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0
+       and redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then
+      redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+      written = written + 1
+    end
   end
 end
 if written > 0 then redis.call('HINCRBY', KEYS[1], 'failed', written) end

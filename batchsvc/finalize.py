@@ -92,21 +92,20 @@ class Finalizer:
             return batch.status
         if batch.recorded < batch.total:
             return batch.status
-        if batch.status == lifecycle.IN_PROGRESS:
-            if batch.extra.get("expiring") == "1":
-                target = lifecycle.EXPIRED
-            else:
-                self.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.FINALIZING)
-                target = lifecycle.COMPLETED
-        elif batch.status == lifecycle.FINALIZING:
-            target = lifecycle.COMPLETED
-        elif batch.status == lifecycle.CANCELLING:
-            target = lifecycle.CANCELLED
-        else:
+        if batch.status == lifecycle.IN_PROGRESS and batch.extra.get("expiring") != "1":
+            self.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.FINALIZING)
+            batch = self.batches.get_any(batch_id)
+            assert batch is not None
+        if _end_status(batch) is None:
             return batch.status
         self.batches.set_fields(batch_id, sealed=1)
         batch = self.batches.get_any(batch_id)
         assert batch is not None
+        # Decided on the status read after sealing: a cancel may have landed since the first
+        # read, and the end state must be one the status can really move to.
+        source, target = batch.status, _end_status(batch)
+        if target is None:
+            return batch.status
         if batch.extra.get("files_written") != "1":
             if not self._write_files(batch):
                 return batch.status
@@ -114,7 +113,6 @@ class Finalizer:
             assert batch is not None
         self.batches.delete_records(batch_id)
         self.storage.delete(batch_input_key(batch_id))
-        source = batch.status
         moved, status = self.batches.transition(
             batch_id,
             [source],
@@ -187,6 +185,18 @@ class Finalizer:
             fields[field] = file_id
         self.batches.set_fields(batch.id, **fields)
         return True
+
+
+def _end_status(batch: BatchRecord) -> str | None:
+    """The terminal status an all-recorded batch ends in (spec 6.2, open point 16), or ``None``
+    when it is in no state to end."""
+    if batch.status == lifecycle.FINALIZING:
+        return lifecycle.COMPLETED
+    if batch.status == lifecycle.CANCELLING:
+        return lifecycle.CANCELLED
+    if batch.status == lifecycle.IN_PROGRESS and batch.extra.get("expiring") == "1":
+        return lifecycle.EXPIRED
+    return None
 
 
 class _Incomplete(Exception):

@@ -187,6 +187,8 @@ def load_registry(path: Path) -> ModelRegistry:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read model config {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+        raise ConfigError(f"model config {path} is not valid UTF-8: {exc}") from exc
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -6,6 +6,7 @@ Every variable batchsvc reads is listed in :meth:`Settings.from_env` with its co
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
-    if value in ("0", "false", "no", "off", ""):
+    if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
 
@@ -31,18 +32,22 @@ def _number(name: str, raw: str, *, minimum: float = 0.0) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
     return value
 
 
-def _int(name: str, raw: str, *, minimum: int = 0) -> int:
+def _int(name: str, raw: str, *, minimum: int = 0, maximum: int | None = None) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {raw!r}")
     return value
 
 
@@ -100,7 +105,13 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        get = env.get
+
+        def get(name: str, default: str = "") -> str:
+            # Set but blank (``PORT=`` in a .env file) means unset: the default applies, for
+            # every variable alike (a blank boolean must not silently mean "false").
+            value = env.get(name)
+            return default if value is None or not value.strip() else value
+
         data_dir = Path(get("BATCHSVC_DATA_DIR") or "var").expanduser().absolute()
         models = get("MODELS") or ""
         storage_backend = get("BATCHSVC_STORAGE", "local")
@@ -110,7 +121,7 @@ class Settings:
             redis_url=get("REDIS_URL") or None,
             data_dir=data_dir,
             config_path=Path(get("BATCHSVC_CONFIG") or DEFAULT_CONFIG).expanduser().absolute(),
-            port=_int("PORT", get("PORT", "8000"), minimum=1),
+            port=_int("PORT", get("PORT", "8000"), minimum=1, maximum=65_535),
             host=get("BATCHSVC_HOST") or "127.0.0.1",
             worker_models=tuple(m.strip() for m in models.split(",") if m.strip()) or None,
             worker_concurrency=_int("CONCURRENCY", get("CONCURRENCY") or "8", minimum=1),

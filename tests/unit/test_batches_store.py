@@ -1,0 +1,413 @@
+"""batchsvc.batches.BatchStore: batch records, CAS transitions, idempotent line records,
+short-circuit, leases (spec 4, 5.2, 5.4, 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchsvc import lifecycle
+from batchsvc.batches import ACTIVE_INDEX, ERR, OK, BatchStore, RecordOutcome, lines_key
+from tests.factories import (
+    T0,
+    WINDOW_S,
+    FakeClock,
+    err_result,
+    fake_redis,
+    make_batch,
+    ok_result,
+)
+
+SPEC_FIELDS = [
+    "id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
+    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
+    "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
+    "request_counts", "metadata",
+]
+
+
+def make_store(clock: FakeClock | None = None) -> BatchStore:
+    return BatchStore(fake_redis(), clock=clock or FakeClock())
+
+
+# -- records -------------------------------------------------------------------------------------
+
+
+def test_create_then_get_round_trips_and_get_is_project_scoped() -> None:
+    # Given
+    store = make_store()
+    # When
+    batch = make_batch(store, batch_id="batch_1", total=7, metadata={"job": {"n": [1, 2]}})
+    # Then
+    assert store.get("proj_a", "batch_1") == batch
+    assert store.get("proj_b", "batch_1") is None
+    assert store.get("proj_a", "batch_missing") is None
+    assert batch.status == lifecycle.IN_PROGRESS
+    assert (batch.total, batch.completed, batch.failed) == (7, 0, 0)
+    assert batch.metadata == {"job": {"n": [1, 2]}}
+    assert batch.expires_at == T0 + WINDOW_S
+    assert batch.timestamps["in_progress_at"] == T0
+
+
+def test_to_api_has_every_spec_field_in_order_with_nulls() -> None:
+    store = make_store()
+    batch = make_batch(store, batch_id="batch_1", total=3)
+    api = batch.to_api()
+    assert list(api) == SPEC_FIELDS
+    assert api["object"] == "batch"
+    assert api["errors"] is None
+    assert api["output_file_id"] is None and api["error_file_id"] is None
+    for name in ("finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+                 "cancelled_at"):
+        assert api[name] is None
+    assert api["in_progress_at"] == T0
+    assert api["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    assert api["metadata"] == {}
+    json.dumps(api)  # serialisable as is
+
+
+def test_a_failed_batch_has_errors_zero_counts_and_no_in_progress_at() -> None:
+    store = make_store()
+    errors = {"object": "list", "data": [
+        {"code": "invalid_request_error", "message": "Line 5 is not valid JSON", "line": 5,
+         "param": None}]}
+    store.create(batch_id="batch_f", project_id="proj_a", endpoint="/v1/chat/completions",
+                 input_file_id="file-x", completion_window="24h", metadata={},
+                 status=lifecycle.FAILED, created_at=T0, expires_at=T0 + WINDOW_S,
+                 errors=errors, timestamps={"failed_at": T0})
+    api = store.get("proj_a", "batch_f").to_api()  # type: ignore[union-attr]
+    assert api["status"] == "failed"
+    assert api["errors"] == errors
+    assert api["failed_at"] == T0
+    assert api["in_progress_at"] is None
+    assert api["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    # a terminal batch never enters the active index the sweeps scan
+    assert "batch_f" not in store.active_ids()
+
+
+def test_list_is_newest_first_with_after_and_has_more() -> None:
+    # Given 5 batches created in the same second, and one of another project
+    store = make_store()
+    created = [make_batch(store, batch_id=f"batch_{i}").id for i in range(5)]
+    make_batch(store, project_id="proj_b", batch_id="batch_other")
+    newest_first = created[::-1]
+    # When / Then
+    page, has_more = store.list("proj_a", after=None, limit=2)
+    assert ([b.id for b in page], has_more) == (newest_first[:2], True)
+    page, has_more = store.list("proj_a", after=page[-1].id, limit=2)
+    assert ([b.id for b in page], has_more) == (newest_first[2:4], True)
+    page, has_more = store.list("proj_a", after=page[-1].id, limit=2)
+    assert ([b.id for b in page], has_more) == (newest_first[4:], False)
+    page, has_more = store.list("proj_a", after=None, limit=100)
+    assert ([b.id for b in page], has_more) == (newest_first, False)
+
+
+def test_list_with_an_unknown_or_foreign_after_is_empty() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1")
+    make_batch(store, project_id="proj_b", batch_id="batch_other")
+    assert store.list("proj_a", after="batch_nope", limit=10) == ([], False)
+    assert store.list("proj_a", after="batch_other", limit=10) == ([], False)
+
+
+# -- transitions ---------------------------------------------------------------------------------
+
+
+def test_transition_moves_from_a_listed_source_and_sets_its_timestamp() -> None:
+    # Given
+    clock = FakeClock()
+    store = make_store(clock)
+    make_batch(store, batch_id="batch_1")
+    clock.advance(42)
+    # When
+    moved, status = store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    # Then
+    assert (moved, status) == (True, "cancelling")
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert batch.status == "cancelling"
+    assert batch.timestamps["cancelling_at"] == T0 + 42
+    assert batch.timestamps["in_progress_at"] == T0
+    assert "batch_1" in store.active_ids()
+
+
+def test_transition_from_the_wrong_source_changes_nothing_and_says_the_status() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1")
+    moved, status = store.transition("batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED,
+                                     fields={"output_file_id": "file-o"})
+    assert (moved, status) == (False, "in_progress")
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert batch.status == "in_progress"
+    assert batch.timestamps["completed_at"] is None
+    assert batch.output_file_id is None
+
+
+def test_transition_of_a_missing_batch_does_not_create_it() -> None:
+    store = make_store()
+    assert store.transition("batch_nope", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING) == (
+        False, "")
+    assert store.get_any("batch_nope") is None
+
+
+def test_a_terminal_transition_sets_fields_and_leaves_the_active_index() -> None:
+    # Given a finalizing batch
+    clock = FakeClock()
+    store = make_store(clock)
+    make_batch(store, batch_id="batch_1")
+    assert store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.FINALIZING)[0]
+    assert store.r.zscore(ACTIVE_INDEX, "batch_1") is not None
+    clock.advance(10)
+    # When it completes with its file ids
+    moved, _ = store.transition("batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED,
+                                fields={"output_file_id": "file-o", "error_file_id": ""})
+    # Then
+    assert moved
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert batch.status == "completed"
+    assert batch.timestamps["finalizing_at"] == T0
+    assert batch.timestamps["completed_at"] == T0 + 10
+    assert batch.output_file_id == "file-o"
+    assert batch.error_file_id is None
+    assert "batch_1" not in store.active_ids()
+    # and nothing leaves a terminal state
+    assert store.transition("batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED) == (
+        False, "completed")
+
+
+def test_transition_refuses_sources_with_different_timestamps_or_unknown_pairs() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1")
+    with pytest.raises(ValueError):
+        store.transition("batch_1", [lifecycle.COMPLETED], lifecycle.IN_PROGRESS)
+    with pytest.raises(ValueError):
+        store.transition("batch_1", [], lifecycle.CANCELLING)
+    # two sources that set the same stamp are fine
+    assert store.transition("batch_1", [lifecycle.VALIDATING, lifecycle.IN_PROGRESS],
+                            lifecycle.CANCELLING) == (True, "cancelling")
+
+
+# -- line records --------------------------------------------------------------------------------
+
+
+def test_record_line_is_idempotent_per_index() -> None:
+    # Given
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=3)
+    # When the same line is recorded twice (a redelivery), the second time with another result
+    first = store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    second = store.record_line("batch_1", 0, False, err_result("batch_1", 0))
+    # Then only the first is kept and counted once
+    assert first == RecordOutcome(written=True, recorded=1, total=3)
+    assert second.written is False
+    assert (second.recorded, second.total) == (1, 3)
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert (batch.completed, batch.failed) == (1, 0)
+    assert list(store.iter_records("batch_1", 1)) == [(0, OK, ok_result("batch_1", 0))]
+    assert store.has_record("batch_1", 0) and not store.has_record("batch_1", 1)
+
+
+def test_ok_and_failed_records_go_to_their_own_counters_until_all_recorded() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=3)
+    a = store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    b = store.record_line("batch_1", 2, False, err_result("batch_1", 2))
+    assert not a.all_recorded and not b.all_recorded
+    c = store.record_line("batch_1", 1, True, ok_result("batch_1", 1))
+    assert c == RecordOutcome(True, 3, 3) and c.all_recorded
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert (batch.completed, batch.failed, batch.recorded) == (2, 1, 3)
+    assert batch.to_api()["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+
+
+def test_a_sealed_batch_refuses_records() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    store.set_fields("batch_1", sealed=1)
+    outcome = store.record_line("batch_1", 1, True, ok_result("batch_1", 1))
+    assert outcome.written is False
+    assert (outcome.recorded, outcome.total) == (1, 2)
+    assert not store.has_record("batch_1", 1)
+    batch = store.get_any("batch_1")
+    assert batch is not None and batch.completed == 1
+
+
+def test_recording_into_a_missing_batch_writes_nothing() -> None:
+    store = make_store()
+    outcome = store.record_line("batch_nope", 0, True, "{}")
+    assert outcome == RecordOutcome(False, 0, 0)
+    assert not store.r.exists(lines_key("batch_nope"))
+
+
+@pytest.mark.parametrize(
+    ("written", "recorded", "total", "expected"),
+    [(True, 3, 3, True), (False, 3, 3, True), (True, 2, 3, False), (False, 0, 0, False)],
+)
+def test_all_recorded(written: bool, recorded: int, total: int, expected: bool) -> None:
+    assert RecordOutcome(written, recorded, total).all_recorded is expected
+
+
+def test_iter_records_yields_input_order_with_none_for_missing_lines_across_chunks() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=7)
+    for index in (6, 0, 3, 4):
+        store.record_line("batch_1", index, index % 2 == 0,
+                          (ok_result if index % 2 == 0 else err_result)("batch_1", index))
+    rows = list(store.iter_records("batch_1", 7, chunk=3))
+    assert [r[0] for r in rows] == list(range(7))
+    assert [r[1] for r in rows] == [OK, None, None, ERR, OK, None, OK]
+    assert rows[1] == (1, None, "")
+    assert rows[3][2] == err_result("batch_1", 3)
+    assert list(store.iter_records("batch_1", 0)) == []
+
+
+def test_delete_records_removes_the_line_hash_but_not_the_counts() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=1)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    store.delete_records("batch_1")
+    assert not store.r.exists(lines_key("batch_1"))
+    assert [r[1] for r in store.iter_records("batch_1", 1)] == [None]
+    batch = store.get_any("batch_1")
+    assert batch is not None and batch.completed == 1
+
+
+def test_set_field_once_keeps_the_first_value() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1")
+    assert store.set_field_once("batch_1", "planned", "a") == "a"
+    assert store.set_field_once("batch_1", "planned", "b") == "a"
+    batch = store.get_any("batch_1")
+    assert batch is not None and batch.extra["planned"] == "a"
+
+
+# -- short-circuit -------------------------------------------------------------------------------
+
+
+def test_short_circuit_skips_recorded_and_leased_lines_and_counts_failed_once() -> None:
+    # Given 5 lines: line 0 recorded ok, line 1 running under a lease
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=5)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    assert store.acquire_lease("batch_1", 1, "tok", 30)
+    lines = [(i, err_result("batch_1", i)) for i in range(5)]
+    # When cancel short-circuits every line
+    outcome = store.short_circuit("batch_1", lines)
+    # Then lines 2..4 got the error, 0 keeps its result, 1 is left to its runner
+    assert outcome == RecordOutcome(True, 4, 5)
+    rows = list(store.iter_records("batch_1", 5))
+    assert [r[1] for r in rows] == [OK, None, ERR, ERR, ERR]
+    batch = store.get_any("batch_1")
+    assert batch is not None and (batch.completed, batch.failed) == (1, 3)
+    # When it runs again (sweep), nothing more is written or counted
+    again = store.short_circuit("batch_1", lines)
+    assert again == RecordOutcome(False, 4, 5)
+    batch = store.get_any("batch_1")
+    assert batch is not None and batch.failed == 3
+    # When the leased line finishes, it records normally and completes the count
+    store.release_lease("batch_1", 1, "tok")
+    final = store.record_line("batch_1", 1, True, ok_result("batch_1", 1))
+    assert final.all_recorded
+
+
+def test_short_circuit_works_in_chunks_over_many_lines() -> None:
+    store = make_store()
+    total = 1234
+    make_batch(store, batch_id="batch_1", total=total)
+    store.record_line("batch_1", 700, True, ok_result("batch_1", 700))
+    store.acquire_lease("batch_1", 1000, "tok", 30)
+    calls: list[int] = []
+    original = store._short_circuit
+
+    def counting(*, keys: list[str], args: list[object]) -> object:
+        calls.append((len(args) - 1) // 2)
+        return original(keys=keys, args=args)
+
+    store._short_circuit = counting  # type: ignore[method-assign]
+    outcome = store.short_circuit(
+        "batch_1", ((i, err_result("batch_1", i)) for i in range(total)), chunk=500)
+    assert calls == [500, 500, 234]
+    assert outcome == RecordOutcome(True, total - 1, total)
+    batch = store.get_any("batch_1")
+    assert batch is not None and (batch.completed, batch.failed) == (1, total - 2)
+    kinds = [kind for _, kind, _ in store.iter_records("batch_1", total, chunk=400)]
+    assert kinds.count(ERR) == total - 2 and kinds[700] == OK and kinds[1000] is None
+
+
+def test_short_circuit_on_a_sealed_batch_writes_nothing_and_reports_the_counts() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    store.set_fields("batch_1", sealed=1)
+    outcome = store.short_circuit("batch_1", [(1, err_result("batch_1", 1))])
+    assert outcome == RecordOutcome(False, 1, 2)
+    assert not store.has_record("batch_1", 1)
+
+
+def test_short_circuit_with_no_lines_is_a_no_op() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    assert store.short_circuit("batch_1", []) == RecordOutcome(False, 0, 2)
+
+
+# -- leases --------------------------------------------------------------------------------------
+
+
+def test_a_lease_is_exclusive_and_only_its_token_renews_or_releases_it() -> None:
+    store = make_store()
+    key = "bs:lease:batch_1:3"
+    # Given a lease held with token A
+    assert store.acquire_lease("batch_1", 3, "A", 30)
+    assert 0 < store.r.pttl(key) <= 30_000
+    # Then nobody else can take it
+    assert not store.acquire_lease("batch_1", 3, "B", 30)
+    # and a wrong token can neither renew nor release it
+    assert not store.renew_lease("batch_1", 3, "B", 300)
+    assert store.r.pttl(key) <= 30_000
+    store.release_lease("batch_1", 3, "B")
+    assert store.r.get(key) == b"A"
+    assert store.live_leases("batch_1") == 1
+    # while the right token does both
+    assert store.renew_lease("batch_1", 3, "A", 300)
+    assert store.r.pttl(key) > 30_000
+    store.release_lease("batch_1", 3, "A")
+    assert store.r.get(key) is None
+    assert store.live_leases("batch_1") == 0
+    # and then the line can be leased again; renewing a lost lease fails
+    assert not store.renew_lease("batch_1", 3, "A", 30)
+    assert store.acquire_lease("batch_1", 3, "B", 30)
+
+
+def test_leases_of_different_lines_and_batches_are_independent() -> None:
+    store = make_store()
+    assert store.acquire_lease("batch_1", 1, "A", 30)
+    assert store.acquire_lease("batch_1", 10, "A", 30)
+    assert store.acquire_lease("batch_2", 1, "A", 30)
+    assert store.live_leases("batch_1") == 2
+    assert store.live_leases("batch_2") == 1
+
+
+def test_to_api_parses_as_the_openai_sdks_batch_for_running_and_failed_batches() -> None:
+    from openai.types import Batch
+
+    store = make_store()
+    running = make_batch(store, batch_id="batch_r", total=2, metadata={"job": "nightly"})
+    failed = make_batch(store, batch_id="batch_f", total=0, status=lifecycle.FAILED)
+    parsed = Batch.model_validate(running.to_api())
+    assert (parsed.status, parsed.request_counts.total, parsed.metadata) == (  # type: ignore[union-attr]
+        "in_progress", 2, {"job": "nightly"})
+    assert Batch.model_validate(failed.to_api()).status == "failed"
+
+
+def test_short_circuit_of_a_missing_batch_creates_nothing() -> None:
+    store = make_store()
+    outcome = store.short_circuit("batch_nope", [(0, "{}")])
+    assert outcome == RecordOutcome(False, 0, 0)
+    assert store.r.keys("*") == []
+    assert store.get_any("batch_nope") is None

@@ -1,0 +1,151 @@
+"""batchsvc.settings.Settings.from_env: every variable, its coercion, its default and its error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchsvc.errors import ConfigError
+from batchsvc.settings import DEFAULT_CONFIG, Settings
+
+
+def test_defaults_with_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url is None
+    assert settings.data_dir == Path("var").absolute()
+    assert settings.data_dir.is_absolute()
+    assert settings.config_path == DEFAULT_CONFIG
+    assert settings.port == 8000
+    assert settings.host == "127.0.0.1"
+    assert settings.worker_models is None
+    assert settings.worker_concurrency == 8
+    assert settings.require_project_header is True
+    assert settings.visibility_timeout_s == 300.0
+    assert settings.lease_ttl_s == 30.0
+    assert settings.sweep_interval_s == 30.0
+    assert settings.stuck_after_s == 60.0
+    assert settings.completion_window_s == 86_400
+    assert settings.file_retention_s == 2_592_000
+    assert settings.storage_backend == "local"
+    assert settings.storage_root == settings.data_dir / "files"
+    assert settings.redis_dir == settings.data_dir / "redis"
+
+
+def test_the_dataclass_defaults_match_the_environment_defaults() -> None:
+    from_env = Settings.from_env({})
+    plain = Settings()
+    assert from_env.with_overrides(data_dir=plain.data_dir) == plain
+
+
+def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
+    env = {
+        "REDIS_URL": "redis://example:6379/3",
+        "BATCHSVC_DATA_DIR": str(tmp_path / "data"),
+        "BATCHSVC_CONFIG": str(tmp_path / "models.toml"),
+        "PORT": "9123",
+        "BATCHSVC_HOST": "0.0.0.0",
+        "MODELS": " a/b:c.d , demo-echo,,",
+        "CONCURRENCY": "32",
+        "BATCHSVC_REQUIRE_PROJECT_HEADER": "off",
+        "BATCHSVC_VISIBILITY_TIMEOUT_S": "45.5",
+        "BATCHSVC_LEASE_TTL_S": "12",
+        "BATCHSVC_SWEEP_INTERVAL_S": "0.5",
+        "BATCHSVC_STUCK_AFTER_S": "0",
+        "BATCHSVC_COMPLETION_WINDOW_S": "120",
+        "BATCHSVC_FILE_RETENTION_S": "3600",
+        "BATCHSVC_STORAGE": "local",
+    }
+    s = Settings.from_env(env)
+    assert s.redis_url == "redis://example:6379/3"
+    assert s.data_dir == tmp_path / "data"
+    assert s.config_path == tmp_path / "models.toml"
+    assert s.port == 9123
+    assert s.host == "0.0.0.0"
+    assert s.worker_models == ("a/b:c.d", "demo-echo")
+    assert s.worker_concurrency == 32
+    assert s.require_project_header is False
+    assert s.visibility_timeout_s == 45.5
+    assert s.lease_ttl_s == 12.0
+    assert s.sweep_interval_s == 0.5
+    assert s.stuck_after_s == 0.0
+    assert s.completion_window_s == 120
+    assert s.file_retention_s == 3600
+    assert s.storage_backend == "local"
+
+
+def test_a_relative_data_dir_and_home_are_made_absolute() -> None:
+    s = Settings.from_env({"BATCHSVC_DATA_DIR": "~/bs", "BATCHSVC_CONFIG": "conf/models.toml"})
+    assert s.data_dir == Path("~/bs").expanduser()
+    assert s.config_path == Path("conf/models.toml").absolute()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("true", True), ("YES", True), (" on ", True),
+     ("0", False), ("False", False), ("no", False), ("OFF", False)],
+)
+def test_booleans(raw: str, expected: bool) -> None:
+    assert Settings.from_env(
+        {"BATCHSVC_REQUIRE_PROJECT_HEADER": raw}).require_project_header is expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["REDIS_URL", "BATCHSVC_DATA_DIR", "BATCHSVC_CONFIG", "PORT", "BATCHSVC_HOST", "MODELS",
+     "CONCURRENCY", "BATCHSVC_REQUIRE_PROJECT_HEADER", "BATCHSVC_VISIBILITY_TIMEOUT_S",
+     "BATCHSVC_LEASE_TTL_S", "BATCHSVC_SWEEP_INTERVAL_S", "BATCHSVC_STUCK_AFTER_S",
+     "BATCHSVC_COMPLETION_WINDOW_S", "BATCHSVC_FILE_RETENTION_S", "BATCHSVC_STORAGE"],
+)
+def test_a_blank_variable_means_its_default(name: str) -> None:
+    # ``NAME=`` in a .env file must not mean "false" or "0" or an error: it is unset
+    assert Settings.from_env({name: ""}) == Settings.from_env({})
+    assert Settings.from_env({name: "  "}) == Settings.from_env({})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("PORT", "http"),
+        ("PORT", "0"),
+        ("PORT", "70000"),
+        ("PORT", "80.5"),
+        ("CONCURRENCY", "0"),
+        ("CONCURRENCY", "many"),
+        ("BATCHSVC_REQUIRE_PROJECT_HEADER", "maybe"),
+        ("BATCHSVC_VISIBILITY_TIMEOUT_S", "0.5"),
+        ("BATCHSVC_VISIBILITY_TIMEOUT_S", "soon"),
+        ("BATCHSVC_LEASE_TTL_S", "0"),
+        ("BATCHSVC_LEASE_TTL_S", "nan"),
+        ("BATCHSVC_LEASE_TTL_S", "inf"),
+        ("BATCHSVC_SWEEP_INTERVAL_S", "0.1"),
+        ("BATCHSVC_SWEEP_INTERVAL_S", "-inf"),
+        ("BATCHSVC_STUCK_AFTER_S", "-1"),
+        ("BATCHSVC_STUCK_AFTER_S", "NaN"),
+        ("BATCHSVC_COMPLETION_WINDOW_S", "0"),
+        ("BATCHSVC_COMPLETION_WINDOW_S", "1.5"),
+        ("BATCHSVC_FILE_RETENTION_S", "-5"),
+        ("BATCHSVC_FILE_RETENTION_S", "30d"),
+        ("BATCHSVC_STORAGE", "s3"),
+    ],
+)
+def test_a_bad_value_is_a_config_error_naming_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: raw})
+    assert name in info.value.message
+    assert repr(raw) in info.value.message
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "8765")
+    monkeypatch.setenv("CONCURRENCY", "3")
+    s = Settings.from_env()
+    assert (s.port, s.worker_concurrency) == (8765, 3)
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+    assert s.with_overrides(port=1).port == 1
+    assert s.port == 8000
