@@ -19,12 +19,14 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # default), which would dwarf a short visibility timeout: scan every few seconds.
         "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout_s / 5)),
         "unacked_restore_throttle": 1,
+        # Consume queues in the order given (an inference worker lists its models' sync
+        # queues first), not round-robin: synchronous requests go ahead of batch lines.
+        "queue_order_strategy": "priority",
     }
     return {
         "broker_url": redis_url,
         "result_backend": redis_url,
         "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",

@@ -81,21 +81,25 @@ def run_batch_line(
     if ctx.batches.has_record(batch_id, index):
         return "duplicate"
     skip = _short_circuit_error(batch.status, batch.extra)
-    if skip is not None:
-        outcome = ctx.batches.record_line(
-            batch_id, index, False, error_line(batch_id, index, custom_id, skip)
-        )
-        if outcome.all_recorded:
-            ctx.request_finalize(batch_id)
-        return "short_circuited"
+    # Short-circuiting too needs the lease: a live lease means this line is still running
+    # elsewhere (this is a redelivered copy), and that run must record its real result.
     with ctx.leases.hold(batch_id, index, secrets.token_hex(8)) as held:
         if not held:
             return "leased"
         # A cancel may have recorded this line between our checks and the lease.
         if ctx.batches.has_record(batch_id, index):
             return "duplicate"
-        ok, line = _run(ctx, batch_id, index, custom_id, model, body)
-        outcome = ctx.batches.record_line(batch_id, index, ok, line)
+        if skip is not None:
+            outcome = ctx.batches.record_line(
+                batch_id, index, False, error_line(batch_id, index, custom_id, skip)
+            )
+        else:
+            ok, line = _run(ctx, batch_id, index, custom_id, model, body)
+            outcome = ctx.batches.record_line(batch_id, index, ok, line)
+    if skip is not None:
+        if outcome.all_recorded:
+            ctx.request_finalize(batch_id)
+        return "short_circuited"
     if outcome.all_recorded:
         after = ctx.batches.get_any(batch_id)
         if after is not None and (

@@ -48,7 +48,13 @@ def sweep(
         batch = batches.get_any(batch_id)
         if batch is None or lifecycle.is_terminal(batch.status):
             continue
-        if batch.status == lifecycle.IN_PROGRESS and now >= batch.expires_at:
+        if (
+            batch.status == lifecycle.IN_PROGRESS
+            and now >= batch.expires_at
+            # Expiry is for lines that had not finished; once every line is recorded the
+            # batch completes instead (spec 6.2).
+            and batch.recorded < batch.total
+        ):
             if batch.extra.get("expiring") != "1":
                 batches.set_fields(batch_id, expiring=1)
                 expired += 1
@@ -61,6 +67,7 @@ def sweep(
         elif (
             batch.status == lifecycle.IN_PROGRESS
             and "dispatch_state" not in batch.extra
+            and batch.recorded < batch.total
             and now - (batch.timestamps.get("in_progress_at") or batch.created_at) >= stuck_after_s
         ):
             log.warning("batch %s was never dispatched; starting it", batch_id)

@@ -171,8 +171,9 @@ def cancel(batch_id: str) -> Any:
     batch = _find(batch_id)
     outcome = lifecycle.cancel_outcome(batch.status)
     if outcome == "cancel":
+        # Both statuses cancel_outcome allows (spec 4.4: validating or in_progress).
         moved, status = svc.batches.transition(
-            batch_id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING
+            batch_id, [lifecycle.VALIDATING, lifecycle.IN_PROGRESS], lifecycle.CANCELLING
         )
         if not moved and lifecycle.cancel_outcome(status) == "conflict":
             raise Conflict(f'Cannot cancel a batch with status "{status}"',

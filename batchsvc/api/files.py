@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import quote
 
@@ -11,11 +12,12 @@ from batchsvc.api.auth import current_project
 from batchsvc.api.params import parse_limit
 from batchsvc.api.services import services
 from batchsvc.api.uploads import receive_upload
-from batchsvc.errors import BatchsvcError, FileNotFound, InvalidRequest
+from batchsvc.errors import BatchsvcError, FileNotFound, InvalidRequest, StorageError
 from batchsvc.files import PURPOSES, FileRecord
 from batchsvc.ids import new_file_id
 from batchsvc.storage import StorageMissing, upload_key
 
+log = logging.getLogger("batchsvc.api")
 bp = Blueprint("files", __name__)
 
 #: After a rejected upload, read (and drop) at most this much of the rest of the body so the
@@ -45,6 +47,11 @@ def upload() -> Any:
     except BatchsvcError:
         _drain()
         raise
+    except OSError as exc:
+        # The backing store failed (disk full, permissions): spec 3.1 names this 500's code.
+        log.error("storing upload %s failed: %s", file_id, exc)
+        _drain()
+        raise StorageError("The file could not be stored") from exc
     record = svc.files.create(
         file_id=file_id,
         project_id=project.id,

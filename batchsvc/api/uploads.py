@@ -45,7 +45,8 @@ def clean_filename(raw: str | None) -> str | None:
 
 def _boundary(content_type: str | None) -> bytes:
     mimetype, options = parse_options_header(content_type or "")
-    if mimetype != "multipart/form-data":
+    # Media types are case-insensitive (RFC 9110 8.3.1).
+    if mimetype.lower() != "multipart/form-data":
         raise InvalidRequest(
             "Content-Type must be multipart/form-data", code="invalid_content_type"
         )
@@ -60,9 +61,12 @@ def _boundary(content_type: str | None) -> bytes:
 
 def receive_upload(
     stream: BinaryIO, content_type: str | None, storage: Storage, key: str,
-    limit: int = MAX_UPLOAD_BYTES,
+    limit: int | None = None,
 ) -> Upload:
     """Parse the body, stream the ``file`` part into ``storage`` under ``key``.
+
+    ``limit`` defaults to :data:`MAX_UPLOAD_BYTES`, read at call time (so it can be changed
+    for tests).
 
     The order of checks follows open point 14: content type, multipart parse, ``purpose``,
     presence of ``file``, size (413 while streaming), empty file.
@@ -71,6 +75,8 @@ def receive_upload(
         InvalidRequest: bad content type, unparseable body, bad purpose, no file, empty file.
         PayloadTooLarge: the file passed ``limit`` bytes.
     """
+    if limit is None:
+        limit = MAX_UPLOAD_BYTES
     decoder = MultipartDecoder(_boundary(content_type), max_form_memory_size=None)
     purpose: str | None = None
     purpose_seen = False

@@ -84,6 +84,7 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     port: int = 0
+    upstream_port: int = 0
 
     @property
     def data_dir(self) -> Path:
@@ -126,6 +127,33 @@ class Stack:
         return result
 
     # -- processes ---------------------------------------------------------------------------
+
+    def start_fake_upstream(self, latency_s: float = 0.0, api_key: str | None = None) -> str:
+        """The fake OpenAI-compatible server in its own process; returns its base URL."""
+        self.upstream_port = free_port()
+        argv = [sys.executable, "-m", "batchsvc.devtools.fake_upstream",
+                "--port", str(self.upstream_port), "--latency", str(latency_s)]
+        if api_key:
+            argv += ["--api-key", api_key]
+        proc = self.spawn("upstream", argv)
+        url = f"http://127.0.0.1:{self.upstream_port}"
+
+        def healthy() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"fake upstream exited:\n{proc.tail()}")
+            try:
+                return requests.get(f"{url}/health", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(healthy, 20, "the fake upstream")
+        return f"{url}/v1"
+
+    def upstream(self, path: str, payload: Any = None) -> Any:
+        url = f"http://127.0.0.1:{self.upstream_port}/_fake/{path}"
+        if payload is None and path == "stats":
+            return requests.get(url, timeout=10).json()
+        return requests.post(url, json=payload, timeout=10).json()
 
     def start_redis(self) -> Proc:
         proc = self.spawn("redis", [str(BIN / "batchsvc"), "redis-server"])

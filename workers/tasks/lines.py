@@ -6,12 +6,21 @@ from typing import Any
 
 from celery import shared_task
 
-from batchsvc.queues import RUN_LINE
+from batchsvc.queues import RUN_LINE, RUN_SYNC
 from workers.context import context
 from workers.line_runner import run_batch_line
+from workers.sync_runner import run_sync_request
 
 
 @shared_task(name=RUN_LINE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
     # Returns nothing: the Redis chord join sends every header result to the callback at once.
     run_batch_line(context().lines, batch_id, index, custom_id, model, body)
+
+
+@shared_task(name=RUN_SYNC, acks_late=False, ignore_result=False)
+def run_sync(model: str, body: dict[str, Any]) -> dict[str, Any]:
+    # At most once: a caller that lost its worker retries; a redelivered copy would answer
+    # nobody (the message also expires when the caller stops waiting).
+    ctx = context()
+    return run_sync_request(ctx.registry, ctx.backend_for, model, body)
