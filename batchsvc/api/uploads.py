@@ -12,6 +12,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
@@ -30,6 +31,16 @@ class Upload:
     purpose: str | None
     filename: str | None
     size: int
+
+
+class _LenientDecoder(MultipartDecoder):
+    """Werkzeug's decoder, but part headers that are not UTF-8 (a filename in another
+    encoding) decode with replacement characters instead of failing the whole upload."""
+
+    def _parse_headers(self, data: bytes | bytearray) -> Headers:
+        return super()._parse_headers(
+            bytes(data).decode("utf-8", "replace").encode("utf-8")
+        )
 
 
 def clean_filename(raw: str | None) -> str | None:
@@ -77,7 +88,7 @@ def receive_upload(
     """
     if limit is None:
         limit = MAX_UPLOAD_BYTES
-    decoder = MultipartDecoder(_boundary(content_type), max_form_memory_size=None)
+    decoder = _LenientDecoder(_boundary(content_type), max_form_memory_size=None)
     purpose: str | None = None
     purpose_seen = False
     file_seen = False

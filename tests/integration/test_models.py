@@ -157,7 +157,8 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
 def test_a_worker_with_concurrency_32_keeps_32_requests_in_flight(stack: Stack) -> None:
     stack.start_worker(models="up-wide", concurrency=32)
     client = stack.client(stack.create_project("wide"))
-    lines = [line(f"w{i}", model="up-wide", **fake(latency_s=0.25)) for i in range(320)]
+    # Each request takes 1 s upstream, so even a slow publisher feeds 32 threads in time.
+    lines = [line(f"w{i}", model="up-wide", **fake(latency_s=1.0)) for i in range(160)]
     file_id = upload(client, jsonl(lines)).id
     stack.upstream("reset", {})
     batch = wait_terminal(client, create(client, file_id).id, timeout=120)
