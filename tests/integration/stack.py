@@ -173,10 +173,11 @@ class Stack:
         except (redis.RedisError, OSError, ValueError):
             return False
 
-    def start_api(self) -> Proc:
-        self.port = free_port()
+    def start_api(self, port: int | None = None, **env: str) -> Proc:
+        """The API under gunicorn; ``port`` keeps an earlier instance's port (a restart)."""
+        self.port = port or free_port()
         proc = self.spawn("web", [str(BIN / "batchsvc"), "web", "--workers", "2"],
-                          PORT=str(self.port))
+                          PORT=str(self.port), **env)
 
         def healthy() -> bool:
             if not proc.alive():
@@ -189,8 +190,8 @@ class Stack:
         wait_until(healthy, 30, "the API")
         return proc
 
-    def start_control(self) -> Proc:
-        proc = self.spawn("control", [str(BIN / "batchsvc"), "control"])
+    def start_control(self, **env: str) -> Proc:
+        proc = self.spawn("control", [str(BIN / "batchsvc"), "control"], **env)
         self.wait_worker(proc, "control")
         return proc
 
@@ -200,8 +201,8 @@ class Stack:
         self.wait_worker(proc, "inference")
         return proc
 
-    def start_beat(self) -> Proc:
-        return self.spawn("beat", [str(BIN / "batchsvc"), "beat"])
+    def start_beat(self, **env: str) -> Proc:
+        return self.spawn("beat", [str(BIN / "batchsvc"), "beat"], **env)
 
     def celery(self) -> Celery:
         app = Celery("batchsvc-tests", broker=self.redis_url(), backend=self.redis_url(),
