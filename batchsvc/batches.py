@@ -96,6 +96,10 @@ def lines_key(batch_id: str) -> str:
     return f"bs:batch:{batch_id}:lines"
 
 
+def deliveries_key(batch_id: str) -> str:
+    return f"bs:batch:{batch_id}:deliveries"
+
+
 def lease_prefix(batch_id: str) -> str:
     return f"bs:lease:{batch_id}:"
 
@@ -373,7 +377,11 @@ class BatchStore:
 
     def delete_records(self, batch_id: str) -> None:
         # UNLINK frees a large hash in the background instead of blocking Redis.
-        self.r.unlink(lines_key(batch_id))
+        self.r.unlink(lines_key(batch_id), deliveries_key(batch_id))
+
+    def count_delivery(self, batch_id: str, index: int) -> int:
+        """Count one run of line ``index`` (under its lease); returns the runs so far."""
+        return int(self.r.hincrby(deliveries_key(batch_id), str(index), 1))
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -389,6 +397,13 @@ class BatchStore:
 
     def release_lease(self, batch_id: str, index: int, token: str) -> None:
         self._release(keys=[lease_prefix(batch_id) + str(index)], args=[token])
+
+    def unleased(self, batch_id: str, indices: list[int]) -> list[int]:
+        """The indices among ``indices`` whose line holds no live lease."""
+        pipe = self.r.pipeline(transaction=False)
+        for index in indices:
+            pipe.exists(lease_prefix(batch_id) + str(index))
+        return [i for i, held in zip(indices, pipe.execute(), strict=True) if not held]
 
     def live_leases(self, batch_id: str) -> int:
         return sum(1 for _ in self.r.scan_iter(match=lease_prefix(batch_id) + "*", count=1000))

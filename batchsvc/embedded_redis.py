@@ -72,11 +72,28 @@ def _write_port_file(redis_dir: Path, port: int) -> None:
     os.replace(tmp, redis_dir / PORT_FILE)
 
 
+def _reusable_port(redis_dir: Path) -> int | None:
+    """The port of the previous run, if it is free again: a restarted Redis keeps its address,
+    so running processes (which resolved the URL once) reconnect to it."""
+    try:
+        port = int((redis_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    with socket.socket() as sock:
+        # As redis-server itself does, so a port in TIME_WAIT counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
+
+
 def prepare(settings: Settings) -> tuple[Path, int]:
-    """Create the Redis dir, pick a free port and publish it in the port file."""
+    """Create the Redis dir, pick its port (the previous one if free) and publish it."""
     redis_dir = settings.redis_dir.resolve()
     redis_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = _reusable_port(redis_dir) or free_port()
     _write_port_file(redis_dir, port)
     return redis_dir, port
 

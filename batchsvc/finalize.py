@@ -18,7 +18,7 @@ A retry after a crash redoes only what is missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -34,7 +34,10 @@ from batchsvc.storage import Storage, StorageMissing, batch_input_key, upload_ke
 
 log = logging.getLogger("batchsvc.finalize")
 
-LOCK_TTL_S = 600
+#: How long a finalize lock outlives a killed holder; the holder renews it while it writes.
+DEFAULT_LOCK_TTL_S = 60.0
+#: Records written between lock renewals.
+_RENEW_EVERY = 1000
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Finalizer:
     batches: BatchStore
     files: FileStore
     storage: Storage
+    lock_ttl_s: float = DEFAULT_LOCK_TTL_S
 
     # -- short-circuit -----------------------------------------------------------------------
 
@@ -70,20 +74,20 @@ class Finalizer:
         Returns the batch's status afterwards (unchanged when lines are still missing or another
         finalize holds the lock).
         """
-        lock = self.redis.lock(f"{batch_key(batch_id)}:finalize", timeout=LOCK_TTL_S,
+        lock = self.redis.lock(f"{batch_key(batch_id)}:finalize", timeout=self.lock_ttl_s,
                                blocking=False)
         if not lock.acquire(blocking=False):
             batch = self.batches.get_any(batch_id)
             return batch.status if batch else "missing"
         try:
-            return self._finalize_locked(batch_id)
+            return self._finalize_locked(batch_id, lock.reacquire)
         finally:
             try:
                 lock.release()
             except redis.exceptions.LockError:
                 log.warning("finalize lock of %s expired while held", batch_id)
 
-    def _finalize_locked(self, batch_id: str) -> str:
+    def _finalize_locked(self, batch_id: str, keepalive: Callable[[], object]) -> str:
         batch = self.batches.get_any(batch_id)
         if batch is None:
             return "missing"
@@ -107,7 +111,7 @@ class Finalizer:
         if target is None:
             return batch.status
         if batch.extra.get("files_written") != "1":
-            if not self._write_files(batch):
+            if not self._write_files(batch, keepalive):
                 return batch.status
             batch = self.batches.get_any(batch_id)
             assert batch is not None
@@ -127,7 +131,9 @@ class Finalizer:
                      batch.failed)
         return status
 
-    def _write_files(self, batch: BatchRecord) -> bool:
+    def _write_files(
+        self, batch: BatchRecord, keepalive: Callable[[], object] = lambda: None
+    ) -> bool:
         """Stream the records into the two files; False (nothing published) if any record is
         missing, which a recount never lets happen in normal operation."""
         output_id = self.batches.set_field_once(batch.id, "planned_output_file_id",
@@ -143,6 +149,8 @@ class Finalizer:
             ):
                 writers = {OK: out, ERR: err}
                 for index, kind, line_json in self.batches.iter_records(batch.id, batch.total):
+                    if index % _RENEW_EVERY == 0:
+                        keepalive()
                     if kind is None:
                         missing += 1
                         log.error("batch %s line %d has no record", batch.id, index)

@@ -71,3 +71,12 @@ def model_not_found(model: object) -> LineError:
 
 def internal_error(detail: str, legacy: str = "internal_error") -> LineError:
     return LineError("internal_error", legacy, detail, status=500, type_="internal_error")
+
+
+def poison_line(deliveries: int) -> LineError:
+    """A line whose runs keep dying with their worker: ended instead of looping (spec 9.3)."""
+    return internal_error(
+        f"Message exhausted main-queue retries and was routed to the DLQ (delivered more "
+        f"than {deliveries} times)",
+        legacy="dlq_exhausted",
+    )

@@ -78,6 +78,9 @@ class Settings:
     visibility_timeout_s: float = 300.0
     #: Time-to-live of a per-line lease; the running task renews it every third of this.
     lease_ttl_s: float = 30.0
+    #: Runs of one line (each under a fresh lease) after which it is ended as a poison line
+    #: (``internal_error``, ``[legacy:dlq_exhausted]``) instead of killing workers forever.
+    max_deliveries: int = 5
     #: How often beat runs the recovery sweep.
     sweep_interval_s: float = 30.0
     #: How long a batch whose lines are all recorded may wait for its chord before the sweep
@@ -134,6 +137,9 @@ class Settings:
             ),
             lease_ttl_s=_number(
                 "BATCHSVC_LEASE_TTL_S", get("BATCHSVC_LEASE_TTL_S", "30"), minimum=1
+            ),
+            max_deliveries=_int(
+                "BATCHSVC_MAX_DELIVERIES", get("BATCHSVC_MAX_DELIVERIES", "5"), minimum=1
             ),
             sweep_interval_s=_number(
                 "BATCHSVC_SWEEP_INTERVAL_S", get("BATCHSVC_SWEEP_INTERVAL_S", "30"), minimum=0.5

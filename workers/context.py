@@ -58,7 +58,9 @@ class WorkerContext:
 
     @functools.cached_property
     def finalizer(self) -> Finalizer:
-        return Finalizer(self.redis, self.batches, self.files, self.storage)
+        # A killed finalize's lock lapses soon; a live one renews it while writing.
+        return Finalizer(self.redis, self.batches, self.files, self.storage,
+                         lock_ttl_s=max(5.0, 2 * self.settings.lease_ttl_s))
 
     @functools.cached_property
     def leases(self) -> LeaseKeeper:
@@ -83,6 +85,7 @@ class WorkerContext:
             leases=self.leases,
             backend_for=self.backend_for,
             request_finalize=request_finalize,
+            max_deliveries=self.settings.max_deliveries,
         )
 
 

@@ -36,6 +36,9 @@ class Publisher(Protocol):
     def begin(self, batch_id: str, size: int) -> None:
         """Declare a chord of ``size`` header tasks whose callback finalizes ``batch_id``."""
 
+    def attach(self, batch_id: str) -> None:
+        """Publish more header tasks into the chord ``begin`` declared (the reconciler)."""
+
     def publish(self, batch_id: str, index: int, custom_id: str, model: str,
                 body: dict[str, Any]) -> None: ...
 
@@ -58,10 +61,13 @@ class CeleryPublisher:
         self._producer: Any = None
 
     def begin(self, batch_id: str, size: int) -> None:
+        self.app.backend.set_chord_size(chord_group_id(batch_id), size)
+        self.attach(batch_id)
+
+    def attach(self, batch_id: str) -> None:
         self._callback = self.app.signature(
             FINALIZE_BATCH, args=[batch_id], immutable=True, queue=CONTROL_QUEUE
         )
-        self.app.backend.set_chord_size(chord_group_id(batch_id), size)
         self._producer_cm = self.app.producer_or_acquire()
         self._producer = self._producer_cm.__enter__()
 
@@ -160,4 +166,51 @@ def start_batch(
         publisher.flush()
     batches.set_fields(batch_id, published=batch.total, dispatch_state="done")
     log.info("batch %s: published %d line tasks", batch_id, published)
+    return published
+
+
+def redispatch_missing(
+    *,
+    batch_id: str,
+    batches: BatchStore,
+    projects: ProjectStore,
+    registry: ModelRegistry,
+    storage: Storage,
+    publisher: Publisher,
+    queue_length: Callable[[str], int],
+) -> int:
+    """Publish again the lines of a stalled batch that have neither a record nor a live lease
+    while their model's queue is empty: their message was lost (a crash, or Redis's last
+    second before a hard kill), since a queued or redelivered one would be waiting in the
+    queue or running under a lease. Same task ids, so the chord counts each line once."""
+    batch = batches.get_any(batch_id)
+    if batch is None or batch.status != lifecycle.IN_PROGRESS:
+        return 0
+    project = projects.get_project(batch.project_id)
+    missing = {i for i, kind, _ in batches.iter_records(batch_id, batch.total) if kind is None}
+    missing = set(batches.unleased(batch_id, sorted(missing)))
+    if not missing or project is None:
+        return 0
+    idle: dict[str, bool] = {}
+    published = 0
+    try:
+        with storage.open_reader(batch_input_key(batch_id)) as stream:
+            publisher.attach(batch_id)
+            for line in iter_request_lines(stream):
+                if line.index not in missing:
+                    continue
+                model = _servable(line.body, registry, project)
+                if model is None:
+                    continue
+                if model not in idle:
+                    idle[model] = queue_length(model_queue(model)) == 0
+                if idle[model]:
+                    publisher.publish(batch_id, line.index, line.custom_id, model, line.body)
+                    published += 1
+    except StorageMissing:
+        log.error("batch %s lost its input copy; cannot re-dispatch", batch_id)
+    finally:
+        publisher.flush()
+    if published:
+        log.warning("batch %s: re-dispatched %d lost line(s)", batch_id, published)
     return published

@@ -17,10 +17,18 @@ from batchsvc import lifecycle
 from batchsvc.batches import BatchStore
 from batchsvc.errors import LineError
 from batchsvc.models_config import ModelRegistry, ModelSpec
-from batchsvc.results import batch_cancelled, batch_expired, error_line, internal_error, output_line
+from batchsvc.results import (
+    batch_cancelled,
+    batch_expired,
+    error_line,
+    internal_error,
+    output_line,
+    poison_line,
+)
 from batchsvc.tokens import apply_token_limit
 from workers.backends import BackendResponse, ChatBackend
 from workers.leases import LeaseKeeper
+from workers.redis_retry import retry_redis
 
 log = logging.getLogger("batchsvc.lines")
 
@@ -55,6 +63,10 @@ class LineContext:
     backend_for: Callable[[ModelSpec], ChatBackend]
     #: Ask the control worker to finalize a batch (used when a cancel or expiry drain ends).
     request_finalize: Callable[[str], None]
+    #: Runs of one line after which it is a poison line (it keeps killing its worker).
+    max_deliveries: int = 5
+    #: How long a line keeps retrying Redis while it restarts before its task gives up.
+    redis_patience_s: float = 60.0
 
 
 def _short_circuit_error(status: str, extra: dict[str, str]) -> LineError | None:
@@ -89,13 +101,15 @@ def run_batch_line(
         # A cancel may have recorded this line between our checks and the lease.
         if ctx.batches.has_record(batch_id, index):
             return "duplicate"
+        if skip is None and ctx.batches.count_delivery(batch_id, index) > ctx.max_deliveries:
+            skip = poison_line(ctx.max_deliveries)
         if skip is not None:
-            outcome = ctx.batches.record_line(
-                batch_id, index, False, error_line(batch_id, index, custom_id, skip)
-            )
+            ok, line = False, error_line(batch_id, index, custom_id, skip)
         else:
             ok, line = _run(ctx, batch_id, index, custom_id, model, body)
-            outcome = ctx.batches.record_line(batch_id, index, ok, line)
+        # The model's answer is not asked for twice because Redis blinked.
+        outcome = retry_redis(lambda: ctx.batches.record_line(batch_id, index, ok, line),
+                              ctx.redis_patience_s)
     if skip is not None:
         if outcome.all_recorded:
             ctx.request_finalize(batch_id)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchsvc import lifecycle
-from batchsvc.batches import BatchStore
+from batchsvc.batches import BatchRecord, BatchStore
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
 from batchsvc.results import batch_cancelled, batch_expired
@@ -31,6 +31,7 @@ class SweepReport:
     expired: int = 0
     finalized: int = 0
     files_removed: int = 0
+    redispatched: int = 0
 
 
 def sweep(
@@ -42,8 +43,16 @@ def sweep(
     start: Callable[[str], None],
     now: int,
     stuck_after_s: float,
+    redispatch: Callable[[str], int] | None = None,
+    stall_after_s: float | None = None,
 ) -> SweepReport:
-    started = expired = finalized = 0
+    """One pass over the active batches and the expired files.
+
+    ``redispatch`` and ``stall_after_s`` enable the reconciler: a dispatched batch that has
+    made no progress (no line recorded, none published) for ``stall_after_s`` gets its lost
+    lines published again; one whose fan-out stalled is started again (it resumes).
+    """
+    started = expired = finalized = redispatched = 0
     for batch_id in batches.active_ids():
         batch = batches.get_any(batch_id)
         if batch is None or lifecycle.is_terminal(batch.status):
@@ -74,6 +83,19 @@ def sweep(
             start(batch_id)
             started += 1
             continue
+        elif (
+            redispatch is not None
+            and stall_after_s is not None
+            and batch.status == lifecycle.IN_PROGRESS
+            and batch.recorded < batch.total
+            and _stalled(batches, batch, now, stall_after_s)
+        ):
+            if batch.extra.get("dispatch_state") == "done":
+                redispatched += redispatch(batch_id)
+            else:
+                log.warning("batch %s: fan-out stalled; starting it again", batch_id)
+                start(batch_id)
+                started += 1
         batch = batches.get_any(batch_id)
         if batch is not None and batch.recorded >= batch.total > 0:
             status = finalizer.finalize(batch_id)
@@ -87,4 +109,19 @@ def sweep(
         storage.delete(record.storage_key)
         files.mark_deleted(record)
         removed += 1
-    return SweepReport(started, expired, finalized, removed)
+    return SweepReport(started, expired, finalized, removed, redispatched)
+
+
+def _stalled(batches: BatchStore, batch: BatchRecord, now: int, stall_after_s: float) -> bool:
+    """Whether ``batch`` has made no progress for ``stall_after_s``; progress is a change of
+    its recorded or published count, remembered in the batch as ``progress_mark``."""
+    progress = f"{batch.recorded}/{batch.extra.get('published', '0')}"
+    seen, _, since = batch.extra.get("progress_mark", "").rpartition("@")
+    if seen != progress:
+        batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
+        return False
+    if now - int(since or now) < stall_after_s:
+        return False
+    # Act, then give what we did a full period before acting again.
+    batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
+    return True

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, request
 
 from batchsvc import lifecycle
+from batchsvc.api import idempotency
 from batchsvc.api.auth import current_project
 from batchsvc.api.params import parse_limit
 from batchsvc.api.services import Services, services
@@ -80,6 +81,12 @@ def _fail_batch(svc: Services, base: dict[str, Any], error: JsonlInvalid) -> Non
 
 @bp.post("/v1/batches")
 def create() -> Any:
+    return idempotency.respond(
+        "batches", idempotency.request_key(), idempotency.json_body_fingerprint, _create
+    )
+
+
+def _create() -> dict[str, Any]:
     svc = services()
     project = current_project()
     input_file_id, endpoint, metadata = _parse_create(_json_body())

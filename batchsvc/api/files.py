@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 
+from batchsvc.api import idempotency
 from batchsvc.api.auth import current_project
 from batchsvc.api.params import parse_limit
 from batchsvc.api.services import services
@@ -42,8 +43,9 @@ def upload() -> Any:
     file_id = new_file_id()
     key = upload_key(file_id)
     try:
+        idempotency_key = idempotency.request_key()
         received = receive_upload(request.stream, request.headers.get("Content-Type"),
-                                  svc.storage, key)
+                                  svc.storage, key, digest=idempotency_key is not None)
     except BatchsvcError:
         _drain()
         raise
@@ -52,15 +54,24 @@ def upload() -> Any:
         log.error("storing upload %s failed: %s", file_id, exc)
         _drain()
         raise StorageError("The file could not be stored") from exc
-    record = svc.files.create(
-        file_id=file_id,
-        project_id=project.id,
-        size=received.size,
-        filename=received.filename or f"{file_id}.jsonl",
-        purpose="batch",
-        storage_key=key,
+
+    def create() -> dict[str, Any]:
+        record = svc.files.create(
+            file_id=file_id,
+            project_id=project.id,
+            size=received.size,
+            filename=received.filename or f"{file_id}.jsonl",
+            purpose="batch",
+            storage_key=key,
+        )
+        return record.to_api()
+
+    # With a key, the upload's fingerprint is known only now that it is stored: a replayed or
+    # conflicting upload drops the bytes it just wrote and creates no File.
+    return idempotency.respond(
+        "files", idempotency_key, lambda: idempotency.upload_fingerprint(received), create,
+        discard=lambda: svc.storage.delete(key),
     )
-    return record.to_api()
 
 
 @bp.get("/v1/files")

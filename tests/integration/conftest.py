@@ -74,6 +74,18 @@ max_tokens = 8192
 [models."victim-echo"]
 backend = "echo"
 max_tokens = 8192
+
+[models."bulk-echo"]
+backend = "echo"
+max_tokens = 8192
+
+[models."lost-echo"]
+backend = "echo"
+max_tokens = 8192
+
+[models."poison-echo"]
+backend = "echo"
+max_tokens = 8192
 """
 
 SHARED_MODELS = "demo-echo,other-echo,up-chat,up-small-err,up-small-trunc,up-classify"

@@ -7,7 +7,7 @@ import time
 import redis
 
 from tests.integration.batch_helpers import create, jsonl, line, results, upload, wait_terminal
-from tests.integration.stack import Stack, wait_until
+from tests.integration.stack import Proc, Stack, wait_until
 
 
 def test_sigkill_of_the_inference_worker_mid_batch(stack: Stack) -> None:
@@ -24,7 +24,7 @@ def test_sigkill_of_the_inference_worker_mid_batch(stack: Stack) -> None:
     # When it is killed with lines in flight, and a new worker takes over
     doomed.kill()
     assert not doomed.alive()
-    stack.start_worker(models="victim-echo", concurrency=4)
+    successor = stack.start_worker(models="victim-echo", concurrency=4)
 
     # Then the batch completes with every custom_id exactly once, and each line ran once:
     # every output line's chat completion is distinct (a second run would have been recorded
@@ -38,6 +38,7 @@ def test_sigkill_of_the_inference_worker_mid_batch(stack: Stack) -> None:
     client_redis = redis.Redis.from_url(stack.redis_url())
     assert not client_redis.exists(f"bs:batch:{batch.id}:lines")
     assert not list(client_redis.scan_iter(match=f"bs:lease:{batch.id}:*"))
+    successor.stop()
 
 
 def test_the_sweep_finalizes_a_batch_whose_chord_never_fired(stack: Stack) -> None:
@@ -67,3 +68,123 @@ def test_the_sweep_finalizes_a_batch_whose_chord_never_fired(stack: Stack) -> No
     assert done.status == "completed"
     outputs, errors = results(client, done, ["o0", "o1"])
     assert not errors
+
+
+def _control(stack: Stack) -> Proc:
+    return [p for p in stack.procs if p.name == "control" and p.alive()][-1]
+
+
+def _batch_fields(stack: Stack, batch_id: str) -> dict[str, str]:
+    raw = redis.Redis.from_url(stack.redis_url()).hgetall(f"bs:batch:{batch_id}")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
+    stack: Stack,
+) -> None:
+    # Given a 4,000-line batch whose fan-out is under way
+    creds = stack.create_project("control-crash")
+    client = stack.client(creds)
+    worker = stack.start_worker(models="bulk-echo", concurrency=16)
+    lines = [line(f"p{i}", model="bulk-echo", content=f"{i} " + "x" * 300)
+             for i in range(4000)]
+    batch = create(client, upload(client, jsonl(lines)).id)
+    wait_until(lambda: int(_batch_fields(stack, batch.id).get("published", "0")) >= 1000,
+               60, "the first published window", interval=0.01)
+
+    # When the control worker is killed mid-publish, and a new one starts
+    assert _batch_fields(stack, batch.id).get("dispatch_state") == "started"
+    _control(stack).kill()
+    stack.start_control()
+
+    # ... and the new one is killed again while it assembles the files
+    wait_until(lambda: _batch_fields(stack, batch.id).get("sealed") == "1", 180,
+               "assembly to start", interval=0.005)
+    assert _batch_fields(stack, batch.id)["status"] == "finalizing"
+    _control(stack).kill()
+    stack.start_control()
+
+    # Then the batch still ends with complete, correct files
+    done = wait_terminal(client, batch.id, timeout=120)
+    assert done.status == "completed"
+    outputs, errors = results(client, done, [item["custom_id"] for item in lines])
+    assert not errors
+    for custom_id, record in outputs.items():
+        content = record["response"]["body"]["choices"][0]["message"]["content"]
+        assert content.split(" ")[0] == custom_id[1:]
+    worker.stop()
+
+
+def test_lost_messages_are_dispatched_again(stack: Stack) -> None:
+    # Given a dispatched batch whose queued messages are lost (no worker yet)
+    creds = stack.create_project("lost")
+    client = stack.client(creds)
+    lines = [line(f"l{i}", model="lost-echo") for i in range(30)]
+    batch = create(client, upload(client, jsonl(lines)).id)
+    wait_until(lambda: _batch_fields(stack, batch.id).get("dispatch_state") == "done", 30,
+               "the fan-out")
+    r = redis.Redis.from_url(stack.redis_url())
+    assert r.llen("batchsvc.model.lost-echo") == 30
+    r.delete("batchsvc.model.lost-echo")
+
+    # When a worker comes, then the reconciler notices the stall and re-dispatches
+    worker = stack.start_worker(models="lost-echo", concurrency=4)
+    done = wait_terminal(client, batch.id, timeout=90)
+    assert done.status == "completed"
+    outputs, errors = results(client, done, [item["custom_id"] for item in lines])
+    assert len(outputs) == 30 and not errors
+    worker.stop()
+
+
+def test_a_poison_line_ends_as_dlq_exhausted(stack: Stack) -> None:
+    # Given a line whose every run dies with its worker (killed while it runs)
+    creds = stack.create_project("poison")
+    client = stack.client(creds)
+    lines = [line("poison", model="poison-echo", metadata={"echo_delay_s": 30}),
+             line("fine", model="poison-echo")]
+    batch = create(client, upload(client, jsonl(lines)).id)
+    r = redis.Redis.from_url(stack.redis_url())
+    for _ in range(2):  # BATCHSVC_MAX_DELIVERIES=2 runs, each killed
+        worker = stack.start_worker(models="poison-echo", concurrency=2,
+                                    BATCHSVC_MAX_DELIVERIES="2")
+        wait_until(lambda: r.exists(f"bs:lease:{batch.id}:0"), 60, "the poison line to run")
+        worker.kill()
+        wait_until(lambda: not r.exists(f"bs:lease:{batch.id}:0"), 30, "its lease to lapse")
+
+    # When it is delivered a third time, then it is ended instead of run again
+    worker = stack.start_worker(models="poison-echo", concurrency=2,
+                                BATCHSVC_MAX_DELIVERIES="2")
+    done = wait_terminal(client, batch.id, timeout=90)
+    assert done.status == "completed"
+    outputs, errors = results(client, done, ["poison", "fine"])
+    assert set(outputs) == {"fine"}
+    error = errors["poison"]["error"]
+    assert error["code"] == "internal_error"
+    assert error["message"].startswith("[legacy:dlq_exhausted] ")
+    worker.stop()
+
+
+def test_a_redis_restart_mid_batch_loses_nothing(stack: Stack) -> None:
+    # Given a batch under way
+    creds = stack.create_project("redis-restart")
+    client = stack.client(creds)
+    worker = stack.start_worker(models="victim-echo", concurrency=8)
+    lines = [line(f"r{i}", model="victim-echo", metadata={"echo_delay_s": 0.2})
+             for i in range(200)]
+    batch = create(client, upload(client, jsonl(lines)).id)
+    wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 20,
+               60, "progress")
+
+    # When Redis is killed hard and started again on its data dir
+    redis_proc = [p for p in stack.procs if p.name == "redis" and p.alive()][-1]
+    redis_proc.kill()
+    time.sleep(1)
+    stack.start_redis()
+
+    # Then the batch completes, every line exactly once, and earlier objects are still there
+    done = wait_terminal(client, batch.id, timeout=150)
+    assert done.status == "completed"
+    outputs, errors = results(client, done, [item["custom_id"] for item in lines])
+    assert len(outputs) == 200 and not errors
+    assert client.files.retrieve(done.input_file_id).id == done.input_file_id
+    worker.stop()

@@ -11,7 +11,7 @@ from batchsvc.queues import CANCEL_BATCH, CONTROL_QUEUE, FINALIZE_BATCH, START_B
 from batchsvc.results import batch_cancelled
 from workers import sweeps
 from workers.context import context, request_finalize
-from workers.fanout import CeleryPublisher, start_batch
+from workers.fanout import CeleryPublisher, redispatch_missing, start_batch
 
 
 @shared_task(name=START_BATCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -58,4 +58,17 @@ def sweep() -> None:
         ),
         now=int(time.time()),
         stuck_after_s=ctx.settings.stuck_after_s,
+        redispatch=lambda batch_id: redispatch_missing(
+            batch_id=batch_id,
+            batches=ctx.batches,
+            projects=ctx.projects,
+            registry=ctx.registry,
+            storage=ctx.storage,
+            publisher=CeleryPublisher(current_app),
+            queue_length=ctx.redis.llen,
+        ),
+        # Past this, a message of the batch is neither queued, nor redelivered after a
+        # worker's death (visibility timeout), nor running (a lease lapses within its TTL).
+        stall_after_s=(ctx.settings.visibility_timeout_s + ctx.settings.lease_ttl_s
+                       + ctx.settings.stuck_after_s),
     )

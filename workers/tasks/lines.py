@@ -9,13 +9,16 @@ from celery import shared_task
 from batchsvc.queues import RUN_LINE, RUN_SYNC
 from workers.context import context
 from workers.line_runner import run_batch_line
+from workers.redis_retry import retry_redis
 from workers.sync_runner import run_sync_request
 
 
 @shared_task(name=RUN_LINE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
     # Returns nothing: the Redis chord join sends every header result to the callback at once.
-    run_batch_line(context().lines, batch_id, index, custom_id, model, body)
+    lines = context().lines
+    retry_redis(lambda: run_batch_line(lines, batch_id, index, custom_id, model, body),
+                lines.redis_patience_s)
 
 
 @shared_task(name=RUN_SYNC, acks_late=False, ignore_result=False)
