@@ -75,6 +75,46 @@ return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
         tonumber(counts[3] or '0')}
 """
 
+# The start of a line's run, in one round trip: is the batch still running, is the line
+# unrecorded, is no other copy running it? Then take the lease and count the run.
+# Returns {verdict, status, expiring, deliveries}.
+_BEGIN_LINE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or redis.call('HGET', KEYS[1], 'sealed') == '1' then
+  return {'gone', status or '', '', 0}
+end
+if status == 'completed' or status == 'failed' or status == 'expired'
+   or status == 'cancelled' then
+  return {'gone', status, '', 0}
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'duplicate', status, '', 0} end
+-- Our own token means a retry of this very run after a lost reply: still ours.
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[2] then return {'leased', status, '', 0} end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+local expiring = redis.call('HGET', KEYS[1], 'expiring') or ''
+local deliveries = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+return {'run', status, expiring, deliveries}
+"""
+
+# The end of a line's run, in one round trip: record the result (first record wins, as in
+# _RECORD) and release our lease. Returns {written, recorded, total, status, expiring}.
+_FINISH_LINE = """
+local written = 1
+local status = redis.call('HGET', KEYS[1], 'status')
+if redis.call('HGET', KEYS[1], 'sealed') == '1' or not status then
+  written = -1
+elseif redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
+  written = 0
+else
+  redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+end
+if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+local counts = redis.call('HMGET', KEYS[1], 'completed', 'failed', 'total', 'expiring')
+return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
+        tonumber(counts[3] or '0'), status or '', counts[4] or ''}
+"""
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -197,14 +237,32 @@ class BatchRecord:
         )
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class LineStart:
+    """What :meth:`BatchStore.begin_line` found: ``verdict`` is ``run`` (the lease is ours),
+    ``gone`` (batch missing, terminal or sealed), ``duplicate`` (recorded) or ``leased``."""
+
+    verdict: str
+    status: str
+    expiring: bool
+    deliveries: int
+
+
 @dataclass(frozen=True)
 class RecordOutcome:
     """What recording a line did: ``written`` is False for a duplicate (or a sealed batch);
-    ``recorded`` and ``total`` are the batch's counts right after."""
+    ``recorded`` and ``total`` are the batch's counts right after (``status`` and
+    ``expiring`` too, when the recording step reports them)."""
 
     written: bool
     recorded: int
     total: int
+    status: str = ""
+    expiring: bool = False
 
     @property
     def all_recorded(self) -> bool:
@@ -220,6 +278,8 @@ class BatchStore:
         self._short_circuit = client.register_script(_SHORT_CIRCUIT)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._begin_line = client.register_script(_BEGIN_LINE)
+        self._finish_line = client.register_script(_FINISH_LINE)
 
     def now(self) -> int:
         return int(self.clock())
@@ -333,6 +393,29 @@ class BatchStore:
             args=[index, (OK if ok else ERR) + line_json, "completed" if ok else "failed"],
         )
         return RecordOutcome(written == 1, int(recorded), int(total))
+
+    def begin_line(self, batch_id: str, index: int, token: str, ttl_s: float) -> LineStart:
+        """Take line ``index`` for a run if the batch is running, the line has no record and
+        no live lease; count the run. One round trip (the hot path of every line)."""
+        verdict, status, expiring, deliveries = self._begin_line(
+            keys=[batch_key(batch_id), lines_key(batch_id), lease_prefix(batch_id) + str(index),
+                  deliveries_key(batch_id)],
+            args=[index, token, int(ttl_s * 1000)],
+        )
+        return LineStart(_text(verdict), _text(status), _text(expiring) == "1", int(deliveries))
+
+    def finish_line(
+        self, batch_id: str, index: int, ok: bool, line_json: str, token: str
+    ) -> RecordOutcome:
+        """Record line ``index``'s result (first record wins) and release our lease, in one
+        round trip. ``status``/``expiring`` are the batch's right after."""
+        written, recorded, total, status, expiring = self._finish_line(
+            keys=[batch_key(batch_id), lines_key(batch_id), lease_prefix(batch_id) + str(index)],
+            args=[index, (OK if ok else ERR) + line_json, "completed" if ok else "failed",
+                  token],
+        )
+        return RecordOutcome(written == 1, int(recorded), int(total), _text(status),
+                             _text(expiring) == "1")
 
     def has_record(self, batch_id: str, index: int) -> bool:
         return bool(self.r.hexists(lines_key(batch_id), index))

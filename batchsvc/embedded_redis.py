@@ -79,6 +79,8 @@ def _reusable_port(redis_dir: Path) -> int | None:
         port = int((redis_dir / PORT_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
+    if not 0 < port < 65_536:
+        return None
     with socket.socket() as sock:
         # As redis-server itself does, so a port in TIME_WAIT counts as free.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -43,6 +43,19 @@ class LeaseKeeper:
                     log.exception("could not renew lease %s:%d", batch_id, index)
 
     @contextmanager
+    def keep(self, batch_id: str, index: int, token: str) -> Iterator[None]:
+        """Renew a lease already taken (by :meth:`BatchStore.begin_line`) until exit; the
+        caller releases it (:meth:`BatchStore.finish_line` does)."""
+        with self._lock:
+            self._held[(batch_id, index)] = token
+            self._ensure_thread()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop((batch_id, index), None)
+
+    @contextmanager
     def hold(self, batch_id: str, index: int, token: str) -> Iterator[bool]:
         """Acquire the lease of line ``index``; yields False (and holds nothing) if a live
         lease exists. Renewed while held, released on exit."""

@@ -69,57 +69,54 @@ class LineContext:
     redis_patience_s: float = 60.0
 
 
-def _short_circuit_error(status: str, extra: dict[str, str]) -> LineError | None:
+def _short_circuit_error(status: str, expiring: bool) -> LineError | None:
     if status == lifecycle.CANCELLING:
         return batch_cancelled()
-    if extra.get("expiring") == "1":
+    if expiring:
         return batch_expired()
     return None
 
 
 def run_batch_line(
     ctx: LineContext, batch_id: str, index: int, custom_id: str, model: str,
-    body: dict[str, Any],
+    body: dict[str, Any], token: str | None = None,
 ) -> str:
     """Run line ``index`` of ``batch_id`` at most once and record its result.
 
-    Never raises for a line-level failure (a raising chord header would stop the callback).
-    Returns what happened, for logs and tests: ``done``, ``duplicate``, ``leased``,
-    ``short_circuited`` or ``gone``.
+    Two Redis round trips on the hot path: one to take the line (batch running, line not
+    recorded, no other copy running it: then our lease, renewed while we wait on the model),
+    one to record the result and release the lease. Never raises for a line-level failure (a
+    raising chord header would stop the callback). Returns what happened, for logs and tests:
+    ``done``, ``duplicate``, ``leased``, ``short_circuited`` or ``gone``. A caller that
+    retries this call after a lost Redis reply passes the same ``token``, so the retry finds
+    the lease its first try took as its own.
     """
-    batch = ctx.batches.get_any(batch_id)
-    if batch is None or lifecycle.is_terminal(batch.status):
-        return "gone"
-    if ctx.batches.has_record(batch_id, index):
-        return "duplicate"
-    skip = _short_circuit_error(batch.status, batch.extra)
-    # Short-circuiting too needs the lease: a live lease means this line is still running
-    # elsewhere (this is a redelivered copy), and that run must record its real result.
-    with ctx.leases.hold(batch_id, index, secrets.token_hex(8)) as held:
-        if not held:
-            return "leased"
-        # A cancel may have recorded this line between our checks and the lease.
-        if ctx.batches.has_record(batch_id, index):
-            return "duplicate"
-        if skip is None and ctx.batches.count_delivery(batch_id, index) > ctx.max_deliveries:
-            skip = poison_line(ctx.max_deliveries)
+    token = token or secrets.token_hex(8)
+    start = ctx.batches.begin_line(batch_id, index, token, ctx.leases.ttl_s)
+    if start.verdict != "run":
+        return start.verdict
+    # Short-circuiting too happens under the lease: a live lease means the line is still
+    # running elsewhere (this is a redelivered copy), and that run records its real result.
+    skip = _short_circuit_error(start.status, start.expiring)
+    with ctx.leases.keep(batch_id, index, token):
         if skip is not None:
             ok, line = False, error_line(batch_id, index, custom_id, skip)
+        elif start.deliveries > ctx.max_deliveries:
+            ok, line = False, error_line(batch_id, index, custom_id,
+                                         poison_line(ctx.max_deliveries))
         else:
             ok, line = _run(ctx, batch_id, index, custom_id, model, body)
         # The model's answer is not asked for twice because Redis blinked.
-        outcome = retry_redis(lambda: ctx.batches.record_line(batch_id, index, ok, line),
-                              ctx.redis_patience_s)
+        outcome = retry_redis(
+            lambda: ctx.batches.finish_line(batch_id, index, ok, line, token),
+            ctx.redis_patience_s,
+        )
+    # Cancel and expiry do not wait for the chord (queued copies may never run): the line
+    # that completes the count asks for the files.
+    if outcome.all_recorded and (outcome.status == lifecycle.CANCELLING or outcome.expiring):
+        ctx.request_finalize(batch_id)
     if skip is not None:
-        if outcome.all_recorded:
-            ctx.request_finalize(batch_id)
         return "short_circuited"
-    if outcome.all_recorded:
-        after = ctx.batches.get_any(batch_id)
-        if after is not None and (
-            after.status == lifecycle.CANCELLING or after.extra.get("expiring") == "1"
-        ):
-            ctx.request_finalize(batch_id)
     return "done" if outcome.written else "duplicate"
 
 

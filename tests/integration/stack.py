@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
+import redis
 import requests
 from celery import Celery
 
@@ -166,8 +168,6 @@ class Stack:
         return f"redis://127.0.0.1:{port}/0"
 
     def _ping(self) -> bool:
-        import redis
-
         try:
             return bool(redis.Redis.from_url(self.redis_url(), socket_timeout=1).ping())
         except (redis.RedisError, OSError, ValueError):
@@ -216,13 +216,27 @@ class Stack:
         def answered() -> bool:
             if not proc.alive():
                 raise RuntimeError(f"{kind} worker exited:\n{proc.tail()}")
-            replies = app.control.ping(destination=[node], timeout=0.5) or []
+            try:
+                replies = app.control.ping(destination=[node], timeout=0.5) or []
+            except (OSError, kombu.exceptions.KombuError, redis.RedisError):
+                return False  # Redis restarting: ask again
             return any(node in reply for reply in replies)
 
         try:
             wait_until(answered, timeout, f"{node} to answer ping", interval=0.2)
         finally:
             app.close()
+
+    def consumes(self, queue: str) -> bool:
+        """Whether some worker consumes ``queue`` (asked over the broadcast channel)."""
+        app = self.celery()
+        try:
+            replies = app.control.inspect(timeout=0.5).active_queues() or {}
+        except (OSError, kombu.exceptions.KombuError, redis.RedisError):
+            return False
+        finally:
+            app.close()
+        return any(q["name"] == queue for queues in replies.values() for q in queues)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

@@ -148,6 +148,9 @@ def test_a_poison_line_ends_as_dlq_exhausted(stack: Stack) -> None:
         worker = stack.start_worker(models="poison-echo", concurrency=2,
                                     BATCHSVC_MAX_DELIVERIES="2")
         wait_until(lambda: r.exists(f"bs:lease:{batch.id}:0"), 60, "the poison line to run")
+        # (the fine line must not be caught by the kill: it is no poison)
+        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed == 1,
+                   30, "the fine line to finish")
         worker.kill()
         wait_until(lambda: not r.exists(f"bs:lease:{batch.id}:0"), 30, "its lease to lapse")
 

@@ -132,11 +132,8 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
                                     stdout=handle, stderr=subprocess.STDOUT,
                                     start_new_session=True)
     try:
-        app = stack.celery()
-        wait_until(lambda: any(
-            q["name"] == "batchsvc.model.route-a"
-            for queues in (app.control.inspect(timeout=0.5).active_queues() or {}).values()
-            for q in queues), 60, "worker A to consume route-a")
+        wait_until(lambda: stack.consumes("batchsvc.model.route-a"), 60,
+                   "worker A to consume route-a")
         worker_b = stack.start_worker(models="route-b", concurrency=2)
 
         # When a batch mixes both models

@@ -411,3 +411,82 @@ def test_short_circuit_of_a_missing_batch_creates_nothing() -> None:
     assert outcome == RecordOutcome(False, 0, 0)
     assert store.r.keys("*") == []
     assert store.get_any("batch_nope") is None
+
+
+# -- deliveries and lease filtering (the reconciler and poison lines) ----------------------------
+
+
+def _deliveries_key(batch_id: str) -> str:
+    from batchsvc.batches import deliveries_key
+
+    return deliveries_key(batch_id)
+
+
+def test_count_delivery_counts_runs_per_index_independently() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=3)
+    assert [store.count_delivery("batch_1", 0) for _ in range(3)] == [1, 2, 3]
+    # Another line of the same batch, and the same line of another batch, start from one
+    assert store.count_delivery("batch_1", 2) == 1
+    assert store.count_delivery("batch_2", 0) == 1
+    assert store.count_delivery("batch_1", 0) == 4
+    assert store.r.hgetall(_deliveries_key("batch_1")) == {b"0": b"4", b"2": b"1"}
+    # Counting deliveries records nothing and counts nothing in the batch
+    assert [r[1] for r in store.iter_records("batch_1", 3)] == [None, None, None]
+    batch = store.get_any("batch_1")
+    assert batch is not None and batch.recorded == 0
+
+
+def test_unleased_keeps_only_indices_without_a_live_lease_in_their_order() -> None:
+    store = make_store()
+    assert store.acquire_lease("batch_1", 1, "A", 30)
+    assert store.acquire_lease("batch_1", 4, "B", 30)
+    assert store.acquire_lease("batch_2", 0, "C", 30)  # another batch's lease does not count
+    assert store.unleased("batch_1", [0, 1, 2, 3, 4, 5]) == [0, 2, 3, 5]
+    assert store.unleased("batch_1", [5, 4, 0]) == [5, 0]
+    assert store.unleased("batch_1", [1, 4]) == []
+    assert store.unleased("batch_1", []) == []
+
+
+def test_unleased_sees_a_released_or_lapsed_lease_as_gone() -> None:
+    import time
+
+    store = make_store()
+    assert store.acquire_lease("batch_1", 0, "A", 30)
+    assert store.acquire_lease("batch_1", 1, "B", 0.05)
+    store.release_lease("batch_1", 0, "A")
+    assert store.unleased("batch_1", [0, 1]) == [0]
+    time.sleep(0.1)  # line 1's lease lapses (its worker died)
+    assert store.unleased("batch_1", [0, 1]) == [0, 1]
+
+
+def test_unleased_does_not_care_about_records() -> None:
+    # Filtering recorded lines is the caller's job (redispatch_missing reads the records first)
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    assert store.unleased("batch_1", [0, 1]) == [0, 1]
+
+
+def test_delete_records_also_removes_the_delivery_counts() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    make_batch(store, batch_id="batch_2", total=1)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    store.count_delivery("batch_1", 0)
+    store.count_delivery("batch_1", 1)
+    store.count_delivery("batch_2", 0)
+    store.delete_records("batch_1")
+    assert not store.r.exists(lines_key("batch_1"))
+    assert not store.r.exists(_deliveries_key("batch_1"))
+    # Only that batch's counts go; a later run of the line starts counting afresh
+    assert store.r.hgetall(_deliveries_key("batch_2")) == {b"0": b"1"}
+    assert store.count_delivery("batch_1", 1) == 1
+
+
+def test_delete_records_without_deliveries_or_records_is_harmless() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=1)
+    store.delete_records("batch_1")
+    store.delete_records("batch_1")
+    assert store.get_any("batch_1") is not None

@@ -361,3 +361,174 @@ def test_finalizer_is_built_from_injected_parts(tmp_path: Path) -> None:
     d = make_domain(tmp_path)
     finalizer = Finalizer(redis=d.redis, batches=d.batches, files=d.files, storage=d.storage)
     assert finalizer.finalize("batch_nope") == "missing"
+
+
+# -- the short finalize lock and its keepalive -------------------------------------------------
+# (pytest and friends are imported where used: this section was appended to the module)
+
+
+def _lock_key(batch_id: str) -> str:
+    return f"bs:batch:{batch_id}:finalize"
+
+
+def _bulk_record(d: Domain, batch: BatchRecord) -> None:
+    """Every line of ``batch`` recorded ok, written straight into the hash (fast for big
+    batches), with the counters to match."""
+    d.redis.hset(lines_key(batch.id), mapping={
+        str(i): "o" + ok_result(batch.id, i) for i in range(batch.total)
+    })
+    d.batches.set_fields(batch.id, completed=batch.total)
+
+
+def _spy_lock_ttl(d: Domain, batch_id: str) -> list[int]:
+    """The lock's remaining TTL (ms), seen each time finalize reads the batch under it."""
+    seen: list[int] = []
+    real_get_any = d.batches.get_any
+
+    def get_any(bid: str) -> BatchRecord | None:
+        seen.append(int(d.redis.pttl(_lock_key(batch_id))))
+        return real_get_any(bid)
+
+    d.batches.get_any = get_any  # type: ignore[method-assign]
+    return seen
+
+
+def test_the_finalize_lock_lives_lock_ttl_s(tmp_path: Path) -> None:
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=1)
+    record_all(d, batch, failed=set())
+    seen = _spy_lock_ttl(d, batch.id)
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=7.5)
+    assert finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    assert seen and all(7_000 < ttl <= 7_500 for ttl in seen)
+    assert not d.redis.exists(_lock_key(batch.id))  # released at the end
+
+
+def test_the_default_finalize_lock_is_a_minute(tmp_path: Path) -> None:
+    from batchsvc.finalize import DEFAULT_LOCK_TTL_S
+
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=1)
+    record_all(d, batch, failed=set())
+    seen = _spy_lock_ttl(d, batch.id)
+    assert d.finalizer.lock_ttl_s == DEFAULT_LOCK_TTL_S == 60
+    assert d.finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    assert seen and all(59_000 < ttl <= 60_000 for ttl in seen)
+
+
+def test_a_killed_finalizes_lock_lapses_after_lock_ttl_s_and_finalize_then_proceeds(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    # Given a finalize holding the lock, killed before it could release it
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=2)
+    write_input_copy(d.storage, batch.id, request_lines(2))
+    record_all(d, batch, failed={1})
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=0.2)
+    killed = d.redis.lock(_lock_key(batch.id), timeout=finalizer.lock_ttl_s)
+    assert killed.acquire(blocking=False)
+    stored_before = storage_files(d.storage.root)
+    # When another finalize runs while that lock lives, Then it does nothing at all
+    assert finalizer.finalize(batch.id) == lifecycle.IN_PROGRESS
+    blocked = get(d, batch.id)
+    assert blocked.status == lifecycle.IN_PROGRESS
+    assert "sealed" not in blocked.extra and "planned_output_file_id" not in blocked.extra
+    assert file_records(d) == []
+    assert storage_files(d.storage.root) == stored_before
+    # When lock_ttl_s has passed, Then finalize proceeds and ends the batch
+    time.sleep(0.3)
+    assert finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    done = get(d, batch.id)
+    assert done.output_file_id and done.error_file_id
+    assert not d.redis.exists(_lock_key(batch.id))
+
+
+def test_a_held_lock_whose_key_is_deleted_no_longer_blocks(tmp_path: Path) -> None:
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=1)
+    record_all(d, batch, failed=set())
+    other = d.redis.lock(_lock_key(batch.id), timeout=60)
+    assert other.acquire(blocking=False)
+    assert d.finalizer.finalize(batch.id) == lifecycle.IN_PROGRESS
+    d.redis.delete(_lock_key(batch.id))
+    assert d.finalizer.finalize(batch.id) == lifecycle.COMPLETED
+
+
+def test_write_files_calls_the_keepalive_every_1000_records(tmp_path: Path) -> None:
+    for total, renewals in ((1, 1), (999, 1), (1000, 1), (1001, 2), (2500, 3)):
+        d = make_domain(tmp_path / str(total))
+        batch = make_batch(d.batches, total=total)
+        _bulk_record(d, batch)
+        calls: list[int] = []
+        written = d.finalizer._write_files(get(d, batch.id), lambda c=calls: c.append(1))
+        assert written is True
+        assert len(calls) == renewals, total
+        out_id = get(d, batch.id).extra["result_output_file_id"]
+        assert len(parse_jsonl(read_file(d.storage, out_id))) == total
+
+
+def test_write_files_without_a_keepalive_still_works(tmp_path: Path) -> None:
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=3)
+    record_all(d, batch, failed={0})
+    assert d.finalizer._write_files(get(d, batch.id)) is True
+
+
+def test_finalize_renews_its_lock_while_writing_a_big_batch(tmp_path: Path) -> None:
+    import pytest
+    from redis.lock import Lock
+
+    # Given a 2,500-line batch and a finalize lock of 5 s
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=2500)
+    _bulk_record(d, batch)
+    renewals: list[int] = []
+    real_reacquire = Lock.reacquire
+
+    def reacquire(self: Lock) -> bool:
+        result = real_reacquire(self)
+        renewals.append(int(d.redis.pttl(_lock_key(batch.id))))
+        return result
+
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=5)
+    # When it is finalized, Then the lock is renewed to its full TTL at records 0, 1000, 2000
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Lock, "reacquire", reacquire)
+        assert finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    assert len(renewals) == 3
+    assert all(4_000 < ttl <= 5_000 for ttl in renewals)
+
+
+def test_a_finalize_whose_lock_was_taken_over_stops_without_publishing(tmp_path: Path) -> None:
+    from collections.abc import Iterator
+
+    import pytest
+    import redis as redis_lib
+
+    # Given a finalize whose lock lapses mid-write and is taken by another finalize
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=2500)
+    _bulk_record(d, batch)
+    real_iter = d.batches.iter_records
+
+    def iter_records(batch_id: str, total: int,
+                     chunk: int = 1000) -> Iterator[tuple[int, str | None, str]]:
+        for row in real_iter(batch_id, total, chunk):
+            if row[0] == 1500:
+                d.redis.set(_lock_key(batch_id), "another-finalize", px=60_000)
+            yield row
+
+    d.batches.iter_records = iter_records  # type: ignore[method-assign]
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=5)
+    # When it tries to renew at record 2000, Then it stops: no file, no end state, and the
+    # other finalize's lock is left alone
+    with pytest.raises(redis_lib.exceptions.LockError):
+        finalizer.finalize(batch.id)
+    after = get(d, batch.id)
+    assert "files_written" not in after.extra
+    assert not lifecycle.is_terminal(after.status)
+    assert file_records(d) == []
+    assert storage_files(d.storage.root) == []  # the half-written files were dropped
+    assert d.redis.get(_lock_key(batch.id)) == b"another-finalize"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from celery import shared_task
@@ -17,7 +18,8 @@ from workers.sync_runner import run_sync_request
 def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
     # Returns nothing: the Redis chord join sends every header result to the callback at once.
     lines = context().lines
-    retry_redis(lambda: run_batch_line(lines, batch_id, index, custom_id, model, body),
+    token = secrets.token_hex(8)  # one run, however often Redis makes us retry it
+    retry_redis(lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
                 lines.redis_patience_s)
 
 

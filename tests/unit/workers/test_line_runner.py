@@ -370,6 +370,7 @@ def test_a_sealed_batch_records_nothing(world: tuple[WorkerEnv, Harness]) -> Non
     env, h = world
     batch_id = two_line_batch(env)
     env.batches.set_fields(batch_id, sealed=1)
-    assert h.run(batch_id, 0) == "duplicate"
+    # Sealed for assembly: the line is not even run (the backend is never called).
+    assert h.run(batch_id, 0) == "gone"
     assert line_records(env, batch_id) == {}
     assert counts(env, batch_id) == (0, 0)
