@@ -49,8 +49,9 @@ format: install ## ruff format + fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install ## benchmarks (never part of make test)
-	$(BIN)/python -m benchmarks
+bench: install ## benchmarks (never part of make test); one, small: make bench BENCH_ARGS="B1 --quick"
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean: ## remove .venv and var/
 	rm -rf $(VENV) var

@@ -11,7 +11,7 @@ from flask import Blueprint, request
 from batchsvc import lifecycle
 from batchsvc.api import idempotency
 from batchsvc.api.auth import current_project
-from batchsvc.api.params import parse_limit
+from batchsvc.api.params import list_object, parse_limit
 from batchsvc.api.services import Services, services
 from batchsvc.batches import BatchRecord
 from batchsvc.errors import BatchNotFound, Conflict, InvalidRequest, JsonlInvalid, NotFound
@@ -151,14 +151,7 @@ def list_batches() -> Any:
     records, has_more = services().batches.list(
         current_project().id, after=request.args.get("after") or None, limit=limit
     )
-    data = [r.to_api() for r in records]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_object([r.to_api() for r in records], has_more)
 
 
 @bp.get("/v1/batches/")

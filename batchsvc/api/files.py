@@ -10,7 +10,7 @@ from flask import Blueprint, Response, request
 
 from batchsvc.api import idempotency
 from batchsvc.api.auth import current_project
-from batchsvc.api.params import parse_limit
+from batchsvc.api.params import list_object, parse_limit
 from batchsvc.api.services import services
 from batchsvc.api.uploads import receive_upload
 from batchsvc.errors import BatchsvcError, FileNotFound, InvalidRequest, StorageError
@@ -93,14 +93,7 @@ def list_files() -> Any:
         limit=limit,
         descending=order == "desc",
     )
-    data = [r.to_api() for r in records]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_object([r.to_api() for r in records], has_more)
 
 
 def _find(file_id: str) -> FileRecord:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from batchsvc.errors import InvalidRequest
 
 
@@ -24,3 +26,14 @@ def parse_limit(raw: str | None, *, default: int, maximum: int, clamp: bool) -> 
             param="limit",
         )
     return value
+
+
+def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """A cursor-paginated list (spec 3.2, 4.3): ``last_id`` is the next page's ``after``."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }

@@ -72,8 +72,10 @@ class Chaos(threading.Thread):
             while self.rounds < MAX_KILL_ROUNDS and not self.stop_event.wait(KILL_EVERY_S):
                 self.rounds += 1
                 alive = [w for w in self.workers if w.alive()]
-                victims = alive if self.rounds % 3 == 0 else self.rng.sample(alive, 1 if alive
-                                                                             else 0)
+                if self.rounds % 3 == 0:
+                    victims = alive
+                else:
+                    victims = self.rng.sample(alive, min(1, len(alive)))
                 for victim in victims:
                     victim.kill()
                     self.kills.append(time.monotonic())
