@@ -37,6 +37,8 @@ class RecordingPublisher:
         self.published: list[tuple[str, int, str, str, dict[str, Any]]] = []
         self.flushes = 0
         self.on_publish = on_publish
+        self.checkpoints: list[int] = []
+        self.on_checkpoint: Any = None
 
     def begin(self, batch_id: str, size: int) -> None:
         self.begun.append((batch_id, size))
@@ -46,6 +48,11 @@ class RecordingPublisher:
         self.published.append((batch_id, index, custom_id, model, body))
         if self.on_publish is not None:
             self.on_publish(len(self.published))
+
+    def checkpoint(self) -> None:
+        self.checkpoints.append(len(self.published))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
 
     def flush(self) -> None:
         self.flushes += 1
@@ -205,6 +212,24 @@ def test_progress_marks_allow_resume_after_a_crash(tmp_path: Path,
     retry = RecordingPublisher()
     run(env, batch.id, retry)
     assert retry.indices == [2, 3, 4]
+
+
+def test_progress_is_recorded_only_after_the_window_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a window of 2 over 5 lines, and a publisher that buffers until its checkpoint
+    env = make_worker_env(tmp_path, models=[MODEL])
+    monkeypatch.setattr(fanout, "WINDOW", 2)
+    batch = make_worker_batch(env, jsonl(*(line_with_model(f"c{i}", MODEL) for i in range(5))))
+    publisher = RecordingPublisher()
+    marks_at_checkpoint: list[str] = []
+    publisher.on_checkpoint = lambda: marks_at_checkpoint.append(
+        env.batches.get_any(batch.id).extra.get("published", "0")  # type: ignore[union-attr]
+    )
+    # When it fans out, Then each window is made durable before its progress mark moves
+    run(env, batch.id, publisher)
+    assert publisher.checkpoints == [2, 4]
+    assert marks_at_checkpoint == ["0", "2"]
 
 
 @pytest.mark.parametrize("how", ["cancel", "expire"])
