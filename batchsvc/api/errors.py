@@ -45,6 +45,10 @@ def register_error_handlers(app: Flask) -> None:
     def stamp(response: Response) -> Response:
         response.headers["x-request-id"] = g.get("request_id") or new_request_id()
         response.headers["Access-Control-Allow-Origin"] = "*"
+        # Let browser clients read our own headers too.
+        response.headers["Access-Control-Expose-Headers"] = (
+            "x-request-id, idempotent-replayed, x-should-retry"
+        )
         return response
 
     @app.errorhandler(BatchsvcError)

@@ -107,3 +107,10 @@ def test_error_responses_are_json(tmp_path: Path) -> None:
     response = env.client.get("/v1/batches/batch_missing", headers=env.a.headers)
     assert response.status_code == 404
     assert response.mimetype == "application/json"
+
+
+def test_browsers_may_read_our_headers(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    response = env.client.get("/v1/files", headers=env.a.headers)
+    exposed = {h.strip() for h in response.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"x-request-id", "idempotent-replayed", "x-should-retry"} <= exposed
