@@ -28,15 +28,19 @@ from batchsvc.paging import SEQ_KEY, page_ids
 
 ACTIVE_INDEX = "bs:batches:active"
 
+# KEYS: batch hash, active index. ARGV: sources (comma-separated), target, timestamp field,
+# now, batch id, "1" if the target is terminal (leave the active index in the same step),
+# then field/value pairs.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, ''} end
 for source in string.gmatch(ARGV[1], '[^,]+') do
   if status == source then
     redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
-    for i = 5, #ARGV, 2 do
+    for i = 7, #ARGV, 2 do
       redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     end
+    if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[5]) end
     return {1, ARGV[2]}
   end
 end
@@ -376,12 +380,13 @@ class BatchStore:
         stamps = {lifecycle.timestamp_field(s, target) for s in sources}
         if len(stamps) != 1:
             raise ValueError(f"transitions {sources} -> {target} set different timestamps")
-        args: list[str | int] = [",".join(sources), target, stamps.pop(), self.now()]
+        args: list[str | int] = [
+            ",".join(sources), target, stamps.pop(), self.now(), batch_id,
+            "1" if lifecycle.is_terminal(target) else "0",
+        ]
         for name, value in (fields or {}).items():
             args += [name, value]
-        moved, status = self._transition(keys=[batch_key(batch_id)], args=args)
-        if moved and lifecycle.is_terminal(target):
-            self.r.zrem(ACTIVE_INDEX, batch_id)
+        moved, status = self._transition(keys=[batch_key(batch_id), ACTIVE_INDEX], args=args)
         return bool(moved), status.decode() if isinstance(status, bytes) else str(status)
 
     # -- lines -------------------------------------------------------------------------------

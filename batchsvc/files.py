@@ -170,7 +170,8 @@ class FileStore:
         after_id = canonical_file_id(after) if after else None
         records: list[FileRecord] = []
         has_more = False
-        # Expired files are skipped (and dropped from the index) until the page is full.
+        # Expired files are skipped until the page is full (the retention sweep removes them
+        # from the indexes).
         while True:
             page: Page = page_ids(self.r, key, after=after_id, limit=limit - len(records),
                                   descending=descending)
@@ -196,6 +197,17 @@ class FileStore:
         pipe.zrem(EXPIRY_INDEX, record.id)
         pipe.execute()
         return True
+
+    def forget(self, file_id: str, project_id: str | None, purpose: str | None) -> None:
+        """Drop ``file_id`` from every index, whatever state its record is in (the retention
+        sweep's last step, so an odd entry can never keep the sweep from the others)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(EXPIRY_INDEX, file_id)
+        if project_id is not None:
+            pipe.zrem(_index_key(project_id, None), file_id)
+            if purpose is not None:
+                pipe.zrem(_index_key(project_id, purpose), file_id)
+        pipe.execute()
 
     def expired_ids(self, now: int, limit: int = 1000) -> Iterator[str]:
         """Files whose retention ran out (for the retention sweep)."""

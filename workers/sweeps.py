@@ -104,11 +104,12 @@ def sweep(
     removed = 0
     for file_id in list(files.expired_ids(now)):
         record = files.get_any(file_id)
-        if record is None:
-            continue
-        storage.delete(record.storage_key)
-        files.mark_deleted(record)
-        removed += 1
+        if record is not None:
+            storage.delete(record.storage_key)
+            files.mark_deleted(record)
+            removed += 1
+        files.forget(file_id, record.project_id if record else None,
+                     record.purpose if record else None)
     return SweepReport(started, expired, finalized, removed, redispatched)
 
 

@@ -288,3 +288,27 @@ def test_expired_file_bytes_are_removed_and_the_file_404s(tmp_path: Path) -> Non
     assert env.storage.exists(upload_key(fresh))
     # And a second sweep has nothing more to do
     assert run_sweep(worker, Starts()).files_removed == 0
+
+
+def test_odd_retention_entries_leave_the_index_and_never_block_the_sweep(
+    tmp_path: Path,
+) -> None:
+    # Given an expiry entry whose record is gone, and one half deleted before (deleted_at set
+    # but still indexed), next to a normal expired upload
+    from batchsvc.files import EXPIRY_INDEX
+
+    env = make_env(tmp_path)
+    normal = upload_id(env)
+    half = upload_id(env)
+    env.redis.hset(f"bs:file:{half}", "deleted_at", 1)
+    env.redis.zadd(EXPIRY_INDEX, {"file-ghost": 1})
+    env.clock.advance(2_592_000 + 1)
+    svc = env.services
+    worker = WorkerEnv(redis=env.redis, storage=env.storage, clock=env.clock,
+                       batches=svc.batches, files=svc.files, projects=svc.projects,
+                       project_id=env.a.project_id)
+    # When the sweep runs, Then all three leave the expiry index and the normal one is removed
+    run_sweep(worker, Starts())
+    assert env.redis.zcard(EXPIRY_INDEX) == 0
+    assert not env.storage.exists(upload_key(normal))
+    assert not env.storage.exists(upload_key(half))
