@@ -208,6 +208,7 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
     url = embedded_redis.resolve_url(settings, wait_s=60)
+    load_registry(settings.config_path)  # a bad config stops the worker now, with its message
     return _exec(
         [
             _bin("celery"), "-A", "workers.main", "worker",
