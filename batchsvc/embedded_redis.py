@@ -123,6 +123,8 @@ def _probe(redis_dir: Path) -> str | None:
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     try:
+        # PING answers LOADING until the AOF is read back; CONFIG GET would not wait for it.
+        client.ping()
         served = client.config_get("dir").get("dir")
     except redis.RedisError:
         return None
