@@ -1,0 +1,280 @@
+"""B1 orchestration ceiling: a 50,000-line batch on the echo model end to end, against a raw
+Celery chord of as many no-op tasks on the same Redis with the same worker settings, and the
+fan-out's publish rate three ways.
+
+Phases, timed by polling the batch's Redis hash at 20 Hz:
+
+- validation: the ``POST /v1/batches`` call (it validates synchronously);
+- fan-out publish: create answered -> ``dispatch_state`` = ``done``;
+- processing: create answered -> every line recorded (overlaps the fan-out);
+- assembly: every line recorded -> ``completed`` (the chord callback writes both files).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from batchsvc.queues import model_queue
+from benchmarks import publish, raw_celery
+from benchmarks.common import Options
+from benchmarks.harness import (
+    BatchSampler,
+    BenchStack,
+    RssSampler,
+    create_batch,
+    download,
+    get_batch,
+    run_warmup_batch,
+    running,
+    upload_file,
+    used_memory,
+)
+from benchmarks.inputs import write_jsonl
+from benchmarks.profiling import profiled, summarize
+from benchmarks.report import Section, fmt_mib, fmt_rate, fmt_s, line_chart
+
+MODEL = "demo-echo"
+#: ``make run``'s inference worker: ``batchsvc worker`` with CONCURRENCY unset.
+CONCURRENCY = 8
+#: ``batchsvc control``'s default thread count.
+CONTROL_CONCURRENCY = 4
+ERROR_EVERY = 1000
+TARGET_RATIO = 0.8
+
+
+def _first_body(path: Path) -> dict[str, Any]:
+    with open(path, encoding="ascii") as handle:
+        return dict(json.loads(handle.readline())["body"])
+
+
+def _find_raw_join(client: redis.Redis, run_id: str) -> str | None:
+    """The raw chord's join set. Celery names the header group itself (the canvas drops a
+    task_id set on it), so read the group id from a queued header message of this run."""
+    raw = client.lindex(raw_celery.LINES_QUEUE, -1)
+    if raw is None:
+        return None
+    message = json.loads(raw)
+    headers = message.get("headers") or {}
+    if not str(headers.get("id", "")).strip() or headers.get("group") is None:
+        return None
+    body = json.loads(base64.b64decode(message["body"]))
+    if not body[0] or body[0][0] != run_id:
+        return None
+    return raw_celery.join_key(str(headers["group"]))
+
+
+def _raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float
+               ) -> dict[str, Any]:
+    """Run the raw chord from the raw control worker; sample its join set at 20 Hz."""
+    app = publish.producer_app(stack.redis_url())
+    client: redis.Redis = stack.redis
+    run_id = "raw" + uuid.uuid4().hex[:12]
+    join: str | None = None
+    curve: list[tuple[float, int]] = []
+    try:
+        t0 = time.time()
+        m0 = time.monotonic()
+        app.send_task(raw_celery.START, args=[run_id, size, body],
+                      queue=raw_celery.CONTROL_QUEUE)
+        deadline = m0 + max_s
+        done_at = published_at = None
+        best = 0
+        while time.monotonic() < deadline:
+            if join is None:
+                join = _find_raw_join(client, run_id)
+            pipe = client.pipeline(transaction=False)
+            pipe.zcard(join or "bench:none")
+            pipe.get(raw_celery.done_key(run_id))
+            pipe.get(raw_celery.published_key(run_id))
+            count, done_raw, pub_raw = pipe.execute()
+            best = max(best, int(count))
+            curve.append((time.monotonic() - m0, best))
+            if pub_raw is not None and published_at is None:
+                published_at = float(pub_raw) - t0
+            if done_raw is not None:
+                done_at = float(done_raw) - t0
+                break
+            time.sleep(0.05)
+        if done_at is None:
+            raise TimeoutError(f"raw chord did not finish within {max_s:.0f} s")
+        curve.append((done_at, size))
+        return {"seconds": done_at, "published": published_at, "curve": curve}
+    finally:
+        app.close()
+
+
+def run(opts: Options) -> list[Section]:
+    n = opts.size(50_000, 2_000)
+    n_publish = opts.size(20_000, 2_000)
+    n_check = opts.size(2_000, 300)
+    max_s = 1800.0 if not opts.quick else 300.0
+    section = Section("B1", "orchestration ceiling")
+    stack = BenchStack("b1", keep=opts.keep)
+    with running(stack):
+        stack.start_redis()
+        stack.start_api()
+        control = stack.start_control()
+        worker = stack.start_worker(concurrency=CONCURRENCY)
+        stack.start_beat()
+        creds = stack.create_project("bench-b1")
+        run_warmup_batch(stack, creds, MODEL)
+        path = stack.root / "b1.jsonl"
+        size = write_jsonl(path, n, MODEL, error_every=ERROR_EVERY, prefix="b1")
+        body = _first_body(path)
+        errors_expected = n // ERROR_EVERY
+        mem_before = used_memory(stack.redis)
+
+        t_upload = time.monotonic()
+        file_id = upload_file(stack, creds, path)["id"]
+        rss = RssSampler({"control": control.pid, "worker": worker.pid}, interval=0.1,
+                         max_s=max_s)
+        rss.start()
+        meter = stack.cpu_meter().start()
+        t_c0 = time.monotonic()
+        with (
+            profiled(opts.profile, control.pid, opts.profile_dir / "b1-control.pyspy.txt",
+                     max_s) as prof,
+            profiled(opts.profile, worker.pid, opts.profile_dir / "b1-worker.pyspy.txt",
+                     max_s) as prof_worker,
+        ):
+            batch = create_batch(stack, creds, file_id)
+            t_c1 = time.monotonic()
+            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,
+                                   max_s=max_s)
+            sampler.start()
+            sampler.join(timeout=max_s + 30)
+            sampler.stop()
+        meter.stop()
+        rss.stop()
+        if sampler.error is not None:
+            raise sampler.error
+        final = get_batch(stack, creds, batch["id"])
+        t_dl0 = time.monotonic()
+        out_bytes, out_lines = download(stack, creds, final["output_file_id"])
+        err_bytes, err_lines = download(stack, creds, final["error_file_id"])
+        t_dl1 = time.monotonic()
+        time.sleep(1.0)  # let Redis's lazy free of the UNLINKed records finish
+        mem_after = used_memory(stack.redis)
+
+        s_dispatch = sampler.first(lambda s: s.dispatch_state == "done")
+        s_all = sampler.first(lambda s: s.total > 0 and s.recorded >= s.total)
+        s_done = sampler.first(lambda s: s.status == "completed")
+
+        # -- raw Celery floor, same Redis, same worker flags; batchsvc's workers sit idle.
+        stack.start_celery("raw-lines", "benchmarks.raw_celery",
+                           [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE], CONCURRENCY)
+        stack.start_celery("raw-control", "benchmarks.raw_celery",
+                           [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY)
+        _raw_chord(stack, 40, body, 120)  # warm-up, as for batchsvc
+        raw_meter = stack.cpu_meter().start()
+        raw = _raw_chord(stack, n, body, max_s)
+        raw_meter.stop()
+        mem_raw_after = used_memory(stack.redis)
+
+        # -- publish rates, into a scratch queue nobody consumes.
+        rates = publish.measure_rates(stack.redis_url(), body, n_publish)
+        checks = {how: publish.run_pipelined_chord(stack.redis_url(), body, n_check, how)
+                  for how in ("kombu_batch", "pipelined")}
+
+    # -- figures -------------------------------------------------------------------------------
+    status = final["status"]
+    counts = final["request_counts"]
+    def rel(sample: Any) -> float | None:
+        return None if sample is None else sample.t - t_c0
+
+    create_s = t_c1 - t_c0
+    total_s = rel(s_done)
+    dispatched = n - errors_expected
+    fanout_s = (s_dispatch.t - t_c1) if s_dispatch else None
+    processing_s = (s_all.t - t_c1) if s_all else None
+    after_fanout_s = (s_all.t - s_dispatch.t) if (s_all and s_dispatch) else None
+    assembly_s = (s_done.t - s_all.t) if (s_done and s_all) else None
+    bs_rate = n / total_s if total_s else None
+    raw_rate = n / raw["seconds"]
+    ratio = (bs_rate / raw_rate) if bs_rate else 0.0
+    e2e_s = t_dl1 - t_upload
+
+    section.info("batch", f"{n:,} lines ({size / 1e6:.1f} MB), {dispatched:,} dispatched to "
+                 f"`{MODEL}` + {errors_expected} naming an unknown model (error file); "
+                 f"inference worker x{CONCURRENCY} threads")
+    section.info("final status", f"{status}, completed {counts['completed']:,}, failed "
+                 f"{counts['failed']:,}; downloaded {out_lines:,} output lines "
+                 f"({out_bytes / 1e6:.1f} MB) + {err_lines:,} error lines")
+    section.info("upload", fmt_s(t_c0 - t_upload))
+    section.info("validation (create call)", fmt_s(create_s))
+    section.info("fan-out publish (create -> dispatch_state done)",
+                 f"{fmt_s(fanout_s)} = {fmt_rate(dispatched / fanout_s if fanout_s else None)}")
+    section.info("processing (create -> all lines recorded)", fmt_s(processing_s))
+    section.info("  of which after the fan-out", fmt_s(after_fanout_s))
+    section.info("assembly (all recorded -> completed)", fmt_s(assembly_s))
+    section.info("download both files", fmt_s(t_dl1 - t_dl0))
+    section.info("batchsvc create -> completed", f"{fmt_s(total_s)} = {fmt_rate(bs_rate)}")
+    section.info("batchsvc end to end (upload -> both downloaded)",
+                 f"{fmt_s(e2e_s)} = {fmt_rate(n / e2e_s)}")
+    section.info("raw Celery chord (publish from a worker -> callback ran)",
+                 f"{fmt_s(raw['seconds'])} = {fmt_rate(raw_rate)} (its canvas publish "
+                 f"took {fmt_s(raw['published'])} = "
+                 f"{fmt_rate(n / raw['published'] if raw['published'] else None, 'msg/s')})")
+    section.info("CPU during the batchsvc batch (create -> completed)", meter.summary(n))
+    section.info("CPU during the raw chord", raw_meter.summary(n))
+    section.check("batchsvc / raw Celery lines/s", f"{ratio:.2f}x", f">= {TARGET_RATIO}x",
+                  ratio >= TARGET_RATIO)
+    section.info(f"publish rate, send_task loop ({rates.n:,} msgs)",
+                 fmt_rate(rates.rate(rates.send_task_s), "msg/s"))
+    section.info(f"publish rate, send_task in kombu Producer.batch({rates.window})",
+                 f"{fmt_rate(rates.rate(rates.kombu_batch_s), 'msg/s')} (a chord of "
+                 f"{n_check:,} published so ran: callback after {fmt_s(checks['kombu_batch'])})")
+    section.info(f"publish rate, as_task_v2 + Redis pipeline ({rates.window}/flush)",
+                 f"{fmt_rate(rates.rate(rates.pipelined_s), 'msg/s')} (a chord of "
+                 f"{n_check:,} published so ran: callback after {fmt_s(checks['pipelined'])})")
+    section.info("Redis used_memory before / peak during / after assembly",
+                 f"{fmt_mib(mem_before)} / {fmt_mib(sampler.peak_memory())} / "
+                 f"{fmt_mib(mem_after)} (after the raw chord too: {fmt_mib(mem_raw_after)})")
+    assembly_from = s_all.t if s_all else t_c1
+    section.info("control worker RSS at assembly start / peak in assembly",
+                 f"{fmt_mib(rss.at('control', assembly_from))} / "
+                 f"{fmt_mib(rss.peak('control', since=assembly_from))}")
+    section.info("inference worker RSS before the batch / peak",
+                 f"{fmt_mib(rss.samples[0][1]['worker'])} / {fmt_mib(rss.peak('worker'))}")
+    if status != "completed" or out_lines + err_lines != n:
+        section.check("batch completed with every line in a file", f"{status}, "
+                      f"{out_lines + err_lines} lines", f"completed, {n}", False)
+    section.note("ratio = batchsvc lines/s from the create call to `completed` (validation, "
+                 "fan-out, processing, assembly) over raw Celery's lines/s from sending its "
+                 "start task to its callback; both fan-outs are published from a celery "
+                 "worker thread while the line workers consume, on the same 2 cores")
+    section.note("publish rates are client-side: one process publishing batchsvc's own line "
+                 "messages (same task, args, chord options) into a scratch queue")
+    opts.shared["b1_redis"] = (sampler.peak_memory(), mem_after)
+    for line in summarize(prof):
+        section.note(f"py-spy control worker (whole batch): {line}")
+    for line in summarize(prof_worker):
+        section.note(f"py-spy inference worker (whole batch): {line}")
+
+    t_disp = rel(s_dispatch)
+    t_all = rel(s_all)
+    markers = [("create answered", create_s)]
+    markers += [(label, x) for label, x in (("fan-out done", t_disp), ("all recorded", t_all),
+                                            ("completed", total_s)) if x is not None]
+    section.charts.append(line_chart(
+        opts.chart_dir / "b1.png",
+        f"B1: {n:,}-line echo batch vs raw Celery chord ({CONCURRENCY} worker threads)",
+        [
+            ("batchsvc: lines recorded",
+             [s.t - t_c0 for s in sampler.samples], [s.recorded for s in sampler.samples]),
+            ("batchsvc: lines published (marks every 1,000)",
+             [s.t - t_c0 for s in sampler.samples],
+             [s.total if s.dispatch_state == "done" else s.published for s in sampler.samples]),
+            ("raw Celery chord: header tasks done",
+             [t for t, _ in raw["curve"]], [c for _, c in raw["curve"]]),
+        ],
+        markers=markers,
+    ))
+    return [section]

@@ -1,0 +1,131 @@
+"""B2 upstream saturation: the fake OpenAI-compatible upstream (its own process, 250 ms per
+request, no concurrency cap) behind an ``openai``-backend model, and inference workers with 64
+threads in all, as one process of 64 and as two of 32. A 5,000-line batch: achieved lines/s
+against the ideal 64 / 0.25 s = 256 lines/s, and the peak in-flight count the upstream saw.
+"""
+
+from __future__ import annotations
+
+import time
+
+import requests
+
+from batchsvc.queues import model_queue
+from benchmarks.common import Options
+from benchmarks.harness import (
+    BatchSampler,
+    BenchStack,
+    create_batch,
+    get_batch,
+    run_warmup_batch,
+    running,
+    upload_file,
+)
+from benchmarks.inputs import write_jsonl
+from benchmarks.profiling import profiled, summarize
+from benchmarks.report import Section, fmt_rate, fmt_s, line_chart
+
+MODEL = "bench-upstream"
+LATENCY_S = 0.25
+THREADS = 64
+TARGET_SHARE = 0.9
+LAYOUTS = ((1, 64), (2, 32))
+
+CONFIG = """
+[models."{model}"]
+backend = "openai"
+base_url = "{base_url}"
+upstream_model = "bench-llm"
+max_tokens = 8192
+error_on_max_token = true
+encoding = "cl100k_base"
+timeout_s = 30
+max_attempts = 2
+"""
+
+
+def run(opts: Options) -> list[Section]:
+    n = opts.size(5_000, 1_000)
+    max_s = 900.0 if not opts.quick else 240.0
+    ideal = THREADS / LATENCY_S
+    section = Section("B2", "upstream saturation")
+    curves = []
+    # The config needs the upstream's port, known once it runs: write it after the start.
+    stack = BenchStack("b2", config_toml="", keep=opts.keep)
+    with running(stack):
+        base_url = stack.start_fake_upstream(LATENCY_S)
+        assert stack.config_path is not None
+        stack.config_path.write_text(CONFIG.format(model=MODEL, base_url=base_url))
+        stack.start_redis()
+        stack.start_api()
+        stack.start_control()
+        stack.start_beat()
+        creds = stack.create_project("bench-b2")
+        path = stack.root / "b2.jsonl"
+        write_jsonl(path, n, MODEL, prefix="b2")
+        for processes, threads in LAYOUTS:
+            label = f"{processes} x {threads} threads"
+            workers = [stack.start_worker(concurrency=threads, models=MODEL)
+                       for _ in range(processes)]
+            try:
+                run_warmup_batch(stack, creds, MODEL, lines=4 * threads)
+                requests.post(stack.upstream_url("/_fake/reset"), timeout=10).raise_for_status()
+                file_id = upload_file(stack, creds, path)["id"]
+                meter = stack.cpu_meter().start()
+                t0 = time.monotonic()
+                prof_out = opts.profile_dir / f"b2-worker-{processes}x{threads}.pyspy.txt"
+                with profiled(opts.profile, workers[0].pid, prof_out, max_s) as prof:
+                    batch = create_batch(stack, creds, file_id)
+                    t1 = time.monotonic()
+                    sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,
+                                           max_s=max_s)
+                    sampler.start()
+                    sampler.join(timeout=max_s + 30)
+                    sampler.stop()
+                meter.stop()
+                if sampler.error is not None:
+                    raise sampler.error
+                stats = requests.get(stack.upstream_url("/_fake/stats"), timeout=10).json()
+                final = get_batch(stack, creds, batch["id"])
+            finally:
+                for worker in workers:
+                    stack.stop(worker)
+            s_all = sampler.first(lambda s: s.total > 0 and s.recorded >= s.total)
+            s_first = sampler.first(lambda s: s.recorded > 0)
+            s_done = sampler.first(lambda s: s.status in BatchSampler.TERMINAL)
+            processing = (s_all.t - t0) if s_all else None
+            rate = n / processing if processing else 0.0
+            steady = None
+            if s_first and s_all and s_all.t > s_first.t:
+                # Lines/s between 10 % and 90 % recorded: the plateau, without ramp and tail.
+                lo = sampler.first(lambda s: s.recorded >= 0.1 * n)
+                hi = sampler.first(lambda s: s.recorded >= 0.9 * n)
+                if lo and hi and hi.t > lo.t:
+                    steady = (hi.recorded - lo.recorded) / (hi.t - lo.t)
+            section.check(f"{label}: lines/s (create -> all recorded)",
+                          f"{fmt_rate(rate)} = {rate / ideal:.0%} of ideal {ideal:.0f}",
+                          f">= {TARGET_SHARE:.0%} of {ideal:.0f}", rate >= TARGET_SHARE * ideal)
+            section.info(f"{label}: steady-state lines/s (10 % -> 90 % recorded)",
+                         fmt_rate(steady))
+            section.info(f"{label}: upstream peak in flight / requests seen",
+                         f"{stats['peak_in_flight']} / {stats['requests_seen']:,}")
+            section.info(f"{label}: create call / first line recorded / completed",
+                         f"{fmt_s(t1 - t0)} / {fmt_s(s_first.t - t0 if s_first else None)} / "
+                         f"{fmt_s(s_done.t - t0 if s_done else None)} ({final['status']}, "
+                         f"{final['request_counts']['completed']:,} completed, "
+                         f"{final['request_counts']['failed']:,} failed)")
+            section.info(f"{label}: CPU (create -> completed)", meter.summary(n))
+            for line in summarize(prof):
+                section.note(f"py-spy worker ({label}): {line}")
+            curves.append((f"{label} (peak in flight {stats['peak_in_flight']})",
+                           [s.t - t0 for s in sampler.samples],
+                           [s.recorded for s in sampler.samples]))
+    section.info("setup", f"{n:,} lines on an openai-backend model; fake upstream in its own "
+                 f"process, {LATENCY_S * 1000:.0f} ms per request, no concurrency cap; each "
+                 "worker layout warmed up with a small batch first (tokenizer loaded)")
+    section.charts.append(line_chart(
+        opts.chart_dir / "b2.png",
+        f"B2: {n:,} lines, upstream latency {LATENCY_S * 1000:.0f} ms, {THREADS} worker threads",
+        curves, ideal=(f"ideal {ideal:.0f} lines/s", ideal, n),
+    ))
+    return [section]

@@ -1,0 +1,253 @@
+"""B5 polling under load: 200 clients, each polling ``GET /v1/batches/{id}`` once a second for
+20 s (loopback, one keep-alive connection each, a minimal asyncio HTTP/1.1 client so the client
+itself adds next to nothing), while a batch runs. Requests/s and p50/p99 latency.
+
+Three loads, in turn:
+
+- none (a finished batch is polled): the API's own baseline;
+- an echo batch (CPU-bound: the fan-out and the line tasks compete with the API for the two
+  cores), the worst case on this machine;
+- a batch on an upstream with 250 ms latency and 64 worker threads (the workers mostly wait, as
+  they do in front of a real GPU server).
+
+Each batch is cancelled after its polling window, and its queue drained, before the next.
+Also reports B1's Redis memory when B1 ran in the same invocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+from batchsvc.queues import model_queue
+from benchmarks.common import Options
+from benchmarks.harness import (
+    HOST,
+    BatchSampler,
+    BenchStack,
+    auth_headers,
+    cancel_batch,
+    create_batch,
+    run_warmup_batch,
+    running,
+    upload_file,
+    wait_until,
+)
+from benchmarks.inputs import write_jsonl
+from benchmarks.profiling import profiled, summarize
+from benchmarks.report import Section, fmt_mib
+
+ECHO = "demo-echo"
+UPSTREAM = "bench-upstream"
+LATENCY_S = 0.25
+TARGET_P99_MS = 50.0
+
+CONFIG = """
+[models."demo-echo"]
+backend = "echo"
+max_tokens = 8192
+error_on_max_token = true
+encoding = "cl100k_base"
+
+[models."{model}"]
+backend = "openai"
+base_url = "{base_url}"
+max_tokens = 8192
+timeout_s = 30
+max_attempts = 2
+"""
+
+
+@dataclass
+class PollResult:
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: int = 0
+    connects: int = 0
+    skipped: int = 0
+    duration: float = 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return math.nan
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length = 0
+    close = False
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value.strip())
+        elif name == "connection" and value.strip().lower() == "close":
+            close = True
+    if length:
+        await reader.readexactly(length)
+    return status, close
+
+
+async def _client(index: int, clients: int, port: int, request: bytes, t0: float,
+                  duration: float, out: PollResult) -> None:
+    loop = asyncio.get_running_loop()
+    offset = index / clients  # spread the clients over each second
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    slot = 0
+    try:
+        while True:
+            target = t0 + offset + slot
+            if target >= t0 + duration:
+                return
+            now = loop.time()
+            if target > now:
+                await asyncio.sleep(target - now)
+            elif now - target > 0.5:  # a slow answer ate this slot: skip to the next one
+                missed = math.floor(now - target)
+                out.skipped += missed
+                slot += max(1, missed)
+                continue
+            slot += 1
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(HOST, port), timeout=5)
+                    out.connects += 1
+                assert reader is not None
+                started = time.perf_counter()
+                writer.write(request)
+                status, close = await asyncio.wait_for(_read_response(reader), timeout=10)
+                out.latencies.append(time.perf_counter() - started)
+                out.statuses[status] = out.statuses.get(status, 0) + 1
+                if close:
+                    writer.close()
+                    reader = writer = None
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                out.errors += 1
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def _poll(port: int, path: str, headers: dict[str, str], clients: int,
+                duration: float) -> PollResult:
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{head}"
+               "Accept: application/json\r\n\r\n").encode()
+    out = PollResult()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.5
+    tasks = [asyncio.create_task(_client(i, clients, port, request, t0, duration, out))
+             for i in range(clients)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + 60)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    out.duration = loop.time() - t0
+    return out
+
+
+def poll(port: int, path: str, headers: dict[str, str], clients: int, duration: float
+         ) -> PollResult:
+    return asyncio.run(_poll(port, path, headers, clients, duration))
+
+
+def _progress(stack: BenchStack, batch_id: str) -> tuple[int, int]:
+    completed, failed, total = stack.redis.hmget(f"bs:batch:{batch_id}", "completed", "failed",
+                                                 "total")
+    return int(completed or 0) + int(failed or 0), int(total or 0)
+
+
+def run(opts: Options) -> list[Section]:
+    clients = opts.size(200, 50)
+    duration = float(opts.size(20, 5))
+    loads = ((None, 0, "no batch running (baseline)"),
+             (ECHO, opts.size(50_000, 3_000), "echo batch (CPU-bound)"),
+             (UPSTREAM, opts.size(20_000, 2_000),
+              f"upstream batch ({LATENCY_S * 1000:.0f} ms latency, 64 worker threads)"))
+    section = Section("B5", "polling under load")
+    stack = BenchStack("b5", config_toml="", keep=opts.keep)
+    with running(stack):
+        base_url = stack.start_fake_upstream(LATENCY_S)
+        assert stack.config_path is not None
+        stack.config_path.write_text(CONFIG.format(model=UPSTREAM, base_url=base_url))
+        stack.start_redis()
+        api = stack.start_api()
+        stack.start_control()
+        stack.start_worker(models=ECHO)
+        stack.start_worker(concurrency=64, models=UPSTREAM)
+        stack.start_beat()
+        creds = stack.create_project("bench-b5")
+        idle_batch = run_warmup_batch(stack, creds, ECHO)
+        run_warmup_batch(stack, creds, UPSTREAM, lines=256)
+        for model, lines, label in loads:
+            if model is None:
+                batch = {"id": idle_batch}
+            else:
+                path = stack.root / f"b5-{model}.jsonl"
+                write_jsonl(path, lines, model, prefix="b5")
+                batch = create_batch(stack, creds, upload_file(stack, creds, path)["id"])
+            before, total = _progress(stack, batch["id"])
+            prof_out = opts.profile_dir / f"b5-api-{model or 'idle'}.pyspy.txt"
+            meter = stack.cpu_meter().start()
+            with profiled(opts.profile, api.pid, prof_out, duration + 30,
+                          subprocesses=True) as prof:
+                result = poll(stack.port, f"/v1/batches/{batch['id']}", auth_headers(creds),
+                              clients, duration)
+            meter.stop()
+            after, _ = _progress(stack, batch["id"])
+            status = stack.redis.hget(f"bs:batch:{batch['id']}", "status")
+            if model is not None:
+                cancel_batch(stack, creds, batch["id"])
+                wait_until(lambda b=batch["id"]: (stack.redis.hget(f"bs:batch:{b}", "status")
+                                                  or b"").decode() in BatchSampler.TERMINAL,
+                           600, "the cancelled batch", 0.5)
+                wait_until(lambda m=model: stack.redis.llen(model_queue(m)) == 0, 600,
+                           "the queue to drain", 0.5)
+
+            ok = result.statuses.get(200, 0)
+            others = {k: v for k, v in result.statuses.items() if k != 200}
+            p99 = result.pct(0.99)
+            section.info(f"{label}: requests", f"{len(result.latencies):,} answered "
+                         f"({ok:,} x 200, others {others or 'none'}), {result.errors} "
+                         f"errors, {result.skipped} slots skipped, {result.connects} connects, "
+                         f"{clients} clients x {duration:.0f} s")
+            section.info(f"{label}: requests/s", f"{len(result.latencies) / result.duration:.0f}")
+            section.info(f"{label}: latency p50 / p90 / max",
+                         f"{result.pct(0.5):.1f} / {result.pct(0.9):.1f} / "
+                         f"{result.pct(1.0):.1f} ms")
+            section.check(f"{label}: latency p99", f"{p99:.1f} ms",
+                          f"<= {TARGET_P99_MS:.0f} ms", p99 <= TARGET_P99_MS
+                          and result.errors == 0)
+            if model is not None:
+                section.info(f"{label}: batch during the window",
+                             f"{before:,} -> {after:,} of {total:,} lines recorded, status "
+                             f"{(status or b'').decode()} at the end (then cancelled)")
+            section.info(f"{label}: CPU in the window", meter.summary())
+            for line in summarize(prof):
+                section.note(f"py-spy API ({model or 'no batch'}): {line}")
+    b1 = opts.shared.get("b1_redis")
+    if b1 is not None:
+        section.info("Redis used_memory at B1's peak / after its batch was assembled",
+                     f"{fmt_mib(b1[0])} / {fmt_mib(b1[1])} (from B1 of this run)")
+    else:
+        section.info("Redis used_memory at B1's peak / after assembly",
+                     "see B1 (B1 did not run in this invocation)")
+    section.note("latency = from writing the request to reading the whole response, on a "
+                 "kept-alive connection (connects are not timed); every client has one "
+                 "connection and sends once a second, the clients spread over the second")
+    return [section]

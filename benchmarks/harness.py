@@ -1,0 +1,642 @@
+"""The benchmarks' own launcher and measuring tools.
+
+:class:`BenchStack` starts the real processes with the Procfile's ``batchsvc`` commands, on free
+loopback ports, under one temporary data dir, with the embedded defaults ``make run`` uses (every
+``BATCHSVC_*`` variable of the calling environment is dropped, so no test-only timeouts leak
+in). Every process is started in its own session and stopped (SIGTERM, then SIGKILL) by
+:meth:`BenchStack.stop_all`, which callers run in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+import requests
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+#: Hard bounds, so no wait can hang a run.
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def rss(self) -> int:
+        """Resident memory of this process alone, in bytes (0 once it is gone)."""
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=STOP_TIMEOUT_S)
+
+
+@dataclass
+class BenchStack:
+    """One installation: a data dir and the processes serving it."""
+
+    name: str
+    config_toml: str | None = None
+    keep: bool = False
+    root: Path = field(init=False)
+    procs: list[Proc] = field(default_factory=list)
+    port: int = 0
+    upstream_port: int = 0
+    _redis: redis.Redis | None = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=f"batchsvc-bench-{self.name}-"))
+        self.config_path: Path | None = None
+        if self.config_toml is not None:
+            self.config_path = self.root / "models.toml"
+            self.config_path.write_text(self.config_toml)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "var"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "MODELS", "CONCURRENCY", "PORT")
+            and not k.startswith("BATCHSVC_")
+        }
+        env.update(PATH=f"{BIN}:{env.get('PATH', '')}", BATCHSVC_DATA_DIR=str(self.data_dir),
+                   PYTHONUNBUFFERED="1")
+        if self.config_path is not None:
+            env["BATCHSVC_CONFIG"] = str(self.config_path)
+        env.update(overrides)
+        return env
+
+    def spawn(self, name: str, argv: list[str], **env: str) -> Proc:
+        log = self.root / f"{name}-{len(self.procs)}.log"
+        with open(log, "wb") as handle:
+            popen = subprocess.Popen(
+                argv, env=self.env(**env), stdout=handle, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(BIN / "batchsvc"), *args], env=self.env(), capture_output=True, text=True,
+            timeout=60, cwd=self.root, check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"batchsvc {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def start_redis(self) -> Proc:
+        proc = self.spawn("redis", [str(BIN / "batchsvc"), "redis-server"])
+        port_file = self.data_dir / "redis" / "redis.port"
+
+        def up() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"redis exited:\n{proc.tail()}")
+            return port_file.exists() and self._ping()
+
+        wait_until(up, START_TIMEOUT_S, "redis")
+        return proc
+
+    def redis_url(self) -> str:
+        port = (self.data_dir / "redis" / "redis.port").read_text().strip()
+        return f"redis://{HOST}:{port}/0"
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.redis_url(), socket_timeout=30)
+        return self._redis
+
+    def _ping(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.redis_url(), socket_timeout=1).ping())
+        except (redis.RedisError, OSError, ValueError):
+            return False
+
+    def start_api(self) -> Proc:
+        """``batchsvc web`` as the Procfile runs it (2 gunicorn workers x 16 threads)."""
+        self.port = free_port()
+        proc = self.spawn("web", [str(BIN / "batchsvc"), "web"], PORT=str(self.port))
+
+        def healthy() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"API exited:\n{proc.tail()}")
+            try:
+                return requests.get(f"http://{HOST}:{self.port}/healthz", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(healthy, START_TIMEOUT_S, "the API")
+        # Both gunicorn workers up (the health check reached one of them).
+        wait_until(lambda: len(proc.children()) >= 2, START_TIMEOUT_S, "gunicorn workers")
+        return proc
+
+    def start_control(self) -> Proc:
+        proc = self.spawn("control", [str(BIN / "batchsvc"), "control"])
+        self.wait_worker(proc, f"control-{proc.pid}@{socket.gethostname()}")
+        return proc
+
+    def start_worker(self, concurrency: int = 8, models: str = "") -> Proc:
+        proc = self.spawn("worker", [str(BIN / "batchsvc"), "worker"],
+                          CONCURRENCY=str(concurrency), MODELS=models)
+        self.wait_worker(proc, f"inference-{proc.pid}@{socket.gethostname()}")
+        return proc
+
+    def start_beat(self) -> Proc:
+        return self.spawn("beat", [str(BIN / "batchsvc"), "beat"])
+
+    def start_celery(self, name: str, app: str, queues: list[str], concurrency: int) -> Proc:
+        """A celery worker with exactly the flags ``batchsvc worker`` / ``control`` use, for
+        another app (the raw-Celery floor of B1)."""
+        node = f"{name}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        argv = [
+            str(BIN / "celery"), "-A", app, "worker",
+            "-Q", ",".join(queues),
+            "-P", "threads", "-c", str(concurrency),
+            "--prefetch-multiplier", "1",
+            "-E",
+            "-n", node,
+            "-l", "INFO",
+        ]
+        proc = self.spawn(name, argv, REDIS_URL=self.redis_url(), PYTHONPATH=str(REPO))
+        self.wait_worker(proc, node)
+        return proc
+
+    def start_fake_upstream(self, latency_s: float) -> str:
+        """The fake OpenAI-compatible server in its own process (no concurrency cap)."""
+        self.upstream_port = free_port()
+        proc = self.spawn("upstream", [
+            sys.executable, "-m", "batchsvc.devtools.fake_upstream",
+            "--host", HOST, "--port", str(self.upstream_port), "--latency", str(latency_s),
+        ])
+
+        def healthy() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"fake upstream exited:\n{proc.tail()}")
+            try:
+                return requests.get(self.upstream_url("/health"), timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(healthy, START_TIMEOUT_S, "the fake upstream")
+        return f"http://{HOST}:{self.upstream_port}/v1"
+
+    def upstream_url(self, path: str) -> str:
+        return f"http://{HOST}:{self.upstream_port}{path}"
+
+    def wait_worker(self, proc: Proc, node: str) -> None:
+        from celery import Celery
+
+        app = Celery("batchsvc-bench-ping", broker=self.redis_url(), backend=self.redis_url(),
+                     set_as_current=False)
+
+        def answered() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+            replies = app.control.ping(destination=[node], timeout=0.5) or []
+            return any(node in reply for reply in replies)
+
+        try:
+            wait_until(answered, START_TIMEOUT_S, f"{node} to answer ping", interval=0.2)
+        finally:
+            app.close()
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+
+    def cpu_meter(self) -> CpuMeter:
+        """A meter over every live process of the stack (the API with its gunicorn workers)
+        and the benchmark process itself."""
+        pids: dict[str, int] = {}
+        for proc in self.procs:
+            if not proc.alive():
+                continue
+            name = proc.name if proc.name not in pids else f"{proc.name}#{proc.pid}"
+            pids[name] = proc.pid
+        pids["benchmark"] = os.getpid()
+        return CpuMeter(pids, children=("web",))
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                self._redis.close()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def dump_logs(self, n: int = 25) -> None:
+        for proc in self.procs:
+            print(f"--- {proc.name} (pid {proc.pid}) log tail ---\n{proc.tail(n)}")
+
+    # -- clients -----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}/v1"
+
+    def create_project(self, name: str) -> dict[str, str]:
+        out = self.cli("projects", "create", "--name", name).strip().splitlines()
+        return dict(json.loads(out[-1]))
+
+
+@contextlib.contextmanager
+def running(stack: BenchStack) -> Iterator[BenchStack]:
+    try:
+        yield stack
+    except BaseException:
+        stack.dump_logs()
+        raise
+    finally:
+        stack.stop_all()
+
+
+# -- HTTP helpers ----------------------------------------------------------------------------
+
+
+def auth_headers(creds: dict[str, str]) -> dict[str, str]:
+    return {"x-api-key": creds["api_key"], "x-project-id": creds["project_id"]}
+
+
+class MultipartFile:
+    """A ``multipart/form-data`` body (``purpose=batch`` and the file) streamed from disk, so
+    a 100 MB upload never sits in the benchmark's memory; ``requests`` sends it with a
+    Content-Length."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path, filename: str = "input.jsonl") -> None:
+        self.boundary = "bench" + uuid.uuid4().hex
+        head = (
+            f"--{self.boundary}\r\n"
+            'Content-Disposition: form-data; name="purpose"\r\n\r\n'
+            "batch\r\n"
+            f"--{self.boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self._parts: list[bytes | Path] = [head, path, tail]
+        self._size = len(head) + path.stat().st_size + len(tail)
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            with open(part, "rb") as handle:
+                while chunk := handle.read(self.CHUNK):
+                    yield chunk
+
+
+def upload_file(stack: BenchStack, creds: dict[str, str], path: Path) -> dict[str, Any]:
+    body = MultipartFile(path)
+    # A sized iterable: requests sends it with its Content-Length, chunk by chunk.
+    headers = {**auth_headers(creds), "Content-Type": body.content_type}
+    resp = requests.post(f"{stack.base_url}/files", data=body, headers=headers, timeout=600)
+    resp.raise_for_status()
+    return dict(resp.json())
+
+
+def create_batch(stack: BenchStack, creds: dict[str, str], file_id: str) -> dict[str, Any]:
+    resp = requests.post(
+        f"{stack.base_url}/batches", headers=auth_headers(creds), timeout=600,
+        json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+              "completion_window": "24h"},
+    )
+    if resp.status_code != 200:
+        raise RuntimeError(f"create failed: {resp.status_code} {resp.text[:500]}")
+    return dict(resp.json())
+
+
+def get_batch(stack: BenchStack, creds: dict[str, str], batch_id: str) -> dict[str, Any]:
+    resp = requests.get(f"{stack.base_url}/batches/{batch_id}", headers=auth_headers(creds),
+                        timeout=60)
+    resp.raise_for_status()
+    return dict(resp.json())
+
+
+def cancel_batch(stack: BenchStack, creds: dict[str, str], batch_id: str) -> None:
+    with contextlib.suppress(requests.RequestException):
+        requests.post(f"{stack.base_url}/batches/{batch_id}/cancel",
+                      headers=auth_headers(creds), timeout=60)
+
+
+def run_warmup_batch(stack: BenchStack, creds: dict[str, str], model: str, lines: int = 40,
+                     timeout_s: float = 180) -> str:
+    """Run a small batch to the end, so every worker has loaded what a line needs (the
+    tokenizer above all: its first use takes a second or two) before anything is timed."""
+    from benchmarks.inputs import write_jsonl
+
+    path = stack.root / f"warmup-{model.replace('/', '_')}.jsonl"
+    write_jsonl(path, lines, model, prefix="warmup")
+    batch = create_batch(stack, creds, upload_file(stack, creds, path)["id"])
+    final = wait_until(
+        lambda: (b := get_batch(stack, creds, batch["id"]))["status"] in BatchSampler.TERMINAL
+        and b, timeout_s, "the warm-up batch", 0.2)
+    if final["status"] != "completed":
+        raise RuntimeError(f"warm-up batch ended {final['status']}: {final}")
+    return str(batch["id"])
+
+
+def download(stack: BenchStack, creds: dict[str, str], file_id: str | None) -> tuple[int, int]:
+    """Stream a file's content; returns (bytes, lines)."""
+    if not file_id:
+        return 0, 0
+    size = lines = 0
+    with requests.get(f"{stack.base_url}/files/{file_id}/content", headers=auth_headers(creds),
+                      timeout=600, stream=True) as resp:
+        resp.raise_for_status()
+        for chunk in resp.iter_content(1 << 20):
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+    return size, lines
+
+
+# -- samplers --------------------------------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of a fixed set of processes every ``interval`` seconds (bounded by
+    ``max_s``); ``peak`` and ``first`` per pid."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.02, max_s: float = 900) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.procs = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.Error):
+                self.procs[name] = psutil.Process(pid)
+        self.interval = interval
+        self.max_s = max_s
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop_event = threading.Event()
+
+    def sample(self) -> dict[str, int]:
+        out = {}
+        for name, proc in self.procs.items():
+            try:
+                out[name] = int(proc.memory_info().rss)
+            except psutil.Error:
+                out[name] = 0
+        return out
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            self.samples.append((time.monotonic(), self.sample()))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        self.samples.append((time.monotonic(), self.sample()))
+
+    def peak(self, name: str, since: float | None = None, until: float | None = None) -> int:
+        values = [s[name] for t, s in self.samples
+                  if (since is None or t >= since) and (until is None or t <= until)]
+        return max(values) if values else 0
+
+    def at(self, name: str, when: float) -> int:
+        """The last sample of ``name`` taken at or before ``when`` (else the first)."""
+        best = self.samples[0][1][name] if self.samples else 0
+        for t, s in self.samples:
+            if t > when:
+                break
+            best = s[name]
+        return best
+
+
+BATCH_FIELDS = ("status", "completed", "failed", "total", "dispatch_state", "published")
+
+
+@dataclass
+class BatchSample:
+    t: float
+    status: str
+    recorded: int
+    total: int
+    dispatch_state: str
+    published: int
+    queue_depth: int
+    used_memory: int | None
+
+
+class BatchSampler(threading.Thread):
+    """Polls the batch's Redis hash (``bs:batch:<id>``) directly at ``hz``, with the depth of
+    its model queue and, every few ticks, Redis ``used_memory``; stops at a terminal status,
+    on :meth:`stop`, or after ``max_s``."""
+
+    TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+    def __init__(self, client: redis.Redis, batch_id: str, queue: str, hz: float = 20,
+                 max_s: float = 1800, memory_every: int = 4) -> None:
+        super().__init__(name="batch-sampler", daemon=True)
+        self.client = client
+        self.key = f"bs:batch:{batch_id}"
+        self.queue = queue
+        self.interval = 1.0 / hz
+        self.max_s = max_s
+        self.memory_every = memory_every
+        self.samples: list[BatchSample] = []
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the benchmark
+            self.error = exc
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        tick = 0
+        next_at = time.monotonic()
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(self.key, *BATCH_FIELDS)
+            pipe.llen(self.queue)
+            memory = tick % self.memory_every == 0
+            if memory:
+                pipe.info("memory")
+            replies = pipe.execute()
+            now = time.monotonic()
+            status, completed, failed, total, dispatch, published = (
+                (v.decode() if v is not None else "") for v in replies[0]
+            )
+            self.samples.append(BatchSample(
+                t=now, status=status, recorded=int(completed or 0) + int(failed or 0),
+                total=int(total or 0), dispatch_state=dispatch, published=int(published or 0),
+                queue_depth=int(replies[1]),
+                used_memory=int(replies[2]["used_memory"]) if memory else None,
+            ))
+            tick += 1
+            if status in self.TERMINAL:
+                return
+            next_at += self.interval
+            self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+    def first(self, predicate: Callable[[BatchSample], bool]) -> BatchSample | None:
+        return next((s for s in self.samples if predicate(s)), None)
+
+    def peak_memory(self) -> int:
+        return max((s.used_memory or 0 for s in self.samples), default=0)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) each named process (with its children: the gunicorn
+    workers) used between :meth:`start` and :meth:`stop`, and how busy the whole machine was,
+    so a run can tell which process is the bottleneck and how much other load shared it."""
+
+    def __init__(self, pids: dict[str, int], children: tuple[str, ...] = ("web",)) -> None:
+        self.children = children
+        self.procs: dict[str, psutil.Process] = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.Error):
+                self.procs[name] = psutil.Process(pid)
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+        self.machine_busy = 0.0  # cores busy on average, whatever process
+        self._start: dict[str, float] = {}
+        self._t0 = 0.0
+        self._sys0: Any = None
+
+    def _cpu(self, name: str, proc: psutil.Process) -> float:
+        total = 0.0
+        family = [proc, *proc.children(recursive=True)] if name in self.children else [proc]
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def _snapshot(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            try:
+                out[name] = self._cpu(name, proc)
+            except psutil.Error:
+                out[name] = 0.0
+        return out
+
+    def start(self) -> CpuMeter:
+        self._start = self._snapshot()
+        self._sys0 = psutil.cpu_times()
+        self._t0 = time.monotonic()
+        return self
+
+    def stop(self) -> CpuMeter:
+        self.seconds = time.monotonic() - self._t0
+        end = self._snapshot()
+        self.used = {k: max(0.0, end.get(k, 0.0) - v) for k, v in self._start.items()}
+        sys1 = psutil.cpu_times()
+        busy = (sum(sys1) - sys1.idle - getattr(sys1, "iowait", 0.0)) - (
+            sum(self._sys0) - self._sys0.idle - getattr(self._sys0, "iowait", 0.0))
+        self.machine_busy = busy / self.seconds if self.seconds else 0.0
+        return self
+
+    def summary(self, lines: int | None = None) -> str:
+        """``name x.xx cores (y.y ms/line)`` per process, then the machine and the rest."""
+        parts = []
+        for name, used in sorted(self.used.items(), key=lambda kv: -kv[1]):
+            per = f" = {1000 * used / lines:.2f} ms/line" if lines else ""
+            parts.append(f"{name} {used / self.seconds:.2f} cores{per}")
+        ours = sum(self.used.values()) / self.seconds if self.seconds else 0.0
+        parts.append(f"machine busy {self.machine_busy:.2f} of {os.cpu_count()} cores "
+                     f"(processes not listed here: {max(0.0, self.machine_busy - ours):.2f})")
+        return "; ".join(parts)
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def mib(n: float) -> float:
+    return n / (1 << 20)
