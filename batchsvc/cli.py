@@ -145,6 +145,47 @@ def _exec(argv: list[str], redis_url: str) -> int:  # pragma: no cover - replace
     os.execvpe(argv[0], argv, env)
 
 
+#: A Celery worker that died of an error is started again after this pause.
+RESTART_PAUSE_S = 2.0
+
+
+def _supervise(argv: list[str], redis_url: str) -> int:  # pragma: no cover - runs processes
+    """Run a Celery worker and start it again whenever it dies of an error.
+
+    celery 5.7 / kombu 5.7 can die with "Unrecoverable error: AttributeError ... 'hostname'"
+    when Redis goes away while the worker restores unacknowledged messages (seen here when
+    Redis restarts). Under honcho one exited process stops every other one, so the launcher
+    stays up as the worker's supervisor: SIGTERM and SIGINT are passed on and end it; any
+    other exit of the worker is a crash, followed by a restart.
+    """
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, REDIS_URL=redis_url)
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        child = subprocess.Popen(argv, env=env)
+        code = child.wait()
+        if stopping:
+            return code
+        _say(f"batchsvc: {argv[0]} exited with {code}; starting it again in "
+             f"{RESTART_PAUSE_S:.0f} s")
+        time.sleep(RESTART_PAUSE_S)
+        if stopping:
+            return code
+
+
 def _bin(name: str) -> str:
     """A console script of this installation (next to the running interpreter)."""
     candidate = Path(sys.executable).with_name(name)
@@ -209,7 +250,7 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
     url = embedded_redis.resolve_url(settings, wait_s=60)
     load_registry(settings.config_path)  # a bad config stops the worker now, with its message
-    return _exec(
+    return _supervise(
         [
             _bin("celery"), "-A", "workers.main", "worker",
             "-Q", CONTROL_QUEUE,
@@ -232,7 +273,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     # Sync queues first: the worker serves them ahead of batch lines (see workers.celery_app).
     queues = [m.sync_queue for m in served] + [m.queue for m in served]
     _say(f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}")
-    return _exec(
+    return _supervise(
         [
             _bin("celery"), "-A", "workers.main", "worker",
             "-Q", ",".join(queues),

@@ -96,6 +96,10 @@ def _new_session(pool_size: int) -> requests.Session:
     # Lines of different projects share the session: never carry a cookie from one to another.
     session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     session.headers["User-Agent"] = "batchsvc"
+    # Proxies and CA bundle are read from the environment once per backend (see OpenAIBackend),
+    # not on every request: requests' per-call environment lookups were a quarter of a line's
+    # CPU in the B2 profile.
+    session.trust_env = False
     return session
 
 
@@ -263,6 +267,12 @@ class OpenAIBackend:
         self._sleep = sleep
         self._rand = rand
         self._environ = environ
+        # What trust_env would have looked up on every call, once: the proxy for this model's
+        # host (HTTP(S)_PROXY, NO_PROXY) and a CA bundle named by the environment.
+        self._proxies = requests.utils.get_environ_proxies(spec.base_url)
+        self._verify: bool | str = (
+            environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
+        )
 
     def complete(
         self, spec: ModelSpec, body: dict[str, Any], prompt_tokens: int
@@ -289,7 +299,8 @@ class OpenAIBackend:
         while True:
             attempt += 1
             try:
-                response = session.post(url, data=data, headers=headers, timeout=timeout)
+                response = session.post(url, data=data, headers=headers, timeout=timeout,
+                                        proxies=self._proxies, verify=self._verify)
             except requests.RequestException as exc:
                 failure = _transient_from_exception(exc, spec)
             else:

@@ -1,0 +1,52 @@
+"""The worker launcher restarts a Celery worker that died of an error, and stops with it on
+SIGTERM (so honcho does not take every other process down with a crashed worker)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SUPERVISOR = """
+import sys
+from batchsvc import cli
+cli.RESTART_PAUSE_S = 0.2
+sys.exit(cli._supervise([sys.executable, "-c", sys.argv[1]], "redis://unused"))
+"""
+
+# First run: crash (exit 3). Later runs: stay up until terminated.
+CHILD = """
+import pathlib, sys, time
+marker = pathlib.Path({marker!r})
+if not marker.exists():
+    marker.write_text("crashed once")
+    sys.exit(3)
+pathlib.Path({running!r}).write_text("up")
+time.sleep(60)
+"""
+
+
+def test_a_crashed_worker_is_restarted_and_sigterm_stops_both(tmp_path: Path) -> None:
+    # Given a worker that crashes on its first run
+    marker, running = tmp_path / "crashed", tmp_path / "running"
+    child = CHILD.format(marker=str(marker), running=str(running))
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, child],
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        # When it crashes, Then it is started again
+        deadline = time.monotonic() + 20
+        while not running.exists():
+            assert supervisor.poll() is None, "the supervisor gave up"
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.05)
+        # And SIGTERM ends the worker and the supervisor, without another restart
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=20)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+    assert marker.read_text() == "crashed once"
+    assert "exited with 3; starting it again" in (supervisor.stderr.read() if
+                                                  supervisor.stderr else "")
