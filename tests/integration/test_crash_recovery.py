@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 
 from tests.integration.batch_helpers import create, jsonl, line, results, upload, wait_terminal
@@ -79,6 +80,7 @@ def _batch_fields(stack: Stack, batch_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+@pytest.mark.timeout(240)  # several process restarts on 2 cores
 def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
     stack: Stack,
 ) -> None:
@@ -115,6 +117,7 @@ def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
     worker.stop()
 
 
+@pytest.mark.timeout(240)  # several process restarts on 2 cores
 def test_lost_messages_are_dispatched_again(stack: Stack) -> None:
     # Given a dispatched batch whose queued messages are lost (no worker yet)
     creds = stack.create_project("lost")
@@ -136,6 +139,7 @@ def test_lost_messages_are_dispatched_again(stack: Stack) -> None:
     worker.stop()
 
 
+@pytest.mark.timeout(240)  # several process restarts on 2 cores
 def test_a_poison_line_ends_as_dlq_exhausted(stack: Stack) -> None:
     # Given a line whose every run dies with its worker (killed while it runs)
     creds = stack.create_project("poison")
@@ -167,6 +171,7 @@ def test_a_poison_line_ends_as_dlq_exhausted(stack: Stack) -> None:
     worker.stop()
 
 
+@pytest.mark.timeout(240)  # several process restarts on 2 cores
 def test_a_redis_restart_mid_batch_loses_nothing(stack: Stack) -> None:
     # Given a batch under way
     creds = stack.create_project("redis-restart")
