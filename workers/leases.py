@@ -62,14 +62,10 @@ class LeaseKeeper:
         if not self.batches.acquire_lease(batch_id, index, token, self.ttl_s):
             yield False
             return
-        with self._lock:
-            self._held[(batch_id, index)] = token
-            self._ensure_thread()
         try:
-            yield True
+            with self.keep(batch_id, index, token):
+                yield True
         finally:
-            with self._lock:
-                self._held.pop((batch_id, index), None)
             self.batches.release_lease(batch_id, index, token)
 
     def stop(self) -> None:
