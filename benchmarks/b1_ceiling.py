@@ -133,15 +133,15 @@ def run(opts: Options) -> list[Section]:
 
         t_upload = time.monotonic()
         file_id = upload_file(stack, creds, path)["id"]
-        rss = RssSampler({"control": control.pid, "worker": worker.pid}, interval=0.1,
-                         max_s=max_s)
+        rss = RssSampler({"control": control.service_pid, "worker": worker.service_pid},
+                         interval=0.1, max_s=max_s)
         rss.start()
         meter = stack.cpu_meter().start()
         t_c0 = time.monotonic()
         with (
-            profiled(opts.profile, control.pid, opts.profile_dir / "b1-control.pyspy.txt",
+            profiled(opts.profile, control.service_pid, opts.profile_dir / "b1-control.pyspy.txt",
                      max_s) as prof,
-            profiled(opts.profile, worker.pid, opts.profile_dir / "b1-worker.pyspy.txt",
+            profiled(opts.profile, worker.service_pid, opts.profile_dir / "b1-worker.pyspy.txt",
                      max_s) as prof_worker,
         ):
             batch = create_batch(stack, creds, file_id)

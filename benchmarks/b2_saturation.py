@@ -74,7 +74,7 @@ def run(opts: Options) -> list[Section]:
                 meter = stack.cpu_meter().start()
                 t0 = time.monotonic()
                 prof_out = opts.profile_dir / f"b2-worker-{processes}x{threads}.pyspy.txt"
-                with profiled(opts.profile, workers[0].pid, prof_out, max_s) as prof:
+                with profiled(opts.profile, workers[0].service_pid, prof_out, max_s) as prof:
                     batch = create_batch(stack, creds, file_id)
                     t1 = time.monotonic()
                     sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,

@@ -59,10 +59,10 @@ def run(opts: Options) -> list[Section]:
         path = stack.root / "b4-batch.jsonl"
         size = write_jsonl(path, batch_lines, MODEL, line_bytes=batch_line_bytes, prefix="b4b")
         file_id = upload_file(stack, creds, path)["id"]
-        rss = RssSampler({"control": control.pid}, interval=0.05, max_s=max_s)
+        rss = RssSampler({"control": control.service_pid}, interval=0.05, max_s=max_s)
         rss.start()
         t0 = time.monotonic()
-        with profiled(opts.profile, control.pid, opts.profile_dir / "b4-control.pyspy.txt",
+        with profiled(opts.profile, control.service_pid, opts.profile_dir / "b4-control.pyspy.txt",
                       max_s) as prof:
             batch = create_batch(stack, creds, file_id)
             sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,

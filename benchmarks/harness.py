@@ -62,10 +62,17 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    #: The process doing the work when ``popen`` is a supervisor (``batchsvc worker`` and
+    #: ``control`` run Celery as their child): what RSS, CPU and py-spy must look at.
+    work_pid: int | None = None
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @property
+    def service_pid(self) -> int:
+        return self.work_pid or self.popen.pid
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -211,12 +218,21 @@ class BenchStack:
     def start_control(self) -> Proc:
         proc = self.spawn("control", [str(BIN / "batchsvc"), "control"])
         self.wait_worker(proc, f"control-{proc.pid}@{socket.gethostname()}")
-        return proc
+        return self._find_celery_child(proc)
 
     def start_worker(self, concurrency: int = 8, models: str = "") -> Proc:
         proc = self.spawn("worker", [str(BIN / "batchsvc"), "worker"],
                           CONCURRENCY=str(concurrency), MODELS=models)
         self.wait_worker(proc, f"inference-{proc.pid}@{socket.gethostname()}")
+        return self._find_celery_child(proc)
+
+    @staticmethod
+    def _find_celery_child(proc: Proc) -> Proc:
+        """``batchsvc worker`` / ``control`` supervise one Celery worker process: find it."""
+        children = proc.children()
+        if len(children) != 1:
+            raise RuntimeError(f"{proc.name}: expected one Celery child, found {children}")
+        proc.work_pid = children[0].pid
         return proc
 
     def start_beat(self) -> Proc:
@@ -291,7 +307,7 @@ class BenchStack:
             name = proc.name if proc.name not in pids else f"{proc.name}#{proc.pid}"
             pids[name] = proc.pid
         pids["benchmark"] = os.getpid()
-        return CpuMeter(pids, children=("web",))
+        return CpuMeter(pids, alone=("benchmark",))
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -571,12 +587,14 @@ class BatchSampler(threading.Thread):
 
 
 class CpuMeter:
-    """CPU seconds (user + system) each named process (with its children: the gunicorn
-    workers) used between :meth:`start` and :meth:`stop`, and how busy the whole machine was,
-    so a run can tell which process is the bottleneck and how much other load shared it."""
+    """CPU seconds (user + system) each named process, with its children (gunicorn's
+    workers, a supervisor's Celery worker), used between :meth:`start` and :meth:`stop`, and
+    how busy the whole machine was, so a run can tell which process is the bottleneck and how
+    much other load shared it."""
 
-    def __init__(self, pids: dict[str, int], children: tuple[str, ...] = ("web",)) -> None:
-        self.children = children
+    def __init__(self, pids: dict[str, int], alone: tuple[str, ...] = ()) -> None:
+        # ``alone``: counted without children (the benchmark's children are the stack).
+        self.alone = alone
         self.procs: dict[str, psutil.Process] = {}
         for name, pid in pids.items():
             with contextlib.suppress(psutil.Error):
@@ -590,7 +608,7 @@ class CpuMeter:
 
     def _cpu(self, name: str, proc: psutil.Process) -> float:
         total = 0.0
-        family = [proc, *proc.children(recursive=True)] if name in self.children else [proc]
+        family = [proc] if name in self.alone else [proc, *proc.children(recursive=True)]
         for p in family:
             with contextlib.suppress(psutil.Error):
                 t = p.cpu_times()
