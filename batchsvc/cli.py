@@ -149,18 +149,22 @@ def _exec(argv: list[str], redis_url: str) -> int:  # pragma: no cover - replace
 RESTART_PAUSE_S = 2.0
 
 
-def _supervise(argv: list[str], redis_url: str) -> int:  # pragma: no cover - runs processes
+def _supervise(argv: list[str], redis_url: str, nice: int = 0) -> int:  # pragma: no cover
     """Run a Celery worker and start it again whenever it dies of an error.
 
     celery 5.7 / kombu 5.7 can die with "Unrecoverable error: AttributeError ... 'hostname'"
     when Redis goes away while the worker restores unacknowledged messages (seen here when
     Redis restarts). Under honcho one exited process stops every other one, so the launcher
     stays up as the worker's supervisor: SIGTERM and SIGINT are passed on and end it; any
-    other exit of the worker is a crash, followed by a restart.
+    other exit of the worker is a crash, followed by a restart. ``nice`` is added to the
+    scheduling niceness of the supervisor, which every worker it starts inherits.
     """
     import signal
     import subprocess
     import time
+
+    if nice:
+        os.nice(nice)
 
     env = dict(os.environ, REDIS_URL=redis_url)
     stopping = False
@@ -261,6 +265,7 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
             "-l", "INFO",
         ],
         url,
+        nice=settings.batch_nice,
     )
 
 
@@ -284,6 +289,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "-l", "INFO",
         ],
         url,
+        nice=settings.batch_nice,
     )
 
 

@@ -70,6 +70,9 @@ class Settings:
     worker_models: tuple[str, ...] | None = None
     #: Threads of an inference worker: requests it keeps in flight at its model servers.
     worker_concurrency: int = 8
+    #: Scheduling niceness (0-19) of the control and inference workers. Batch work can wait a
+    #: few milliseconds; a client polling the API on the same host should not (B5).
+    batch_nice: int = 10
     #: Whether ``x-project-id`` is required (spec open point 1); optional mode scopes a request
     #: without it to the key's own project.
     require_project_header: bool = True
@@ -128,6 +131,9 @@ class Settings:
             host=get("BATCHSVC_HOST") or "127.0.0.1",
             worker_models=tuple(m.strip() for m in models.split(",") if m.strip()) or None,
             worker_concurrency=_int("CONCURRENCY", get("CONCURRENCY") or "8", minimum=1),
+            batch_nice=_int(
+                "BATCHSVC_BATCH_NICE", get("BATCHSVC_BATCH_NICE", "10"), minimum=0, maximum=19
+            ),
             require_project_header=_bool(
                 "BATCHSVC_REQUIRE_PROJECT_HEADER", get("BATCHSVC_REQUIRE_PROJECT_HEADER", "true")
             ),

@@ -3,6 +3,7 @@ SIGTERM (so honcho does not take every other process down with a crashed worker)
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -50,3 +51,28 @@ def test_a_crashed_worker_is_restarted_and_sigterm_stops_both(tmp_path: Path) ->
     assert marker.read_text() == "crashed once"
     assert "exited with 3; starting it again" in (supervisor.stderr.read() if
                                                   supervisor.stderr else "")
+
+
+NICE_SUPERVISOR = """
+import sys
+from batchsvc import cli
+sys.exit(cli._supervise([sys.executable, "-c", sys.argv[1]], "redis://unused", nice=7))
+"""
+
+
+def test_the_supervised_worker_runs_at_the_added_niceness(tmp_path: Path) -> None:
+    # Batch work yields the CPU to the API on a shared host (BATCHSVC_BATCH_NICE)
+    out = tmp_path / "nice"
+    child = (f"import os, pathlib, time; pathlib.Path({str(out)!r}).write_text(str(os.nice(0)));"
+             " time.sleep(60)")
+    base = os.nice(0)
+    supervisor = subprocess.Popen([sys.executable, "-c", NICE_SUPERVISOR, child])
+    try:
+        deadline = time.monotonic() + 20
+        while not out.exists() or not out.read_text():
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        assert int(out.read_text()) == min(19, base + 7)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=20)

@@ -20,6 +20,7 @@ def test_defaults_with_an_empty_environment() -> None:
     assert settings.host == "127.0.0.1"
     assert settings.worker_models is None
     assert settings.worker_concurrency == 8
+    assert settings.batch_nice == 10
     assert settings.require_project_header is True
     assert settings.visibility_timeout_s == 300.0
     assert settings.lease_ttl_s == 30.0
@@ -47,6 +48,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
         "BATCHSVC_HOST": "0.0.0.0",
         "MODELS": " a/b:c.d , demo-echo,,",
         "CONCURRENCY": "32",
+        "BATCHSVC_BATCH_NICE": "0",
         "BATCHSVC_REQUIRE_PROJECT_HEADER": "off",
         "BATCHSVC_VISIBILITY_TIMEOUT_S": "45.5",
         "BATCHSVC_LEASE_TTL_S": "12",
@@ -64,6 +66,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
     assert s.host == "0.0.0.0"
     assert s.worker_models == ("a/b:c.d", "demo-echo")
     assert s.worker_concurrency == 32
+    assert s.batch_nice == 0
     assert s.require_project_header is False
     assert s.visibility_timeout_s == 45.5
     assert s.lease_ttl_s == 12.0
@@ -93,7 +96,8 @@ def test_booleans(raw: str, expected: bool) -> None:
 @pytest.mark.parametrize(
     "name",
     ["REDIS_URL", "BATCHSVC_DATA_DIR", "BATCHSVC_CONFIG", "PORT", "BATCHSVC_HOST", "MODELS",
-     "CONCURRENCY", "BATCHSVC_REQUIRE_PROJECT_HEADER", "BATCHSVC_VISIBILITY_TIMEOUT_S",
+     "CONCURRENCY", "BATCHSVC_BATCH_NICE", "BATCHSVC_REQUIRE_PROJECT_HEADER",
+     "BATCHSVC_VISIBILITY_TIMEOUT_S",
      "BATCHSVC_LEASE_TTL_S", "BATCHSVC_SWEEP_INTERVAL_S", "BATCHSVC_STUCK_AFTER_S",
      "BATCHSVC_COMPLETION_WINDOW_S", "BATCHSVC_FILE_RETENTION_S", "BATCHSVC_STORAGE"],
 )
@@ -112,6 +116,8 @@ def test_a_blank_variable_means_its_default(name: str) -> None:
         ("PORT", "80.5"),
         ("CONCURRENCY", "0"),
         ("CONCURRENCY", "many"),
+        ("BATCHSVC_BATCH_NICE", "-5"),
+        ("BATCHSVC_BATCH_NICE", "20"),
         ("BATCHSVC_REQUIRE_PROJECT_HEADER", "maybe"),
         ("BATCHSVC_VISIBILITY_TIMEOUT_S", "0.5"),
         ("BATCHSVC_VISIBILITY_TIMEOUT_S", "soon"),
