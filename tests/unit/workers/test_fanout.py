@@ -232,6 +232,21 @@ def test_progress_is_recorded_only_after_the_window_is_durable(
     assert marks_at_checkpoint == ["0", "2"]
 
 
+def test_windows_start_small_and_double_up_to_the_full_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a first window of 2 and a full one of 8, over 20 lines
+    env = make_worker_env(tmp_path, models=[MODEL])
+    monkeypatch.setattr(fanout, "FIRST_WINDOW", 2)
+    monkeypatch.setattr(fanout, "WINDOW", 8)
+    batch = make_worker_batch(env, jsonl(*(line_with_model(f"w{i}", MODEL) for i in range(20))))
+    publisher = RecordingPublisher()
+    # When it fans out, Then the first lines are made durable (visible to workers) at once
+    run(env, batch.id, publisher)
+    assert publisher.checkpoints == [2, 6, 14]
+    assert publisher.indices == list(range(20))
+
+
 @pytest.mark.parametrize("how", ["cancel", "expire"])
 def test_a_batch_cancelled_or_expiring_mid_publish_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
