@@ -149,15 +149,26 @@ def _exec(argv: list[str], redis_url: str) -> int:  # pragma: no cover - replace
 RESTART_PAUSE_S = 2.0
 
 
+#: One supervised process: its command line and the environment variables it gets on top of
+#: the launcher's own.
+Child = tuple[list[str], dict[str, str]]
+
+
 def _supervise(argv: list[str], redis_url: str, nice: int = 0) -> int:  # pragma: no cover
-    """Run a Celery worker and start it again whenever it dies of an error.
+    """Run one Celery worker under :func:`_supervise_all`."""
+    return _supervise_all([(argv, {})], redis_url, nice)
+
+
+def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
+    """Run Celery workers and start each again whenever it dies of an error.
 
     celery 5.7 / kombu 5.7 can die with "Unrecoverable error: AttributeError ... 'hostname'"
     when Redis goes away while the worker restores unacknowledged messages (seen here when
     Redis restarts). Under honcho one exited process stops every other one, so the launcher
-    stays up as the worker's supervisor: SIGTERM and SIGINT are passed on and end it; any
-    other exit of the worker is a crash, followed by a restart. ``nice`` is added to the
-    scheduling niceness of the supervisor, which every worker it starts inherits.
+    stays up as the workers' supervisor: SIGTERM and SIGINT are passed on to every worker and
+    end the launcher once all have exited; any other exit of a worker is a crash, followed by
+    its restart. ``nice`` is added to the scheduling niceness of the supervisor, which every
+    worker it starts inherits. Returns the first non-zero exit status of the last runs, or 0.
     """
     import signal
     import subprocess
@@ -166,28 +177,41 @@ def _supervise(argv: list[str], redis_url: str, nice: int = 0) -> int:  # pragma
     if nice:
         os.nice(nice)
 
-    env = dict(os.environ, REDIS_URL=redis_url)
+    base_env = dict(os.environ, REDIS_URL=redis_url)
     stopping = False
-    child: subprocess.Popen[bytes] | None = None
+    running: list[subprocess.Popen[bytes] | None] = [None] * len(children)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        for proc in running:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signum)
+
+    def start(i: int) -> None:
+        argv, extra_env = children[i]
+        running[i] = subprocess.Popen(argv, env={**base_env, **extra_env})
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for i in range(len(children)):
+        start(i)
+    restart_at: dict[int, float] = {}
     while True:
-        child = subprocess.Popen(argv, env=env)
-        code = child.wait()
         if stopping:
-            return code
-        _say(f"batchsvc: {argv[0]} exited with {code}; starting it again in "
-             f"{RESTART_PAUSE_S:.0f} s")
-        time.sleep(RESTART_PAUSE_S)
-        if stopping:
-            return code
+            codes = [proc.wait() for proc in running if proc is not None]
+            return next((code for code in codes if code), 0)
+        now = time.monotonic()
+        for i, proc in enumerate(running):
+            if i in restart_at:
+                if now >= restart_at[i]:
+                    del restart_at[i]
+                    start(i)
+            elif proc is not None and (code := proc.poll()) is not None:
+                _say(f"batchsvc: {children[i][0][0]} exited with {code}; starting it again in "
+                     f"{RESTART_PAUSE_S:.0f} s")
+                restart_at[i] = now + RESTART_PAUSE_S
+        time.sleep(0.1)
 
 
 def _bin(name: str) -> str:
@@ -277,20 +301,27 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("no models to serve: configure at least one model")
     # Sync queues first: the worker serves them ahead of batch lines (see workers.celery_app).
     queues = [m.sync_queue for m in served] + [m.queue for m in served]
-    _say(f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}")
-    return _supervise(
-        [
+    layout = settings.worker_layout(os.cpu_count() or 1)
+    _say(f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}"
+         + (f" in {len(layout)} processes ({'+'.join(map(str, layout))} threads)"
+            if len(layout) > 1 else ""))
+    host = socket.gethostname()
+    children: list[Child] = []
+    for i, threads in enumerate(layout, start=1):
+        # One process keeps the plain node name; several are told apart by their number.
+        node = f"inference-{os.getpid()}" + (f".{i}" if len(layout) > 1 else "")
+        argv = [
             _bin("celery"), "-A", "workers.main", "worker",
             "-Q", ",".join(queues),
-            "-P", "threads", "-c", str(settings.worker_concurrency),
+            "-P", "threads", "-c", str(threads),
             "--prefetch-multiplier", "1",
             "-E",
-            "-n", f"inference-{os.getpid()}@{socket.gethostname()}",
+            "-n", f"{node}@{host}",
             "-l", "INFO",
-        ],
-        url,
-        nice=settings.batch_nice,
-    )
+        ]
+        # CONCURRENCY sizes the process's HTTP connection pool: its own threads.
+        children.append((argv, {"CONCURRENCY": str(threads)}))
+    return _supervise_all(children, url, nice=settings.batch_nice)
 
 
 def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:

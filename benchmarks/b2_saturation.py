@@ -1,7 +1,9 @@
 """B2 upstream saturation: the fake OpenAI-compatible upstream (its own process, 250 ms per
-request, no concurrency cap) behind an ``openai``-backend model, and inference workers with 64
-threads in all, as one process of 64 and as two of 32. A 5,000-line batch: achieved lines/s
-against the ideal 64 / 0.25 s = 256 lines/s, and the peak in-flight count the upstream saw.
+request, no concurrency cap) behind an ``openai``-backend model, and one ``batchsvc worker``
+with ``CONCURRENCY=64``, its threads in one Celery process (``WORKER_PROCESSES=1``) and in two
+of 32 (``WORKER_PROCESSES=2``, what ``auto`` picks on two cores). A 5,000-line batch: achieved
+lines/s against the ideal 64 / 0.25 s = 256 lines/s, and the peak in-flight count the upstream
+saw.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def run(opts: Options) -> list[Section]:
         write_jsonl(path, n, MODEL, prefix="b2")
         for processes, threads in LAYOUTS:
             label = f"{processes} x {threads} threads"
-            workers = [stack.start_worker(concurrency=threads, models=MODEL)
-                       for _ in range(processes)]
+            workers = [stack.start_worker(concurrency=THREADS, models=MODEL,
+                                          processes=processes)]
             try:
                 run_warmup_batch(stack, creds, MODEL, lines=4 * threads)
                 requests.post(stack.upstream_url("/_fake/reset"), timeout=10).raise_for_status()

@@ -30,6 +30,8 @@ import psutil
 import redis
 import requests
 
+from batchsvc.settings import Settings
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -220,18 +222,31 @@ class BenchStack:
         self.wait_worker(proc, f"control-{proc.pid}@{socket.gethostname()}")
         return self._find_celery_child(proc)
 
-    def start_worker(self, concurrency: int = 8, models: str = "") -> Proc:
+    def start_worker(self, concurrency: int = 8, models: str = "",
+                     processes: int | None = None) -> Proc:
+        """``batchsvc worker`` with ``CONCURRENCY`` threads in all, split across
+        ``WORKER_PROCESSES`` Celery processes (default: the product's own ``auto``)."""
         proc = self.spawn("worker", [str(BIN / "batchsvc"), "worker"],
-                          CONCURRENCY=str(concurrency), MODELS=models)
-        self.wait_worker(proc, f"inference-{proc.pid}@{socket.gethostname()}")
-        return self._find_celery_child(proc)
+                          CONCURRENCY=str(concurrency), MODELS=models,
+                          WORKER_PROCESSES=str(processes or "auto"))
+        host = socket.gethostname()
+        layout = Settings(worker_concurrency=concurrency,
+                          worker_processes=processes).worker_layout(os.cpu_count() or 1)
+        count = len(layout)
+        nodes = ([f"inference-{proc.pid}@{host}"] if count == 1 else
+                 [f"inference-{proc.pid}.{i}@{host}" for i in range(1, count + 1)])
+        for node in nodes:
+            self.wait_worker(proc, node)
+        return self._find_celery_child(proc, count)
 
     @staticmethod
-    def _find_celery_child(proc: Proc) -> Proc:
-        """``batchsvc worker`` / ``control`` supervise one Celery worker process: find it."""
+    def _find_celery_child(proc: Proc, count: int = 1) -> Proc:
+        """``batchsvc worker`` / ``control`` supervise their Celery worker processes: find
+        them (the first is the one profiled)."""
         children = proc.children()
-        if len(children) != 1:
-            raise RuntimeError(f"{proc.name}: expected one Celery child, found {children}")
+        if len(children) != count:
+            raise RuntimeError(f"{proc.name}: expected {count} Celery children, found "
+                               f"{children}")
         proc.work_pid = children[0].pid
         return proc
 

@@ -76,3 +76,48 @@ def test_the_supervised_worker_runs_at_the_added_niceness(tmp_path: Path) -> Non
     finally:
         supervisor.send_signal(signal.SIGTERM)
         supervisor.wait(timeout=20)
+
+
+MANY_SUPERVISOR = """
+import sys
+from batchsvc import cli
+cli.RESTART_PAUSE_S = 0.2
+children = [([sys.executable, "-c", code], {"CHILD": str(i)})
+            for i, code in enumerate(sys.argv[1:])]
+sys.exit(cli._supervise_all(children, "redis://unused"))
+"""
+
+# Each child records its CHILD number; child 0 crashes on its first run.
+MANY_CHILD = """
+import os, pathlib, sys, time
+root = pathlib.Path({root!r})
+me = os.environ["CHILD"]
+runs = root / f"runs-{{me}}"
+runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+if me == "0" and runs.read_text() == "x":
+    sys.exit(3)
+(root / f"up-{{me}}").write_text(os.environ["REDIS_URL"])
+time.sleep(60)
+"""
+
+
+def test_several_workers_are_supervised_each_on_its_own(tmp_path: Path) -> None:
+    # Given two workers, the first of which crashes on its first run
+    child = MANY_CHILD.format(root=str(tmp_path))
+    supervisor = subprocess.Popen([sys.executable, "-c", MANY_SUPERVISOR, child, child])
+    try:
+        # When it crashes, Then only it is started again; both end up running
+        deadline = time.monotonic() + 20
+        while not ((tmp_path / "up-0").exists() and (tmp_path / "up-1").exists()):
+            assert supervisor.poll() is None, "the supervisor gave up"
+            assert time.monotonic() < deadline, "the workers did not both come up"
+            time.sleep(0.05)
+        assert (tmp_path / "runs-0").read_text() == "xx"
+        assert (tmp_path / "runs-1").read_text() == "x"
+        assert (tmp_path / "up-1").read_text() == "redis://unused"
+        # And SIGTERM ends both workers and the supervisor
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=20) != 0  # the workers died of the signal
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()

@@ -21,6 +21,7 @@ def test_defaults_with_an_empty_environment() -> None:
     assert settings.worker_models is None
     assert settings.worker_concurrency == 8
     assert settings.batch_nice == 10
+    assert settings.worker_processes is None
     assert settings.require_project_header is True
     assert settings.visibility_timeout_s == 300.0
     assert settings.lease_ttl_s == 30.0
@@ -49,6 +50,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
         "MODELS": " a/b:c.d , demo-echo,,",
         "CONCURRENCY": "32",
         "BATCHSVC_BATCH_NICE": "0",
+        "WORKER_PROCESSES": "3",
         "BATCHSVC_REQUIRE_PROJECT_HEADER": "off",
         "BATCHSVC_VISIBILITY_TIMEOUT_S": "45.5",
         "BATCHSVC_LEASE_TTL_S": "12",
@@ -67,6 +69,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
     assert s.worker_models == ("a/b:c.d", "demo-echo")
     assert s.worker_concurrency == 32
     assert s.batch_nice == 0
+    assert s.worker_processes == 3
     assert s.require_project_header is False
     assert s.visibility_timeout_s == 45.5
     assert s.lease_ttl_s == 12.0
@@ -96,7 +99,8 @@ def test_booleans(raw: str, expected: bool) -> None:
 @pytest.mark.parametrize(
     "name",
     ["REDIS_URL", "BATCHSVC_DATA_DIR", "BATCHSVC_CONFIG", "PORT", "BATCHSVC_HOST", "MODELS",
-     "CONCURRENCY", "BATCHSVC_BATCH_NICE", "BATCHSVC_REQUIRE_PROJECT_HEADER",
+     "CONCURRENCY", "WORKER_PROCESSES", "BATCHSVC_BATCH_NICE",
+     "BATCHSVC_REQUIRE_PROJECT_HEADER",
      "BATCHSVC_VISIBILITY_TIMEOUT_S",
      "BATCHSVC_LEASE_TTL_S", "BATCHSVC_SWEEP_INTERVAL_S", "BATCHSVC_STUCK_AFTER_S",
      "BATCHSVC_COMPLETION_WINDOW_S", "BATCHSVC_FILE_RETENTION_S", "BATCHSVC_STORAGE"],
@@ -116,6 +120,8 @@ def test_a_blank_variable_means_its_default(name: str) -> None:
         ("PORT", "80.5"),
         ("CONCURRENCY", "0"),
         ("CONCURRENCY", "many"),
+        ("WORKER_PROCESSES", "0"),
+        ("WORKER_PROCESSES", "two"),
         ("BATCHSVC_BATCH_NICE", "-5"),
         ("BATCHSVC_BATCH_NICE", "20"),
         ("BATCHSVC_REQUIRE_PROJECT_HEADER", "maybe"),
@@ -155,3 +161,30 @@ def test_settings_are_frozen() -> None:
         s.port = 1  # type: ignore[misc]
     assert s.with_overrides(port=1).port == 1
     assert s.port == 8000
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "processes", "cpus", "layout"),
+    [
+        (8, None, 2, [8]),  # the default: one process
+        (32, None, 2, [32]),
+        (64, None, 2, [32, 32]),  # every 32 threads get a process...
+        (65, None, 4, [22, 22, 21]),
+        (256, None, 2, [128, 128]),  # ...but no more processes than cores
+        (64, None, 1, [64]),
+        (64, 1, 8, [64]),  # WORKER_PROCESSES decides when set
+        (10, 4, 1, [3, 3, 2, 2]),
+        (2, 5, 8, [1, 1]),  # never a process without a thread
+    ],
+)
+def test_worker_layout_splits_the_threads_across_processes(
+    concurrency: int, processes: int | None, cpus: int, layout: list[int]
+) -> None:
+    settings = Settings(worker_concurrency=concurrency, worker_processes=processes)
+    assert settings.worker_layout(cpus) == layout
+    assert sum(layout) == concurrency
+
+
+def test_worker_processes_auto_is_the_default() -> None:
+    assert Settings.from_env({"WORKER_PROCESSES": "auto"}).worker_processes is None
+    assert Settings.from_env({"WORKER_PROCESSES": " AUTO "}).worker_processes is None
