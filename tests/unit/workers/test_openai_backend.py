@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 
 from batchsvc.devtools.fake_upstream import FINGERPRINT, FakeUpstream
 from batchsvc.errors import LineError
@@ -55,11 +57,11 @@ def make_spec(base_url: str, **overrides: Any) -> ModelSpec:
 
 
 class Harness:
-    """A fake upstream, a session of our own and a backend whose sleeps are recorded."""
+    """A fake upstream, a pool manager of our own and a backend whose sleeps are recorded."""
 
-    def __init__(self, fake: FakeUpstream, session: requests.Session) -> None:
+    def __init__(self, fake: FakeUpstream, http: urllib3.PoolManager) -> None:
         self.fake = fake
-        self.session = session
+        self.http = http
         self.sleeps: list[float] = []
 
     def backend(
@@ -72,7 +74,7 @@ class Harness:
         spec = spec or make_spec(self.fake.base_url)
         backend = OpenAIBackend(
             spec,
-            session=self.session,
+            http=self.http,
             sleep=self.sleeps.append,
             rand=rand,
             environ=environ if environ is not None else {},
@@ -90,10 +92,10 @@ class Harness:
 
 
 @pytest.fixture
-def session() -> Iterator[requests.Session]:
-    s = openai_backend._new_session(32)
-    yield s
-    s.close()
+def http() -> Iterator[urllib3.PoolManager]:
+    manager = openai_backend._new_pool_manager(32)
+    yield manager
+    manager.clear()
 
 
 @pytest.fixture
@@ -103,8 +105,8 @@ def fake() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def h(fake: FakeUpstream, session: requests.Session) -> Harness:
-    return Harness(fake, session)
+def h(fake: FakeUpstream, http: urllib3.PoolManager) -> Harness:
+    return Harness(fake, http)
 
 
 def free_port() -> int:
@@ -461,9 +463,9 @@ def test_classification_content_always_parses_as_json(content: Any, expected: st
 # ---- the API key ---------------------------------------------------------------------------
 
 
-def test_the_api_key_is_sent_from_the_environment(session: requests.Session) -> None:
+def test_the_api_key_is_sent_from_the_environment(http: urllib3.PoolManager) -> None:
     with FakeUpstream(api_key="sk-upstream") as fake:
-        h = Harness(fake, session)
+        h = Harness(fake, http)
         spec = make_spec(fake.base_url, api_key_env="UPSTREAM_KEY")
         backend, _ = h.backend(spec, environ={"UPSTREAM_KEY": "sk-upstream"})
         backend.complete(spec, chat_body(), 1)
@@ -487,47 +489,96 @@ def test_a_missing_api_key_env_var_fails_without_calling_the_upstream(h: Harness
     assert h.fake.requests_seen == 0
 
 
-# ---- the shared session --------------------------------------------------------------------
+# ---- the shared pool manager ---------------------------------------------------------------
 
 
-def test_one_shared_session_per_process_sized_by_configure_pool() -> None:
+def test_one_shared_pool_manager_per_process_sized_by_configure_pool() -> None:
     try:
         first = openai_backend.configure_pool(3)
-        assert openai_backend.session_for(99) is first
-        assert first.get_adapter("http://x/")._pool_maxsize == 3  # type: ignore[attr-defined]
+        assert openai_backend.pool_for(99) is first
+        assert first.connection_pool_kw["maxsize"] == 3
+        assert first.connection_pool_kw["block"] is True
+        assert first.pools._maxsize == openai_backend.HOST_POOLS
+        pool = first.connection_from_url("http://x/")
+        assert pool.pool is not None and pool.pool.maxsize == 3 and pool.block
         assert openai_backend.configure_pool(3) is first
         resized = openai_backend.configure_pool(5)
         assert resized is not first
-        assert resized.get_adapter("https://x/")._pool_maxsize == 5  # type: ignore[attr-defined]
+        assert openai_backend.pool_for(1) is resized
+        pool = resized.connection_from_url("https://x/")
+        assert pool.pool is not None and pool.pool.maxsize == 5 and pool.block
     finally:
         openai_backend.configure_pool(openai_backend.DEFAULT_POOL_SIZE)
 
 
-def test_the_default_session_is_used_and_created_once_across_threads(fake: FakeUpstream) -> None:
+def test_the_default_pool_manager_is_used_and_created_once_across_threads(
+    fake: FakeUpstream,
+) -> None:
     spec = make_spec(fake.base_url)
     backend = OpenAIBackend(spec, sleep=lambda s: None)
-    sessions: list[requests.Session] = []
+    managers: list[urllib3.PoolManager] = []
     barrier = threading.Barrier(8)
 
     def grab() -> None:
         barrier.wait()
-        sessions.append(openai_backend.session_for(8))
+        managers.append(openai_backend.pool_for(8))
 
     threads = [threading.Thread(target=grab) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len({id(s) for s in sessions}) == 1
+    assert len({id(m) for m in managers}) == 1
     assert backend.complete(spec, chat_body(), 1).request_id == "req_up_1"
+    # the request went through the shared manager's pool for the fake
+    assert managers[0].connection_from_url(fake.base_url).num_requests == 1
+
+
+def test_a_forked_child_gets_its_own_pool_manager() -> None:
+    parent = openai_backend.pool_for(4)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and leave without running pytest's teardown
+        try:
+            child = openai_backend.pool_for(4)
+            stable = openai_backend.pool_for(4) is child
+            verdict = b"new" if child is not parent and stable else b"same"
+        except BaseException:
+            verdict = b"error"
+        os.write(write_end, verdict)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        verdict = os.read(read_end, 16)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert verdict == b"new"
+    assert openai_backend.pool_for(4) is parent
+
+
+def test_sequential_calls_reuse_one_kept_alive_connection(h: Harness) -> None:
+    # Given answers with and without a body worth reading: errors, a retry, a success
+    h.fake.set_faults([{"status": 400, "raw": "no"}, {"status": 503, "message": "busy"}])
+    backend, spec = h.backend()
+    with pytest.raises(LineError):
+        backend.complete(spec, chat_body(), 1)  # 400
+    backend.complete(spec, chat_body(), 1)  # 503, then 200
+    backend.complete(spec, chat_body(), 1)
+
+    # Then every body was read to the end, so one connection carried all four exchanges
+    pool = h.http.connection_from_url(h.fake.base_url)
+    assert pool.num_requests == 4
+    assert pool.num_connections == 1
+    assert h.fake.peak_open == 1
 
 
 # ---- the fake upstream's concurrency accounting --------------------------------------------
 
 
-def test_fake_caps_concurrency_and_measures_the_peak(session: requests.Session) -> None:
+def test_fake_caps_concurrency_and_measures_the_peak(http: urllib3.PoolManager) -> None:
     with FakeUpstream(latency_s=0.2, max_concurrency=4) as fake:
-        backend, spec = Harness(fake, session).backend()
+        backend, spec = Harness(fake, http).backend()
         started = time.monotonic()
         with ThreadPoolExecutor(10) as pool:
             results = list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(10)))
@@ -544,9 +595,9 @@ def test_fake_caps_concurrency_and_measures_the_peak(session: requests.Session) 
         assert (fake.requests_seen, fake.peak_in_flight) == (0, 0)
 
 
-def test_fake_without_a_cap_sees_every_concurrent_request(session: requests.Session) -> None:
+def test_fake_without_a_cap_sees_every_concurrent_request(http: urllib3.PoolManager) -> None:
     with FakeUpstream(latency_s=0.2) as fake:
-        backend, spec = Harness(fake, session).backend()
+        backend, spec = Harness(fake, http).backend()
         with ThreadPoolExecutor(12) as pool:
             list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(12)))
         assert fake.peak_in_flight == 12
