@@ -86,8 +86,14 @@ class Harness:
         return backend.complete(spec, body or chat_body(), 7)
 
     def fail(self, body: dict[str, Any] | None = None, **spec_overrides: Any) -> LineError:
+        return self.fail_at(self.fake.base_url, body, **spec_overrides)
+
+    def fail_at(
+        self, base_url: str, body: dict[str, Any] | None = None, **spec_overrides: Any
+    ) -> LineError:
+        backend, spec = self.backend(make_spec(base_url, **spec_overrides))
         with pytest.raises(LineError) as info:
-            self.complete(body, **spec_overrides)
+            backend.complete(spec, body or chat_body(), 7)
         return info.value
 
 
@@ -134,7 +140,10 @@ def test_success_passes_the_completion_through_with_model_and_fingerprint_rewrit
     [seen] = h.fake.recent_requests
     assert seen.body == {**original, "model": UPSTREAM}
     assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["accept"] == "application/json"
+    assert seen.headers["user-agent"] == "batchsvc"
     assert "authorization" not in seen.headers
+    assert "cookie" not in seen.headers
     # and the caller's dict was not touched
     assert body == original
     # and the answer is the upstream's, but for model and system_fingerprint
@@ -218,6 +227,9 @@ def test_parse_retry_after_forms() -> None:
     assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({"retry-after": "-1"}) is None
     assert parse_retry_after({}) is None
+    # urllib3's response headers: any case
+    assert parse_retry_after(urllib3.HTTPHeaderDict({"Retry-After": "4"})) == 4.0
+    assert parse_retry_after(urllib3.HTTPHeaderDict({"Retry-After-Ms": "20"})) == 0.02
 
 
 def test_permanent_500_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
@@ -283,17 +295,27 @@ def test_a_dropped_connection_is_retried(h: Harness) -> None:
 
 
 def test_connection_refused_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
-    backend, spec = h.backend(make_spec(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3))
-    with pytest.raises(LineError) as info:
-        backend.complete(spec, chat_body(), 1)
-    err = info.value
+    openai_backend.reset_retry_counts()
+    err = h.fail_at(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3)
     assert err.code == "internal_error"
     assert err.line_message.startswith(
         "[legacy:retries_exhausted] Line failed after 3 attempts: connection error: "
     )
     assert "Connection refused" in err.line_message
-    assert " object at 0x" not in err.line_message
+    assert "0x" not in err.line_message  # no object addresses
+    assert "timed out" not in err.line_message  # a refusal is no connect timeout
     assert len(h.sleeps) == 2
+    assert openai_backend.retry_counts() == {(PUBLIC_ID, "connection"): 2}
+
+
+def test_exception_text_drops_object_addresses() -> None:
+    text = openai_backend._exception_text(
+        urllib3.exceptions.ProtocolError(
+            "<urllib3.connection.HTTPConnection object at 0x7f1c2d3e4f50>: Connection aborted "
+            "on <HTTPConnection(host='h', port=80) at 0x7F00AB>"
+        )
+    )
+    assert text == "Connection aborted on "
 
 
 def test_retries_are_counted_by_model_and_reason(h: Harness) -> None:
@@ -331,6 +353,197 @@ def test_concurrent_lines_with_their_own_fault_keys_each_fail_their_own_times(
         f"line {i}" for i in range(4)
     ]
     assert h.fake.requests_seen == 4 + (0 + 1 + 2 + 3)
+
+
+# ---- transport: silence, broken answers, redirects -----------------------------------------
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """Read one HTTP request (head and Content-Length body) off ``conn``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+class RawServer:
+    """A loopback listener that hands each accepted connection to ``behaviour``: for answers
+    the fake upstream cannot give (silence, a stalled or cut body, a redirect)."""
+
+    def __init__(self, behaviour: Callable[[socket.socket, threading.Event], None]) -> None:
+        self._behaviour = behaviour
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._behaviour(conn, self._stop)
+            except OSError:
+                pass
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def silent(conn: socket.socket, stop: threading.Event) -> None:
+    read_request(conn)
+    stop.wait()
+
+
+def stalled_body(conn: socket.socket, stop: threading.Event) -> None:
+    read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+    conn.sendall(b"Content-Length: 200\r\n\r\n" + b'{"id": "chatcmpl-1", "choices"')
+    stop.wait()
+
+
+def cut_body(conn: socket.socket, stop: threading.Event) -> None:
+    read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n" + b'{"id": "chatcmpl-1"')
+
+
+@pytest.mark.parametrize("behaviour", [silent, stalled_body], ids=["silence", "stalled-body"])
+def test_no_answer_in_time_is_a_read_timeout_whether_or_not_the_headers_came(
+    h: Harness, behaviour: Callable[[socket.socket, threading.Event], None]
+) -> None:
+    with RawServer(behaviour) as server:
+        backend, spec = h.backend(make_spec(server.base_url, timeout_s=0.3, max_attempts=2))
+        started = time.monotonic()
+        with pytest.raises(LineError) as info:
+            backend.complete(spec, chat_body(), 1)
+        elapsed = time.monotonic() - started
+
+    assert info.value.line_message == (
+        "[legacy:retries_exhausted] Line failed after 2 attempts: upstream timed out after 0.3 s"
+    )
+    assert elapsed < 1.5
+    assert server.connections == 2  # a timed-out connection is never reused
+
+
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A port whose listener never accepts and whose accept queue is full: the kernel drops
+    new SYNs, so a connect times out (a refused port fails at once instead)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # the precondition, not the test
+            probe.connect(("127.0.0.1", port))
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+def test_a_connect_timeout_says_so_and_uses_the_capped_connect_timeout(
+    h: Harness, unaccepting_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(openai_backend, "CONNECT_TIMEOUT_CAP_S", 0.2)
+    openai_backend.reset_retry_counts()
+    spec = make_spec(f"http://127.0.0.1:{unaccepting_port}/v1", timeout_s=5.0, max_attempts=2)
+    backend, _ = h.backend(spec)
+
+    started = time.monotonic()
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    elapsed = time.monotonic() - started
+
+    assert info.value.code == "internal_error"
+    assert info.value.line_message == (
+        "[legacy:retries_exhausted] Line failed after 2 attempts: "
+        "could not connect to upstream within 0.2 s"
+    )
+    assert elapsed < 2.0  # two connect timeouts of 0.2 s, not two read timeouts of 5 s
+    assert openai_backend.retry_counts() == {(PUBLIC_ID, "timeout"): 1}
+
+
+def test_a_body_cut_short_is_a_connection_error_and_retried(h: Harness) -> None:
+    with RawServer(cut_body) as server:
+        backend, spec = h.backend(make_spec(server.base_url, max_attempts=2))
+        with pytest.raises(LineError) as info:
+            backend.complete(spec, chat_body(), 1)
+    assert info.value.line_message.startswith(
+        "[legacy:retries_exhausted] Line failed after 2 attempts: connection error: "
+    )
+    assert "IncompleteRead" in info.value.line_message
+    assert server.connections == 2
+    assert len(h.sleeps) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_but_ends_the_line_as_an_internal_error(
+    h: Harness, status: int
+) -> None:
+    # Given an upstream that redirects the POST to a working server
+    target = f"{h.fake.base_url}/chat/completions"
+
+    def redirect(conn: socket.socket, stop: threading.Event) -> None:
+        while read_request(conn):
+            head = f"HTTP/1.1 {status} Moved\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n"
+            conn.sendall(head.encode())
+
+    with RawServer(redirect) as server:
+        # When
+        err = h.fail_at(server.base_url)
+
+    # Then the redirect target never saw the request, and the line is not retried
+    assert h.fake.requests_seen == 0
+    assert err.code == "internal_error"
+    assert err.legacy == f"http_{status}"
+    assert err.line_message == f"[legacy:http_{status}] HTTP {status} with an empty body"
+    assert h.sleeps == []
 
 
 # ---- final errors --------------------------------------------------------------------------
