@@ -6,6 +6,7 @@ attempt chose can be checked exactly.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import os
@@ -14,14 +15,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import certifi
 import pytest
 import requests
 import urllib3
 
 from batchsvc.devtools.fake_upstream import FINGERPRINT, FakeUpstream
-from batchsvc.errors import LineError
+from batchsvc.errors import ConfigError, LineError
 from batchsvc.models_config import ModelSpec
 from workers.backends import BackendResponse, ChatBackend
 from workers.backends import openai as openai_backend
@@ -700,6 +703,260 @@ def test_a_missing_api_key_env_var_fails_without_calling_the_upstream(h: Harness
     assert info.value.legacy == "api_key_unavailable"
     assert "NOT_SET_ANYWHERE" in info.value.line_message
     assert h.fake.requests_seen == 0
+
+
+# ---- proxies and the CA bundle -------------------------------------------------------------
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Clears the proxy variables (either case) and returns a setter for new ones."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # makes the stdlib ignore HTTP_PROXY
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+class RecordingProxy:
+    """An HTTP proxy that records what it is asked and answers every forwarded request itself
+    with a completion (and every CONNECT with a 502)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.record(self)
+                body = json.dumps(
+                    {
+                        "id": "chatcmpl-proxied",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": UPSTREAM,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "via the proxy"},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("x-request-id", "req_proxied")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_CONNECT(self) -> None:
+                proxy.record(self)
+                self.send_response(502)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def record(self, handler: BaseHTTPRequestHandler) -> None:
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        self.seen.append((handler.requestline, headers))
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[RecordingProxy]:
+    server = RecordingProxy()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({}, "http://model.internal/v1", None),
+        ({"HTTP_PROXY": "http://p:3128"}, "http://model.internal/v1", "http://p:3128"),
+        ({"http_proxy": "http://p:3128"}, "http://model.internal/v1", "http://p:3128"),
+        ({"HTTP_PROXY": "http://p:3128"}, "https://model.internal/v1", None),
+        ({"HTTPS_PROXY": "http://p:3128"}, "https://model.internal/v1", "http://p:3128"),
+        ({"ALL_PROXY": "http://p:3128"}, "https://model.internal/v1", "http://p:3128"),
+        (
+            {"HTTP_PROXY": "http://p:3128", "ALL_PROXY": "http://q:3128"},
+            "http://model.internal/v1",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "*"}, "http://model.internal/v1", None),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "other.org,model.internal"},
+            "http://model.internal:8000/v1",
+            None,
+        ),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ".internal"},
+            "http://gpu-1.model.internal/v1",
+            None,
+        ),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "internal.org"},
+            "http://model.internal/v1",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.0/8"}, "http://10.1.2.3:8000", None),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.0/8"},
+            "http://192.168.1.2:8000",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "no_proxy": "127.0.0.1"}, "http://127.0.0.1:8000", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "::1"}, "http://[::1]:8000/v1", None),
+    ],
+)
+def test_the_proxy_for_a_url_comes_from_the_environment(
+    proxy_env: Callable[..., None], env: dict[str, str], url: str, expected: str | None
+) -> None:
+    proxy_env(**env)
+    assert openai_backend.environ_proxy(url) == expected
+
+
+def test_a_proxied_model_goes_through_the_proxy_chosen_once_per_backend(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    # Given a proxy in the environment when the backend is built
+    proxy_env(HTTP_PROXY=proxy.url, NO_PROXY="localhost")
+    spec = make_spec("http://model.invalid:9/v1")
+    backend = OpenAIBackend(spec, sleep=lambda s: None, environ={})
+    assert backend.proxy_url == proxy.url
+
+    # When the environment changes afterwards
+    proxy_env(NO_PROXY="*")
+    result = backend.complete(spec, chat_body(), 1)
+
+    # Then the backend still goes through its proxy, which is sent the absolute URL
+    assert result.body["choices"][0]["message"]["content"] == "via the proxy"
+    assert result.request_id == "req_proxied"
+    [(request_line, headers)] = proxy.seen
+    assert request_line == "POST http://model.invalid:9/v1/chat/completions HTTP/1.1"
+    assert headers["host"] == "model.invalid:9"
+    assert headers["user-agent"] == "batchsvc"
+    assert "proxy-authorization" not in headers
+    # and a backend built now goes direct
+    assert OpenAIBackend(spec, environ={}).proxy_url is None
+
+
+def test_credentials_in_the_proxy_url_are_sent_as_basic_auth(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    authed = proxy.url.replace("http://", "http://svc%40acme:p%3Ass@")
+    proxy_env(HTTP_PROXY=authed)
+    spec = make_spec("http://model.invalid:9/v1")
+    OpenAIBackend(spec, environ={}).complete(spec, chat_body(), 1)
+    [(_, headers)] = proxy.seen
+    expected = base64.b64encode(b"svc@acme:p:ss").decode()
+    assert headers["proxy-authorization"] == f"Basic {expected}"
+
+
+def test_an_https_model_is_tunnelled_through_its_proxy(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    proxy_env(HTTPS_PROXY=proxy.url)
+    spec = make_spec("https://model.invalid/v1", max_attempts=1)
+    backend = OpenAIBackend(spec, environ={})
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    [(request_line, _)] = proxy.seen
+    assert request_line.startswith("CONNECT model.invalid:443 HTTP/")
+    assert info.value.line_message.startswith(
+        "[legacy:retries_exhausted] Line failed after 1 attempts: connection error: "
+    )
+    assert "502" in info.value.line_message
+
+
+def test_an_injected_proxy_manager_is_used_and_the_environment_not_read(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    proxy_env(HTTP_PROXY="http://127.0.0.1:9")  # would fail: nothing listens there
+    spec = make_spec("http://model.invalid:9/v1")
+    with urllib3.ProxyManager(proxy.url) as manager:
+        backend = OpenAIBackend(spec, http=manager, environ={})
+        assert backend.proxy_url is None
+        backend.complete(spec, chat_body(), 1)
+    [(request_line, _)] = proxy.seen
+    assert request_line == "POST http://model.invalid:9/v1/chat/completions HTTP/1.1"
+
+
+def test_a_proxy_that_is_not_http_is_a_config_error(proxy_env: Callable[..., None]) -> None:
+    proxy_env(ALL_PROXY="socks5://user:secret@127.0.0.1:1080")
+    with pytest.raises(ConfigError) as info:
+        OpenAIBackend(make_spec("http://model.invalid/v1"))
+    assert "socks5://127.0.0.1:1080" in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("base_url", ["ftp://model.internal/v1", "model.internal/v1", "http:///v1"])
+def test_a_base_url_that_is_not_http_is_a_config_error(base_url: str) -> None:
+    with pytest.raises(ConfigError):
+        OpenAIBackend(make_spec(base_url))
+
+
+@pytest.mark.parametrize(
+    ("variable", "kind"),
+    [
+        ("REQUESTS_CA_BUNDLE", "file"),
+        ("CURL_CA_BUNDLE", "file"),
+        ("SSL_CERT_FILE", "file"),
+        ("REQUESTS_CA_BUNDLE", "dir"),
+        (None, "certifi"),
+    ],
+)
+def test_https_upstreams_are_verified_with_the_ca_bundle_the_environment_names(
+    http: urllib3.PoolManager, tmp_path: Any, variable: str | None, kind: str
+) -> None:
+    # Given a CA bundle named by the environment (or none)
+    bundle = tmp_path / "certs"
+    if kind == "dir":
+        bundle.mkdir()
+    else:
+        bundle.write_text("")
+    environ = {variable: str(bundle)} if variable else {}
+    spec = make_spec(f"https://127.0.0.1:{free_port()}/v1", max_attempts=1)
+
+    # When a request is made (here, refused)
+    backend = OpenAIBackend(spec, http=http, environ=environ)
+    with pytest.raises(LineError):
+        backend.complete(spec, chat_body(), 1)
+
+    # Then the https pool verifies with that bundle
+    [pool] = [http.pools[key] for key in http.pools.keys()]
+    assert isinstance(pool, urllib3.HTTPSConnectionPool)
+    if kind == "file":
+        assert (pool.ca_certs, pool.ca_cert_dir) == (str(bundle), None)
+    elif kind == "dir":
+        assert (pool.ca_certs, pool.ca_cert_dir) == (None, str(bundle))
+    else:
+        assert pool.ca_certs == certifi.where()
 
 
 # ---- the shared pool manager ---------------------------------------------------------------
