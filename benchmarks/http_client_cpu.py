@@ -37,8 +37,17 @@ def free_port() -> int:
 
 def start_upstream(port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchsvc.devtools.fake_upstream",
-         "--host", HOST, "--port", str(port), "--latency", "0"],
+        [
+            sys.executable,
+            "-m",
+            "batchsvc.devtools.fake_upstream",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--latency",
+            "0",
+        ],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
@@ -65,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     upstream = start_upstream(port)
     try:
         spec = ModelSpec(
-            id="bench/chat", backend="openai", max_tokens=8192,
-            base_url=f"http://{HOST}:{port}/v1", upstream_model="org/bench", timeout_s=30.0,
+            id="bench/chat",
+            backend="openai",
+            max_tokens=8192,
+            base_url=f"http://{HOST}:{port}/v1",
+            upstream_model="org/bench",
+            timeout_s=30.0,
             max_attempts=1,
         )
         # environ={}: no CA bundle or key lookups; the model is plain http on loopback anyway.
@@ -83,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 backend.complete(spec, body, 4)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             per_call.append(cpu / args.calls * 1e3)
-            print(f"round {round_}: {args.calls} calls, client CPU {per_call[-1]:.3f} ms/call, "
-                  f"wall {wall / args.calls * 1e3:.3f} ms/call")
+            print(
+                f"round {round_}: {args.calls} calls, client CPU {per_call[-1]:.3f} ms/call, "
+                f"wall {wall / args.calls * 1e3:.3f} ms/call"
+            )
         print(f"median client CPU: {statistics.median(per_call):.3f} ms/call")
     finally:
         upstream.terminate()
