@@ -323,9 +323,9 @@ def _route_for(
 def environ_proxy(url: str) -> str | None:
     """The proxy the environment names for ``url``, or ``None`` to go direct.
 
-    As requests read it: ``<scheme>_proxy``, else ``all_proxy`` (lower case first, then upper),
-    unless ``no_proxy`` covers the host: a name or domain suffix (the stdlib's
-    :func:`urllib.request.proxy_bypass`), an IP address, or a CIDR range.
+    As requests read it: ``<scheme>_proxy``, else ``all_proxy`` (lower case first, then upper;
+    ``http://`` when it names no scheme), unless ``no_proxy`` covers the host: a name or domain
+    suffix (the stdlib's :func:`urllib.request.proxy_bypass`), an IP address, or a CIDR range.
     """
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:
@@ -341,7 +341,7 @@ def environ_proxy(url: str) -> str | None:
             return None
     except (TypeError, OSError):  # macOS's system lookup may resolve names; as requests does
         pass
-    return proxy
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 def _in_no_proxy_network(host: str, no_proxy: str | None) -> bool:

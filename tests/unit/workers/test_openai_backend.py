@@ -800,6 +800,7 @@ def proxy() -> Iterator[RecordingProxy]:
         ({}, "http://model.internal/v1", None),
         ({"HTTP_PROXY": "http://p:3128"}, "http://model.internal/v1", "http://p:3128"),
         ({"http_proxy": "http://p:3128"}, "http://model.internal/v1", "http://p:3128"),
+        ({"HTTP_PROXY": "p:3128"}, "http://model.internal/v1", "http://p:3128"),
         ({"HTTP_PROXY": "http://p:3128"}, "https://model.internal/v1", None),
         ({"HTTPS_PROXY": "http://p:3128"}, "https://model.internal/v1", "http://p:3128"),
         ({"ALL_PROXY": "http://p:3128"}, "https://model.internal/v1", "http://p:3128"),
