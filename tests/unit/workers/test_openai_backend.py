@@ -6,20 +6,25 @@ attempt chose can be checked exactly.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import certifi
 import pytest
 import requests
+import urllib3
 
 from batchsvc.devtools.fake_upstream import FINGERPRINT, FakeUpstream
-from batchsvc.errors import LineError
+from batchsvc.errors import ConfigError, LineError
 from batchsvc.models_config import ModelSpec
 from workers.backends import BackendResponse, ChatBackend
 from workers.backends import openai as openai_backend
@@ -55,11 +60,11 @@ def make_spec(base_url: str, **overrides: Any) -> ModelSpec:
 
 
 class Harness:
-    """A fake upstream, a session of our own and a backend whose sleeps are recorded."""
+    """A fake upstream, a pool manager of our own and a backend whose sleeps are recorded."""
 
-    def __init__(self, fake: FakeUpstream, session: requests.Session) -> None:
+    def __init__(self, fake: FakeUpstream, http: urllib3.PoolManager) -> None:
         self.fake = fake
-        self.session = session
+        self.http = http
         self.sleeps: list[float] = []
 
     def backend(
@@ -72,7 +77,7 @@ class Harness:
         spec = spec or make_spec(self.fake.base_url)
         backend = OpenAIBackend(
             spec,
-            session=self.session,
+            http=self.http,
             sleep=self.sleeps.append,
             rand=rand,
             environ=environ if environ is not None else {},
@@ -84,16 +89,22 @@ class Harness:
         return backend.complete(spec, body or chat_body(), 7)
 
     def fail(self, body: dict[str, Any] | None = None, **spec_overrides: Any) -> LineError:
+        return self.fail_at(self.fake.base_url, body, **spec_overrides)
+
+    def fail_at(
+        self, base_url: str, body: dict[str, Any] | None = None, **spec_overrides: Any
+    ) -> LineError:
+        backend, spec = self.backend(make_spec(base_url, **spec_overrides))
         with pytest.raises(LineError) as info:
-            self.complete(body, **spec_overrides)
+            backend.complete(spec, body or chat_body(), 7)
         return info.value
 
 
 @pytest.fixture
-def session() -> Iterator[requests.Session]:
-    s = openai_backend._new_session(32)
-    yield s
-    s.close()
+def http() -> Iterator[urllib3.PoolManager]:
+    manager = openai_backend._new_pool_manager(32)
+    yield manager
+    manager.clear()
 
 
 @pytest.fixture
@@ -103,8 +114,8 @@ def fake() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def h(fake: FakeUpstream, session: requests.Session) -> Harness:
-    return Harness(fake, session)
+def h(fake: FakeUpstream, http: urllib3.PoolManager) -> Harness:
+    return Harness(fake, http)
 
 
 def free_port() -> int:
@@ -132,7 +143,10 @@ def test_success_passes_the_completion_through_with_model_and_fingerprint_rewrit
     [seen] = h.fake.recent_requests
     assert seen.body == {**original, "model": UPSTREAM}
     assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["accept"] == "application/json"
+    assert seen.headers["user-agent"] == "batchsvc"
     assert "authorization" not in seen.headers
+    assert "cookie" not in seen.headers
     # and the caller's dict was not touched
     assert body == original
     # and the answer is the upstream's, but for model and system_fingerprint
@@ -216,6 +230,9 @@ def test_parse_retry_after_forms() -> None:
     assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({"retry-after": "-1"}) is None
     assert parse_retry_after({}) is None
+    # urllib3's response headers: any case
+    assert parse_retry_after(urllib3.HTTPHeaderDict({"Retry-After": "4"})) == 4.0
+    assert parse_retry_after(urllib3.HTTPHeaderDict({"Retry-After-Ms": "20"})) == 0.02
 
 
 def test_permanent_500_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
@@ -281,17 +298,27 @@ def test_a_dropped_connection_is_retried(h: Harness) -> None:
 
 
 def test_connection_refused_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
-    backend, spec = h.backend(make_spec(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3))
-    with pytest.raises(LineError) as info:
-        backend.complete(spec, chat_body(), 1)
-    err = info.value
+    openai_backend.reset_retry_counts()
+    err = h.fail_at(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3)
     assert err.code == "internal_error"
     assert err.line_message.startswith(
         "[legacy:retries_exhausted] Line failed after 3 attempts: connection error: "
     )
     assert "Connection refused" in err.line_message
-    assert " object at 0x" not in err.line_message
+    assert "0x" not in err.line_message  # no object addresses
+    assert "timed out" not in err.line_message  # a refusal is no connect timeout
     assert len(h.sleeps) == 2
+    assert openai_backend.retry_counts() == {(PUBLIC_ID, "connection"): 2}
+
+
+def test_exception_text_drops_object_addresses() -> None:
+    text = openai_backend._exception_text(
+        urllib3.exceptions.ProtocolError(
+            "<urllib3.connection.HTTPConnection object at 0x7f1c2d3e4f50>: Connection aborted "
+            "on <HTTPConnection(host='h', port=80) at 0x7F00AB>"
+        )
+    )
+    assert text == "Connection aborted on "
 
 
 def test_retries_are_counted_by_model_and_reason(h: Harness) -> None:
@@ -329,6 +356,197 @@ def test_concurrent_lines_with_their_own_fault_keys_each_fail_their_own_times(
         f"line {i}" for i in range(4)
     ]
     assert h.fake.requests_seen == 4 + (0 + 1 + 2 + 3)
+
+
+# ---- transport: silence, broken answers, redirects -----------------------------------------
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """Read one HTTP request (head and Content-Length body) off ``conn``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+class RawServer:
+    """A loopback listener that hands each accepted connection to ``behaviour``: for answers
+    the fake upstream cannot give (silence, a stalled or cut body, a redirect)."""
+
+    def __init__(self, behaviour: Callable[[socket.socket, threading.Event], None]) -> None:
+        self._behaviour = behaviour
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._behaviour(conn, self._stop)
+            except OSError:
+                pass
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def silent(conn: socket.socket, stop: threading.Event) -> None:
+    read_request(conn)
+    stop.wait()
+
+
+def stalled_body(conn: socket.socket, stop: threading.Event) -> None:
+    read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+    conn.sendall(b"Content-Length: 200\r\n\r\n" + b'{"id": "chatcmpl-1", "choices"')
+    stop.wait()
+
+
+def cut_body(conn: socket.socket, stop: threading.Event) -> None:
+    read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n" + b'{"id": "chatcmpl-1"')
+
+
+@pytest.mark.parametrize("behaviour", [silent, stalled_body], ids=["silence", "stalled-body"])
+def test_no_answer_in_time_is_a_read_timeout_whether_or_not_the_headers_came(
+    h: Harness, behaviour: Callable[[socket.socket, threading.Event], None]
+) -> None:
+    with RawServer(behaviour) as server:
+        backend, spec = h.backend(make_spec(server.base_url, timeout_s=0.3, max_attempts=2))
+        started = time.monotonic()
+        with pytest.raises(LineError) as info:
+            backend.complete(spec, chat_body(), 1)
+        elapsed = time.monotonic() - started
+
+    assert info.value.line_message == (
+        "[legacy:retries_exhausted] Line failed after 2 attempts: upstream timed out after 0.3 s"
+    )
+    assert elapsed < 1.5
+    assert server.connections == 2  # a timed-out connection is never reused
+
+
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A port whose listener never accepts and whose accept queue is full: the kernel drops
+    new SYNs, so a connect times out (a refused port fails at once instead)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # the precondition, not the test
+            probe.connect(("127.0.0.1", port))
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+def test_a_connect_timeout_says_so_and_uses_the_capped_connect_timeout(
+    h: Harness, unaccepting_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(openai_backend, "CONNECT_TIMEOUT_CAP_S", 0.2)
+    openai_backend.reset_retry_counts()
+    spec = make_spec(f"http://127.0.0.1:{unaccepting_port}/v1", timeout_s=5.0, max_attempts=2)
+    backend, _ = h.backend(spec)
+
+    started = time.monotonic()
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    elapsed = time.monotonic() - started
+
+    assert info.value.code == "internal_error"
+    assert info.value.line_message == (
+        "[legacy:retries_exhausted] Line failed after 2 attempts: "
+        "could not connect to upstream within 0.2 s"
+    )
+    assert elapsed < 2.0  # two connect timeouts of 0.2 s, not two read timeouts of 5 s
+    assert openai_backend.retry_counts() == {(PUBLIC_ID, "timeout"): 1}
+
+
+def test_a_body_cut_short_is_a_connection_error_and_retried(h: Harness) -> None:
+    with RawServer(cut_body) as server:
+        backend, spec = h.backend(make_spec(server.base_url, max_attempts=2))
+        with pytest.raises(LineError) as info:
+            backend.complete(spec, chat_body(), 1)
+    assert info.value.line_message.startswith(
+        "[legacy:retries_exhausted] Line failed after 2 attempts: connection error: "
+    )
+    assert "IncompleteRead" in info.value.line_message
+    assert server.connections == 2
+    assert len(h.sleeps) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_but_ends_the_line_as_an_internal_error(
+    h: Harness, status: int
+) -> None:
+    # Given an upstream that redirects the POST to a working server
+    target = f"{h.fake.base_url}/chat/completions"
+
+    def redirect(conn: socket.socket, stop: threading.Event) -> None:
+        while read_request(conn):
+            head = f"HTTP/1.1 {status} Moved\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n"
+            conn.sendall(head.encode())
+
+    with RawServer(redirect) as server:
+        # When
+        err = h.fail_at(server.base_url)
+
+    # Then the redirect target never saw the request, and the line is not retried
+    assert h.fake.requests_seen == 0
+    assert err.code == "internal_error"
+    assert err.legacy == f"http_{status}"
+    assert err.line_message == f"[legacy:http_{status}] HTTP {status} with an empty body"
+    assert h.sleeps == []
 
 
 # ---- final errors --------------------------------------------------------------------------
@@ -461,9 +679,9 @@ def test_classification_content_always_parses_as_json(content: Any, expected: st
 # ---- the API key ---------------------------------------------------------------------------
 
 
-def test_the_api_key_is_sent_from_the_environment(session: requests.Session) -> None:
+def test_the_api_key_is_sent_from_the_environment(http: urllib3.PoolManager) -> None:
     with FakeUpstream(api_key="sk-upstream") as fake:
-        h = Harness(fake, session)
+        h = Harness(fake, http)
         spec = make_spec(fake.base_url, api_key_env="UPSTREAM_KEY")
         backend, _ = h.backend(spec, environ={"UPSTREAM_KEY": "sk-upstream"})
         backend.complete(spec, chat_body(), 1)
@@ -487,47 +705,351 @@ def test_a_missing_api_key_env_var_fails_without_calling_the_upstream(h: Harness
     assert h.fake.requests_seen == 0
 
 
-# ---- the shared session --------------------------------------------------------------------
+# ---- proxies and the CA bundle -------------------------------------------------------------
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
-def test_one_shared_session_per_process_sized_by_configure_pool() -> None:
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Clears the proxy variables (either case) and returns a setter for new ones."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # makes the stdlib ignore HTTP_PROXY
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+class RecordingProxy:
+    """An HTTP proxy that records what it is asked and answers every forwarded request itself
+    with a completion (and every CONNECT with a 502)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.record(self)
+                body = json.dumps(
+                    {
+                        "id": "chatcmpl-proxied",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": UPSTREAM,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "via the proxy"},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("x-request-id", "req_proxied")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_CONNECT(self) -> None:
+                proxy.record(self)
+                self.send_response(502)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def record(self, handler: BaseHTTPRequestHandler) -> None:
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        self.seen.append((handler.requestline, headers))
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[RecordingProxy]:
+    server = RecordingProxy()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({}, "http://model.internal/v1", None),
+        ({"HTTP_PROXY": "http://p:3128"}, "http://model.internal/v1", "http://p:3128"),
+        ({"http_proxy": "http://p:3128"}, "http://model.internal/v1", "http://p:3128"),
+        ({"HTTP_PROXY": "p:3128"}, "http://model.internal/v1", "http://p:3128"),
+        ({"HTTP_PROXY": "http://p:3128"}, "https://model.internal/v1", None),
+        ({"HTTPS_PROXY": "http://p:3128"}, "https://model.internal/v1", "http://p:3128"),
+        ({"ALL_PROXY": "http://p:3128"}, "https://model.internal/v1", "http://p:3128"),
+        (
+            {"HTTP_PROXY": "http://p:3128", "ALL_PROXY": "http://q:3128"},
+            "http://model.internal/v1",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "*"}, "http://model.internal/v1", None),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "other.org,model.internal"},
+            "http://model.internal:8000/v1",
+            None,
+        ),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ".internal"},
+            "http://gpu-1.model.internal/v1",
+            None,
+        ),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "internal.org"},
+            "http://model.internal/v1",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.0/8"}, "http://10.1.2.3:8000", None),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.0/8"},
+            "http://192.168.1.2:8000",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "no_proxy": "127.0.0.1"}, "http://127.0.0.1:8000", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "::1"}, "http://[::1]:8000/v1", None),
+    ],
+)
+def test_the_proxy_for_a_url_comes_from_the_environment(
+    proxy_env: Callable[..., None], env: dict[str, str], url: str, expected: str | None
+) -> None:
+    proxy_env(**env)
+    assert openai_backend.environ_proxy(url) == expected
+
+
+def test_a_proxied_model_goes_through_the_proxy_chosen_once_per_backend(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    # Given a proxy in the environment when the backend is built
+    proxy_env(HTTP_PROXY=proxy.url, NO_PROXY="localhost")
+    spec = make_spec("http://model.invalid:9/v1")
+    backend = OpenAIBackend(spec, sleep=lambda s: None, environ={})
+    assert backend.proxy_url == proxy.url
+
+    # When the environment changes afterwards
+    proxy_env(NO_PROXY="*")
+    result = backend.complete(spec, chat_body(), 1)
+
+    # Then the backend still goes through its proxy, which is sent the absolute URL
+    assert result.body["choices"][0]["message"]["content"] == "via the proxy"
+    assert result.request_id == "req_proxied"
+    [(request_line, headers)] = proxy.seen
+    assert request_line == "POST http://model.invalid:9/v1/chat/completions HTTP/1.1"
+    assert headers["host"] == "model.invalid:9"
+    assert headers["user-agent"] == "batchsvc"
+    assert "proxy-authorization" not in headers
+    # and a backend built now goes direct
+    assert OpenAIBackend(spec, environ={}).proxy_url is None
+
+
+def test_credentials_in_the_proxy_url_are_sent_as_basic_auth(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    authed = proxy.url.replace("http://", "http://svc%40acme:p%3Ass@")
+    proxy_env(HTTP_PROXY=authed)
+    spec = make_spec("http://model.invalid:9/v1")
+    OpenAIBackend(spec, environ={}).complete(spec, chat_body(), 1)
+    [(_, headers)] = proxy.seen
+    expected = base64.b64encode(b"svc@acme:p:ss").decode()
+    assert headers["proxy-authorization"] == f"Basic {expected}"
+
+
+def test_an_https_model_is_tunnelled_through_its_proxy(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    proxy_env(HTTPS_PROXY=proxy.url)
+    spec = make_spec("https://model.invalid/v1", max_attempts=1)
+    backend = OpenAIBackend(spec, environ={})
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    [(request_line, _)] = proxy.seen
+    assert request_line.startswith("CONNECT model.invalid:443 HTTP/")
+    assert info.value.line_message.startswith(
+        "[legacy:retries_exhausted] Line failed after 1 attempts: connection error: "
+    )
+    assert "502" in info.value.line_message
+
+
+def test_an_injected_proxy_manager_is_used_and_the_environment_not_read(
+    proxy_env: Callable[..., None], proxy: RecordingProxy
+) -> None:
+    proxy_env(HTTP_PROXY="http://127.0.0.1:9")  # would fail: nothing listens there
+    spec = make_spec("http://model.invalid:9/v1")
+    with urllib3.ProxyManager(proxy.url) as manager:
+        backend = OpenAIBackend(spec, http=manager, environ={})
+        assert backend.proxy_url is None
+        backend.complete(spec, chat_body(), 1)
+    [(request_line, _)] = proxy.seen
+    assert request_line == "POST http://model.invalid:9/v1/chat/completions HTTP/1.1"
+
+
+def test_a_proxy_that_is_not_http_is_a_config_error(proxy_env: Callable[..., None]) -> None:
+    proxy_env(ALL_PROXY="socks5://user:secret@127.0.0.1:1080")
+    with pytest.raises(ConfigError) as info:
+        OpenAIBackend(make_spec("http://model.invalid/v1"))
+    assert "socks5://127.0.0.1:1080" in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("base_url", ["ftp://model.internal/v1", "model.internal/v1", "http:///v1"])
+def test_a_base_url_that_is_not_http_is_a_config_error(base_url: str) -> None:
+    with pytest.raises(ConfigError):
+        OpenAIBackend(make_spec(base_url))
+
+
+@pytest.mark.parametrize(
+    ("variable", "kind"),
+    [
+        ("REQUESTS_CA_BUNDLE", "file"),
+        ("CURL_CA_BUNDLE", "file"),
+        ("SSL_CERT_FILE", "file"),
+        ("REQUESTS_CA_BUNDLE", "dir"),
+        (None, "certifi"),
+    ],
+)
+def test_https_upstreams_are_verified_with_the_ca_bundle_the_environment_names(
+    http: urllib3.PoolManager, tmp_path: Any, variable: str | None, kind: str
+) -> None:
+    # Given a CA bundle named by the environment (or none)
+    bundle = tmp_path / "certs"
+    if kind == "dir":
+        bundle.mkdir()
+    else:
+        bundle.write_text("")
+    environ = {variable: str(bundle)} if variable else {}
+    spec = make_spec(f"https://127.0.0.1:{free_port()}/v1", max_attempts=1)
+
+    # When a request is made (here, refused)
+    backend = OpenAIBackend(spec, http=http, environ=environ)
+    with pytest.raises(LineError):
+        backend.complete(spec, chat_body(), 1)
+
+    # Then the https pool verifies with that bundle
+    [pool] = [http.pools[key] for key in http.pools.keys()]
+    assert isinstance(pool, urllib3.HTTPSConnectionPool)
+    if kind == "file":
+        assert (pool.ca_certs, pool.ca_cert_dir) == (str(bundle), None)
+    elif kind == "dir":
+        assert (pool.ca_certs, pool.ca_cert_dir) == (None, str(bundle))
+    else:
+        assert pool.ca_certs == certifi.where()
+
+
+# ---- the shared pool manager ---------------------------------------------------------------
+
+
+def test_one_shared_pool_manager_per_process_sized_by_configure_pool() -> None:
     try:
         first = openai_backend.configure_pool(3)
-        assert openai_backend.session_for(99) is first
-        assert first.get_adapter("http://x/")._pool_maxsize == 3  # type: ignore[attr-defined]
+        assert openai_backend.pool_for(99) is first
+        assert first.connection_pool_kw["maxsize"] == 3
+        assert first.connection_pool_kw["block"] is True
+        assert first.pools._maxsize == openai_backend.HOST_POOLS
+        pool = first.connection_from_url("http://x/")
+        assert pool.pool is not None and pool.pool.maxsize == 3 and pool.block
         assert openai_backend.configure_pool(3) is first
         resized = openai_backend.configure_pool(5)
         assert resized is not first
-        assert resized.get_adapter("https://x/")._pool_maxsize == 5  # type: ignore[attr-defined]
+        assert openai_backend.pool_for(1) is resized
+        pool = resized.connection_from_url("https://x/")
+        assert pool.pool is not None and pool.pool.maxsize == 5 and pool.block
     finally:
         openai_backend.configure_pool(openai_backend.DEFAULT_POOL_SIZE)
 
 
-def test_the_default_session_is_used_and_created_once_across_threads(fake: FakeUpstream) -> None:
+def test_the_default_pool_manager_is_used_and_created_once_across_threads(
+    fake: FakeUpstream,
+) -> None:
     spec = make_spec(fake.base_url)
     backend = OpenAIBackend(spec, sleep=lambda s: None)
-    sessions: list[requests.Session] = []
+    managers: list[urllib3.PoolManager] = []
     barrier = threading.Barrier(8)
 
     def grab() -> None:
         barrier.wait()
-        sessions.append(openai_backend.session_for(8))
+        managers.append(openai_backend.pool_for(8))
 
     threads = [threading.Thread(target=grab) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len({id(s) for s in sessions}) == 1
+    assert len({id(m) for m in managers}) == 1
     assert backend.complete(spec, chat_body(), 1).request_id == "req_up_1"
+    # the request went through the shared manager's pool for the fake
+    assert managers[0].connection_from_url(fake.base_url).num_requests == 1
+
+
+def test_a_forked_child_gets_its_own_pool_manager() -> None:
+    parent = openai_backend.pool_for(4)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and leave without running pytest's teardown
+        try:
+            child = openai_backend.pool_for(4)
+            stable = openai_backend.pool_for(4) is child
+            verdict = b"new" if child is not parent and stable else b"same"
+        except BaseException:
+            verdict = b"error"
+        os.write(write_end, verdict)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        verdict = os.read(read_end, 16)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert verdict == b"new"
+    assert openai_backend.pool_for(4) is parent
+
+
+def test_sequential_calls_reuse_one_kept_alive_connection(h: Harness) -> None:
+    # Given answers with and without a body worth reading: errors, a retry, a success
+    h.fake.set_faults([{"status": 400, "raw": "no"}, {"status": 503, "message": "busy"}])
+    backend, spec = h.backend()
+    with pytest.raises(LineError):
+        backend.complete(spec, chat_body(), 1)  # 400
+    backend.complete(spec, chat_body(), 1)  # 503, then 200
+    backend.complete(spec, chat_body(), 1)
+
+    # Then every body was read to the end, so one connection carried all four exchanges
+    pool = h.http.connection_from_url(h.fake.base_url)
+    assert pool.num_requests == 4
+    assert pool.num_connections == 1
+    assert h.fake.peak_open == 1
 
 
 # ---- the fake upstream's concurrency accounting --------------------------------------------
 
 
-def test_fake_caps_concurrency_and_measures_the_peak(session: requests.Session) -> None:
+def test_fake_caps_concurrency_and_measures_the_peak(http: urllib3.PoolManager) -> None:
     with FakeUpstream(latency_s=0.2, max_concurrency=4) as fake:
-        backend, spec = Harness(fake, session).backend()
+        backend, spec = Harness(fake, http).backend()
         started = time.monotonic()
         with ThreadPoolExecutor(10) as pool:
             results = list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(10)))
@@ -544,9 +1066,9 @@ def test_fake_caps_concurrency_and_measures_the_peak(session: requests.Session) 
         assert (fake.requests_seen, fake.peak_in_flight) == (0, 0)
 
 
-def test_fake_without_a_cap_sees_every_concurrent_request(session: requests.Session) -> None:
+def test_fake_without_a_cap_sees_every_concurrent_request(http: urllib3.PoolManager) -> None:
     with FakeUpstream(latency_s=0.2) as fake:
-        backend, spec = Harness(fake, session).backend()
+        backend, spec = Harness(fake, http).backend()
         with ThreadPoolExecutor(12) as pool:
             list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(12)))
         assert fake.peak_in_flight == 12
