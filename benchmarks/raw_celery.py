@@ -2,6 +2,9 @@
 settings (:func:`batchsvc.celery_config.celery_config`) and the same worker command line as
 batchsvc's workers.
 
+The same settings include batchsvc's worker tuning (``WORKER_TUNING``: its kombu transport and
+consumer), so the ratio measures batchsvc's own work per line, not a different Celery.
+
 Started by B1 as ``celery -A benchmarks.raw_celery worker -Q ... -P threads -c N
 --prefetch-multiplier 1 -E`` (``REDIS_URL`` set). The line task takes the same arguments as
 batchsvc's line task, so the messages carry the same payload, and does nothing with them.
@@ -18,6 +21,7 @@ from celery import Celery, chord, group
 from batchsvc.celery_config import celery_config
 from batchsvc.embedded_redis import resolve_url
 from batchsvc.settings import Settings
+from workers.celery_app import WORKER_TUNING
 
 LINES_QUEUE = "bench.raw.lines"
 #: Listed first on the line worker, as ``batchsvc worker`` lists its sync queues first.
@@ -45,6 +49,7 @@ def join_key(group_id: str) -> str:
 def make_app(settings: Settings, redis_url: str) -> Celery:
     app = Celery("bench-raw", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
+    app.conf.update(WORKER_TUNING)
     app.conf.task_routes = {
         LINE: {"queue": LINES_QUEUE},
         DONE: {"queue": CONTROL_QUEUE},

@@ -10,14 +10,19 @@ from batchsvc.settings import Settings
 
 TASK_MODULES = ["workers.tasks.control", "workers.tasks.lines"]
 
+#: Worker-side tuning of the consumer thread, which feeds every line thread: one shared Redis
+#: client per channel, task events published in batches (see both modules). B1's raw-Celery
+#: floor runs with it too, so the comparison stays like for like.
+WORKER_TUNING = {
+    "broker_transport": "workers.redis_transport:Transport",
+    "worker_consumer": "workers.consumer:Consumer",
+}
+
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     app = Celery("batchsvc", include=TASK_MODULES)
     app.conf.update(celery_config(settings, redis_url))
-    # Worker-side tuning of the consumer thread, which feeds every line thread: one shared Redis
-    # client per channel, task events published in batches (see both modules).
-    app.conf.broker_transport = "workers.redis_transport:Transport"
-    app.conf.worker_consumer = "workers.consumer:Consumer"
+    app.conf.update(WORKER_TUNING)
     app.conf.task_routes = {
         name: {"queue": CONTROL_QUEUE}
         for name in (START_BATCH, FINALIZE_BATCH, CANCEL_BATCH, SWEEP)
