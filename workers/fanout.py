@@ -86,16 +86,27 @@ class CeleryPublisher:
 
     def publish(self, batch_id: str, index: int, custom_id: str, model: str,
                 body: dict[str, Any]) -> None:
-        self.app.send_task(
+        # The message send_task would build (same headers, properties and body: compared byte
+        # for byte but the delivery tag), handed straight to the producer: send_task's routing
+        # and signal machinery around it cost as much CPU again, ~0.25 ms a line (B1).
+        headers, properties, message, _ = self.app.amqp.as_task_v2(
+            line_task_id(batch_id, index),
             RUN_LINE,
             args=[batch_id, index, custom_id, model, body],
-            queue=model_queue(model),
-            task_id=line_task_id(batch_id, index),
             group_id=chord_group_id(batch_id),
             group_index=index,
             chord=self._callback,
-            producer=self._producer,
             ignore_result=True,
+            reply_to=self.app.thread_oid,
+        )
+        self._producer.publish(
+            message,
+            exchange="",
+            routing_key=model_queue(model),
+            headers=headers,
+            serializer="json",
+            retry=False,
+            **properties,
         )
 
     def checkpoint(self) -> None:

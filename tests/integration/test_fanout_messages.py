@@ -1,0 +1,58 @@
+"""The fan-out builds each line's message with ``app.amqp.as_task_v2`` and hands it to the
+producer itself (cheaper than ``send_task``): on a real Redis, it must be the very message
+``send_task`` would have queued."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import redis
+from celery import Celery
+
+from batchsvc.celery_config import celery_config
+from batchsvc.queues import CONTROL_QUEUE, FINALIZE_BATCH, RUN_LINE
+from batchsvc.settings import Settings
+from tests.integration.stack import Stack
+from workers.fanout import CeleryPublisher, chord_group_id, line_task_id
+
+QUEUE = "batchsvc.model.fanout-message-check"  # no worker consumes it
+
+
+def _queued(client: redis.Redis) -> dict[str, Any]:
+    raw = client.rpop(QUEUE)
+    assert raw is not None
+    message: dict[str, Any] = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    message["properties"].pop("delivery_tag")  # a fresh uuid for every message
+    return message
+
+
+def test_the_published_line_is_the_message_send_task_queues(stack: Stack) -> None:
+    app = Celery("fanout-check", set_as_current=False)
+    app.conf.update(celery_config(Settings(), stack.redis_url()))
+    batch_id, index, model = "batch_fanoutcheck", 7, "fanout-message-check"
+    body = {"model": model, "messages": [{"role": "user", "content": "héllo"}]}
+    client = redis.Redis.from_url(stack.redis_url())
+    client.delete(QUEUE)
+    try:
+        # Given the message send_task queues for line 7
+        callback = app.signature(FINALIZE_BATCH, args=[batch_id], immutable=True,
+                                 queue=CONTROL_QUEUE)
+        app.send_task(RUN_LINE, args=[batch_id, index, "req-7", model, body], queue=QUEUE,
+                      task_id=line_task_id(batch_id, index), group_id=chord_group_id(batch_id),
+                      group_index=index, chord=callback, ignore_result=True)
+        expected = _queued(client)
+        # When the fan-out's publisher publishes the same line (through its pipelined batch)
+        publisher = CeleryPublisher(app)
+        publisher.attach(batch_id)
+        publisher.publish(batch_id, index, "req-7", model, body)
+        publisher.flush()
+        # Then it queued the same message
+        assert _queued(client) == expected
+        assert client.llen(QUEUE) == 0
+    finally:
+        client.delete(QUEUE)
+        client.close()
+        app.close()
