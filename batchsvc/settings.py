@@ -51,8 +51,10 @@ def _int(name: str, raw: str, *, minimum: int = 0, maximum: int | None = None) -
     return value
 
 
-#: Inference worker threads per process when ``WORKER_PROCESSES`` is ``auto``.
-THREADS_PER_PROCESS = 32
+#: Inference worker threads per process when ``WORKER_PROCESSES`` is ``auto``...
+THREADS_PER_PROCESS = 16
+#: ...with at most this many processes per core.
+PROCESSES_PER_CORE = 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class Settings:
     #: Threads of an inference worker: requests it keeps in flight at its model servers.
     worker_concurrency: int = 8
     #: Celery processes those threads are split across (``WORKER_PROCESSES``); ``None`` means
-    #: one per :data:`THREADS_PER_PROCESS` threads, at most one per core.
+    #: one per :data:`THREADS_PER_PROCESS` threads, at most :data:`PROCESSES_PER_CORE` per
+    #: core.
     worker_processes: int | None = None
     #: Scheduling niceness (0-19) of the control and inference workers. Batch work can wait a
     #: few milliseconds; a client polling the API on the same host should not (B5).
@@ -106,14 +109,17 @@ class Settings:
     def worker_layout(self, cpus: int) -> list[int]:
         """Threads of each inference worker process, ``worker_concurrency`` in all.
 
-        One interpreter runs Python on one core at a time: past a few dozen threads, a single
-        worker process spends its time handing the GIL around instead of keeping requests in
-        flight (B2: 64 threads in one process reached ~70 % of the 256 lines/s a 250 ms model
-        allows, two processes of 32 more). So by default every 32 threads get their own
-        process, up to one per core.
+        One interpreter runs Python on one thread at a time, and a worker's consumer thread
+        (the one that takes messages off Redis for all the others) waits for the GIL behind
+        every busy line thread. Past a dozen or two threads, a process keeps fewer requests in
+        flight than it has threads: B2 (64 threads, a 250 ms model, two cores) measured the
+        most lines/s with four processes of 16, then two of 32, then one of 64 (see
+        benchmarks/RESULTS.md). The processes mostly wait on the network, so there may be more
+        of them than cores, up to :data:`PROCESSES_PER_CORE` per core.
         """
         processes = self.worker_processes or min(
-            max(1, cpus), math.ceil(self.worker_concurrency / THREADS_PER_PROCESS)
+            PROCESSES_PER_CORE * max(1, cpus),
+            math.ceil(self.worker_concurrency / THREADS_PER_PROCESS),
         )
         processes = max(1, min(processes, self.worker_concurrency))
         share, extra = divmod(self.worker_concurrency, processes)

@@ -22,6 +22,8 @@ import redis
 import requests
 from celery import Celery
 
+from batchsvc.settings import Settings
+
 BIN = Path(sys.executable).parent
 
 
@@ -198,7 +200,12 @@ class Stack:
     def start_worker(self, models: str = "", concurrency: int = 8, **env: str) -> Proc:
         proc = self.spawn("worker", [str(BIN / "batchsvc"), "worker"], MODELS=models,
                           CONCURRENCY=str(concurrency), **env)
-        self.wait_worker(proc, "inference")
+        # CONCURRENCY is split across WORKER_PROCESSES Celery processes (auto by default),
+        # numbered when there are several: wait for each.
+        settings = Settings.from_env({"CONCURRENCY": str(concurrency), **env})
+        count = len(settings.worker_layout(os.cpu_count() or 1))
+        for suffix in ([""] if count == 1 else [f".{i}" for i in range(1, count + 1)]):
+            self.wait_worker(proc, "inference", suffix=suffix)
         return proc
 
     def start_beat(self, **env: str) -> Proc:
@@ -209,8 +216,8 @@ class Stack:
                      set_as_current=False)
         return app
 
-    def wait_worker(self, proc: Proc, kind: str, timeout: float = 40) -> None:
-        node = f"{kind}-{proc.pid}@{socket.gethostname()}"
+    def wait_worker(self, proc: Proc, kind: str, timeout: float = 40, suffix: str = "") -> None:
+        node = f"{kind}-{proc.pid}{suffix}@{socket.gethostname()}"
         app = self.celery()
 
         def answered() -> bool:

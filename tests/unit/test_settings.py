@@ -167,11 +167,11 @@ def test_settings_are_frozen() -> None:
     ("concurrency", "processes", "cpus", "layout"),
     [
         (8, None, 2, [8]),  # the default: one process
-        (32, None, 2, [32]),
-        (64, None, 2, [32, 32]),  # every 32 threads get a process...
-        (65, None, 4, [22, 22, 21]),
-        (256, None, 2, [128, 128]),  # ...but no more processes than cores
-        (64, None, 1, [64]),
+        (16, None, 2, [16]),
+        (64, None, 2, [16, 16, 16, 16]),  # every 16 threads get a process...
+        (40, None, 4, [14, 13, 13]),
+        (256, None, 2, [64, 64, 64, 64]),  # ...but no more than two per core
+        (64, None, 1, [32, 32]),
         (64, 1, 8, [64]),  # WORKER_PROCESSES decides when set
         (10, 4, 1, [3, 3, 2, 2]),
         (2, 5, 8, [1, 1]),  # never a process without a thread
