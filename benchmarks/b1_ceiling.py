@@ -168,15 +168,30 @@ def run(opts: Options) -> list[Section]:
         s_done = sampler.first(lambda s: s.status == "completed")
 
         # -- raw Celery floor, same Redis, same worker flags; batchsvc's workers sit idle.
-        stack.start_celery("raw-lines", "benchmarks.raw_celery",
-                           [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE], CONCURRENCY)
-        stack.start_celery("raw-control", "benchmarks.raw_celery",
-                           [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY)
+        raw_procs = [
+            stack.start_celery("raw-lines", "benchmarks.raw_celery",
+                               [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE], CONCURRENCY),
+            stack.start_celery("raw-control", "benchmarks.raw_celery",
+                               [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY),
+        ]
         _raw_chord(stack, 40, body, 120)  # warm-up, as for batchsvc
         raw_meter = stack.cpu_meter().start()
         raw = _raw_chord(stack, n, body, max_s)
         raw_meter.stop()
         mem_raw_after = used_memory(stack.redis)
+
+        # -- the same, with batchsvc's worker tuning (informative; smaller in a full run).
+        for proc in raw_procs:
+            stack.stop(proc)
+        tuned_env = {raw_celery.TUNED_ENV: "1"}
+        stack.start_celery("raw-lines-tuned", "benchmarks.raw_celery",
+                           [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE], CONCURRENCY,
+                           **tuned_env)
+        stack.start_celery("raw-control-tuned", "benchmarks.raw_celery",
+                           [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY, **tuned_env)
+        _raw_chord(stack, 40, body, 120)
+        n_tuned = min(n, 10_000)
+        tuned = _raw_chord(stack, n_tuned, body, max_s)
 
         # -- publish rates, into a scratch queue nobody consumes.
         rates = publish.measure_rates(stack.redis_url(), body, n_publish)
@@ -226,6 +241,10 @@ def run(opts: Options) -> list[Section]:
     section.info("CPU during the raw chord", raw_meter.summary(n))
     section.check("batchsvc / raw Celery lines/s", f"{ratio:.2f}x", f">= {TARGET_RATIO}x",
                   ratio >= TARGET_RATIO)
+    tuned_rate = n_tuned / tuned["seconds"]
+    section.info(f"raw Celery chord with batchsvc's worker tuning ({n_tuned:,} tasks)",
+                 f"{fmt_s(tuned['seconds'])} = {fmt_rate(tuned_rate)}; batchsvc / it = "
+                 f"{(bs_rate or 0.0) / tuned_rate:.2f}x (batchsvc's own work per line)")
     section.info(f"publish rate, send_task loop ({rates.n:,} msgs)",
                  fmt_rate(rates.rate(rates.send_task_s), "msg/s"))
     section.info(f"publish rate, send_task in kombu Producer.batch({rates.window})",

@@ -253,7 +253,8 @@ class BenchStack:
     def start_beat(self) -> Proc:
         return self.spawn("beat", [str(BIN / "batchsvc"), "beat"])
 
-    def start_celery(self, name: str, app: str, queues: list[str], concurrency: int) -> Proc:
+    def start_celery(self, name: str, app: str, queues: list[str], concurrency: int,
+                     **env: str) -> Proc:
         """A celery worker with exactly the flags ``batchsvc worker`` / ``control`` use, for
         another app (the raw-Celery floor of B1)."""
         node = f"{name}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
@@ -266,7 +267,7 @@ class BenchStack:
             "-n", node,
             "-l", "INFO",
         ]
-        proc = self.spawn(name, argv, REDIS_URL=self.redis_url(), PYTHONPATH=str(REPO))
+        proc = self.spawn(name, argv, REDIS_URL=self.redis_url(), PYTHONPATH=str(REPO), **env)
         self.wait_worker(proc, node)
         return proc
 

@@ -2,8 +2,9 @@
 settings (:func:`batchsvc.celery_config.celery_config`) and the same worker command line as
 batchsvc's workers.
 
-The same settings include batchsvc's worker tuning (``WORKER_TUNING``: its kombu transport and
-consumer), so the ratio measures batchsvc's own work per line, not a different Celery.
+Stock Celery is the floor the target compares against. With ``RAW_CELERY_TUNED=1`` the workers
+also get batchsvc's worker tuning (``WORKER_TUNING``: its kombu transport and consumer), so a
+second ratio isolates batchsvc's own work per line from the Celery it runs on.
 
 Started by B1 as ``celery -A benchmarks.raw_celery worker -Q ... -P threads -c N
 --prefetch-multiplier 1 -E`` (``REDIS_URL`` set). The line task takes the same arguments as
@@ -12,6 +13,7 @@ batchsvc's line task, so the messages carry the same payload, and does nothing w
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -22,6 +24,9 @@ from batchsvc.celery_config import celery_config
 from batchsvc.embedded_redis import resolve_url
 from batchsvc.settings import Settings
 from workers.celery_app import WORKER_TUNING
+
+#: Set to 1 in the raw workers' environment: run them with batchsvc's WORKER_TUNING.
+TUNED_ENV = "RAW_CELERY_TUNED"
 
 LINES_QUEUE = "bench.raw.lines"
 #: Listed first on the line worker, as ``batchsvc worker`` lists its sync queues first.
@@ -46,10 +51,11 @@ def join_key(group_id: str) -> str:
     return f"celery-taskset-meta-{group_id}.j"
 
 
-def make_app(settings: Settings, redis_url: str) -> Celery:
+def make_app(settings: Settings, redis_url: str, tuned: bool = False) -> Celery:
     app = Celery("bench-raw", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
-    app.conf.update(WORKER_TUNING)
+    if tuned:
+        app.conf.update(WORKER_TUNING)
     app.conf.task_routes = {
         LINE: {"queue": LINES_QUEUE},
         DONE: {"queue": CONTROL_QUEUE},
@@ -60,7 +66,7 @@ def make_app(settings: Settings, redis_url: str) -> Celery:
 
 _settings = Settings.from_env()
 _url = resolve_url(_settings) if _settings.redis_url else "redis://127.0.0.1:6379/0"
-app = make_app(_settings, _url)
+app = make_app(_settings, _url, tuned=os.environ.get(TUNED_ENV) == "1")
 _client: redis.Redis | None = None
 
 
