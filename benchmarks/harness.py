@@ -618,6 +618,7 @@ class CpuMeter:
         self.used: dict[str, float] = {}
         self.seconds = 0.0
         self.machine_busy = 0.0  # cores busy on average, whatever process
+        self.machine_stolen = 0.0  # of which stolen by the hypervisor
         self._start: dict[str, float] = {}
         self._t0 = 0.0
         self._sys0: Any = None
@@ -654,6 +655,9 @@ class CpuMeter:
         busy = (sum(sys1) - sys1.idle - getattr(sys1, "iowait", 0.0)) - (
             sum(self._sys0) - self._sys0.idle - getattr(self._sys0, "iowait", 0.0))
         self.machine_busy = busy / self.seconds if self.seconds else 0.0
+        # CPU the hypervisor gave to other guests: this VM's cores, not there for us.
+        stolen = getattr(sys1, "steal", 0.0) - getattr(self._sys0, "steal", 0.0)
+        self.machine_stolen = stolen / self.seconds if self.seconds else 0.0
         return self
 
     def summary(self, lines: int | None = None) -> str:
@@ -664,7 +668,8 @@ class CpuMeter:
             parts.append(f"{name} {used / self.seconds:.2f} cores{per}")
         ours = sum(self.used.values()) / self.seconds if self.seconds else 0.0
         parts.append(f"machine busy {self.machine_busy:.2f} of {os.cpu_count()} cores "
-                     f"(processes not listed here: {max(0.0, self.machine_busy - ours):.2f})")
+                     f"(processes not listed here: {max(0.0, self.machine_busy - ours):.2f}, "
+                     f"of which stolen by the hypervisor: {self.machine_stolen:.2f})")
         return "; ".join(parts)
 
 
