@@ -11,8 +11,8 @@ from batchsvc.settings import Settings
 TASK_MODULES = ["workers.tasks.control", "workers.tasks.lines"]
 
 #: Worker-side tuning of the consumer thread, which feeds every line thread: one shared Redis
-#: client per channel, task events published in batches (see both modules). B1's raw-Celery
-#: floor runs with it too, so the comparison stays like for like.
+#: client per channel, task events published in batches (see both modules). B1 also runs its
+#: raw-Celery floor with it, to tell batchsvc's own work per line from Celery's.
 WORKER_TUNING = {
     "broker_transport": "workers.redis_transport:Transport",
     "worker_consumer": "workers.consumer:Consumer",
