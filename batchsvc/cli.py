@@ -293,6 +293,14 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def inference_nodes(launcher_pid: int, processes: int, host: str) -> list[str]:
+    """Celery node names of the workers ``batchsvc worker`` (pid ``launcher_pid``) starts: the
+    plain name for one process, numbered ones for several."""
+    if processes == 1:
+        return [f"inference-{launcher_pid}@{host}"]
+    return [f"inference-{launcher_pid}.{i}@{host}" for i in range(1, processes + 1)]
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     url = embedded_redis.resolve_url(settings, wait_s=60)
     registry = load_registry(settings.config_path)
@@ -305,18 +313,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _say(f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}"
          + (f" in {len(layout)} processes ({'+'.join(map(str, layout))} threads)"
             if len(layout) > 1 else ""))
-    host = socket.gethostname()
+    nodes = inference_nodes(os.getpid(), len(layout), socket.gethostname())
     children: list[Child] = []
-    for i, threads in enumerate(layout, start=1):
-        # One process keeps the plain node name; several are told apart by their number.
-        node = f"inference-{os.getpid()}" + (f".{i}" if len(layout) > 1 else "")
+    for node, threads in zip(nodes, layout, strict=True):
         argv = [
             _bin("celery"), "-A", "workers.main", "worker",
             "-Q", ",".join(queues),
             "-P", "threads", "-c", str(threads),
             "--prefetch-multiplier", "1",
             "-E",
-            "-n", f"{node}@{host}",
+            "-n", node,
             "-l", "INFO",
         ]
         # CONCURRENCY sizes the process's HTTP connection pool: its own threads.

@@ -30,6 +30,7 @@ import psutil
 import redis
 import requests
 
+from batchsvc.cli import inference_nodes
 from batchsvc.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -229,13 +230,10 @@ class BenchStack:
         proc = self.spawn("worker", [str(BIN / "batchsvc"), "worker"],
                           CONCURRENCY=str(concurrency), MODELS=models,
                           WORKER_PROCESSES=str(processes or "auto"))
-        host = socket.gethostname()
         layout = Settings(worker_concurrency=concurrency,
                           worker_processes=processes).worker_layout(os.cpu_count() or 1)
         count = len(layout)
-        nodes = ([f"inference-{proc.pid}@{host}"] if count == 1 else
-                 [f"inference-{proc.pid}.{i}@{host}" for i in range(1, count + 1)])
-        for node in nodes:
+        for node in inference_nodes(proc.pid, count, socket.gethostname()):
             self.wait_worker(proc, node)
         return self._find_celery_child(proc, count)
 

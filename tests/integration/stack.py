@@ -22,6 +22,7 @@ import redis
 import requests
 from celery import Celery
 
+from batchsvc.cli import inference_nodes
 from batchsvc.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -204,8 +205,8 @@ class Stack:
         # numbered when there are several: wait for each.
         settings = Settings.from_env({"CONCURRENCY": str(concurrency), **env})
         count = len(settings.worker_layout(os.cpu_count() or 1))
-        for suffix in ([""] if count == 1 else [f".{i}" for i in range(1, count + 1)]):
-            self.wait_worker(proc, "inference", suffix=suffix)
+        for node in inference_nodes(proc.pid, count, socket.gethostname()):
+            self.wait_node(proc, node)
         return proc
 
     def start_beat(self, **env: str) -> Proc:
@@ -216,13 +217,15 @@ class Stack:
                      set_as_current=False)
         return app
 
-    def wait_worker(self, proc: Proc, kind: str, timeout: float = 40, suffix: str = "") -> None:
-        node = f"{kind}-{proc.pid}{suffix}@{socket.gethostname()}"
+    def wait_worker(self, proc: Proc, kind: str, timeout: float = 40) -> None:
+        self.wait_node(proc, f"{kind}-{proc.pid}@{socket.gethostname()}", timeout)
+
+    def wait_node(self, proc: Proc, node: str, timeout: float = 40) -> None:
         app = self.celery()
 
         def answered() -> bool:
             if not proc.alive():
-                raise RuntimeError(f"{kind} worker exited:\n{proc.tail()}")
+                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
             try:
                 replies = app.control.ping(destination=[node], timeout=0.5) or []
             except (OSError, kombu.exceptions.KombuError, redis.RedisError):

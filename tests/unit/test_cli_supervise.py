@@ -121,3 +121,11 @@ def test_several_workers_are_supervised_each_on_its_own(tmp_path: Path) -> None:
     finally:
         if supervisor.poll() is None:
             supervisor.kill()
+
+
+def test_inference_node_names_are_numbered_only_when_there_are_several() -> None:
+    from batchsvc.cli import inference_nodes
+
+    assert inference_nodes(42, 1, "h") == ["inference-42@h"]
+    assert inference_nodes(42, 3, "h") == ["inference-42.1@h", "inference-42.2@h",
+                                           "inference-42.3@h"]
