@@ -1,28 +1,24 @@
-"""The benchmarks' own launcher and measuring tools.
+"""The benchmarks' stack and measuring tools.
 
-:class:`BenchStack` starts the real processes with the Procfile's ``batchsvc`` commands, on free
-loopback ports, under one temporary data dir, with the embedded defaults ``make run`` uses (every
+:class:`BenchStack` is the launcher's stack (:mod:`batchsvc.devtools.launcher`) under a
+temporary data dir of its own, with the embedded defaults ``make run`` uses (every
 ``BATCHSVC_*`` variable of the calling environment is dropped, so no test-only timeouts leak
-in). Every process is started in its own session and stopped (SIGTERM, then SIGKILL) by
-:meth:`BenchStack.stop_all`, which callers run in ``finally``.
+in), which also finds the Celery process each supervisor runs (what RSS, CPU and py-spy must
+look at). Callers stop it with :func:`running` (or :meth:`BenchStack.stop_all` in ``finally``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,68 +26,43 @@ import psutil
 import redis
 import requests
 
-from batchsvc.cli import inference_nodes
-from batchsvc.settings import Settings
+from batchsvc.devtools import launcher
+from batchsvc.devtools.launcher import BIN, HOST, auth_headers, running, wait_until
 
-BIN = Path(sys.executable).parent
+__all__ = [
+    "BIN",
+    "HOST",
+    "BatchSampler",
+    "BenchStack",
+    "CpuMeter",
+    "MultipartFile",
+    "Proc",
+    "RssSampler",
+    "auth_headers",
+    "cancel_batch",
+    "create_batch",
+    "download",
+    "get_batch",
+    "mib",
+    "run_warmup_batch",
+    "running",
+    "upload_file",
+    "used_memory",
+    "wait_until",
+]
+
 REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-
-#: Hard bounds, so no wait can hang a run.
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
+class Proc(launcher.Proc):
     #: The process doing the work when ``popen`` is a supervisor (``batchsvc worker`` and
     #: ``control`` run Celery as their child): what RSS, CPU and py-spy must look at.
     work_pid: int | None = None
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
     def service_pid(self) -> int:
         return self.work_pid or self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def rss(self) -> int:
-        """Resident memory of this process alone, in bytes (0 once it is gone)."""
-        try:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            return 0
 
     def children(self) -> list[psutil.Process]:
         try:
@@ -99,94 +70,29 @@ class Proc:
         except psutil.Error:
             return []
 
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=STOP_TIMEOUT_S)
+
+def _ours(proc: launcher.Proc) -> Proc:
+    # BenchStack.proc_type makes every process it spawns one of ours.
+    assert isinstance(proc, Proc), proc
+    return proc
 
 
-@dataclass
-class BenchStack:
-    """One installation: a data dir and the processes serving it."""
+class BenchStack(launcher.Stack):
+    """One installation: a temporary data dir (removed by :meth:`stop_all` unless ``keep``)
+    and the processes serving it."""
 
-    name: str
-    config_toml: str | None = None
-    keep: bool = False
-    root: Path = field(init=False)
-    procs: list[Proc] = field(default_factory=list)
-    port: int = 0
-    upstream_port: int = 0
-    _redis: redis.Redis | None = None
+    proc_type = Proc
 
-    def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix=f"batchsvc-bench-{self.name}-"))
-        self.config_path: Path | None = None
-        if self.config_toml is not None:
-            self.config_path = self.root / "models.toml"
-            self.config_path.write_text(self.config_toml)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "var"
-
-    def env(self, **overrides: str) -> dict[str, str]:
-        env = {
-            k: v for k, v in os.environ.items()
-            if k not in ("REDIS_URL", "MODELS", "CONCURRENCY", "PORT")
-            and not k.startswith("BATCHSVC_")
-        }
-        env.update(PATH=f"{BIN}:{env.get('PATH', '')}", BATCHSVC_DATA_DIR=str(self.data_dir),
-                   PYTHONUNBUFFERED="1")
-        if self.config_path is not None:
-            env["BATCHSVC_CONFIG"] = str(self.config_path)
-        env.update(overrides)
-        return env
-
-    def spawn(self, name: str, argv: list[str], **env: str) -> Proc:
-        log = self.root / f"{name}-{len(self.procs)}.log"
-        with open(log, "wb") as handle:
-            popen = subprocess.Popen(
-                argv, env=self.env(**env), stdout=handle, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
-            )
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [str(BIN / "batchsvc"), *args], env=self.env(), capture_output=True, text=True,
-            timeout=60, cwd=self.root, check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"batchsvc {' '.join(args)} failed: {result.stderr}")
-        return result.stdout
-
-    # -- processes ---------------------------------------------------------------------------
-
-    def start_redis(self) -> Proc:
-        proc = self.spawn("redis", [str(BIN / "batchsvc"), "redis-server"])
-        port_file = self.data_dir / "redis" / "redis.port"
-
-        def up() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"redis exited:\n{proc.tail()}")
-            return port_file.exists() and self._ping()
-
-        wait_until(up, START_TIMEOUT_S, "redis")
-        return proc
-
-    def redis_url(self) -> str:
-        port = (self.data_dir / "redis" / "redis.port").read_text().strip()
-        return f"redis://{HOST}:{port}/0"
+    def __init__(self, name: str, config_toml: str | None = None, keep: bool = False) -> None:
+        root = Path(tempfile.mkdtemp(prefix=f"batchsvc-bench-{name}-"))
+        config_path = None
+        if config_toml is not None:
+            config_path = root / "models.toml"
+            config_path.write_text(config_toml)
+        super().__init__(root, config_path)
+        self.name = name
+        self.keep = keep
+        self._redis: redis.Redis | None = None
 
     @property
     def redis(self) -> redis.Redis:
@@ -194,68 +100,41 @@ class BenchStack:
             self._redis = redis.Redis.from_url(self.redis_url(), socket_timeout=30)
         return self._redis
 
-    def _ping(self) -> bool:
-        try:
-            return bool(redis.Redis.from_url(self.redis_url(), socket_timeout=1).ping())
-        except (redis.RedisError, OSError, ValueError):
-            return False
-
-    def start_api(self) -> Proc:
+    def start_api(self, port: int | None = None, **env: str) -> Proc:
         """``batchsvc web`` as the Procfile runs it (2 gunicorn workers x 16 threads)."""
-        self.port = free_port()
-        proc = self.spawn("web", [str(BIN / "batchsvc"), "web"], PORT=str(self.port))
-
-        def healthy() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"API exited:\n{proc.tail()}")
-            try:
-                return requests.get(f"http://{HOST}:{self.port}/healthz", timeout=1).ok
-            except requests.RequestException:
-                return False
-
-        wait_until(healthy, START_TIMEOUT_S, "the API")
+        proc = _ours(super().start_api(port, **env))
         # Both gunicorn workers up (the health check reached one of them).
-        wait_until(lambda: len(proc.children()) >= 2, START_TIMEOUT_S, "gunicorn workers")
+        wait_until(lambda: len(proc.children()) >= 2, self.timeouts.api, "gunicorn workers")
         return proc
 
-    def start_control(self) -> Proc:
-        proc = self.spawn("control", [str(BIN / "batchsvc"), "control"])
-        self.wait_worker(proc, f"control-{proc.pid}@{socket.gethostname()}")
+    def start_control(self, **env: str) -> Proc:
+        return self._find_celery_child(_ours(super().start_control(**env)))
+
+    def start_worker(
+        self, models: str = "", concurrency: int = 8, processes: int | None = None, **env: str
+    ) -> Proc:
+        proc = _ours(super().start_worker(models, concurrency, processes, **env))
         return self._find_celery_child(proc)
 
-    def start_worker(self, concurrency: int = 8, models: str = "",
-                     processes: int | None = None) -> Proc:
-        """``batchsvc worker`` with ``CONCURRENCY`` threads in all, split across
-        ``WORKER_PROCESSES`` Celery processes (default: the product's own ``auto``)."""
-        proc = self.spawn("worker", [str(BIN / "batchsvc"), "worker"],
-                          CONCURRENCY=str(concurrency), MODELS=models,
-                          WORKER_PROCESSES=str(processes or "auto"))
-        layout = Settings(worker_concurrency=concurrency,
-                          worker_processes=processes).worker_layout(os.cpu_count() or 1)
-        count = len(layout)
-        for node in inference_nodes(proc.pid, count, socket.gethostname()):
-            self.wait_worker(proc, node)
-        return self._find_celery_child(proc, count)
-
     @staticmethod
-    def _find_celery_child(proc: Proc, count: int = 1) -> Proc:
-        """``batchsvc worker`` / ``control`` supervise their Celery worker processes: find
-        them (the first is the one profiled)."""
+    def _find_celery_child(proc: Proc) -> Proc:
+        """``batchsvc worker`` / ``control`` supervise their Celery worker processes, one per
+        node: find them (the first is the one profiled)."""
         children = proc.children()
-        if len(children) != count:
-            raise RuntimeError(f"{proc.name}: expected {count} Celery children, found "
-                               f"{children}")
+        if len(children) != len(proc.nodes):
+            raise RuntimeError(
+                f"{proc.name}: expected {len(proc.nodes)} Celery children, found {children}"
+            )
         proc.work_pid = children[0].pid
         return proc
 
-    def start_beat(self) -> Proc:
-        return self.spawn("beat", [str(BIN / "batchsvc"), "beat"])
-
-    def start_celery(self, name: str, app: str, queues: list[str], concurrency: int,
-                     **env: str) -> Proc:
+    def start_celery(
+        self, name: str, app: str, queues: list[str], concurrency: int, **env: str
+    ) -> launcher.Proc:
         """A celery worker with exactly the flags ``batchsvc worker`` / ``control`` use, for
         another app (the raw-Celery floor of B1)."""
         node = f"{name}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        # fmt: off
         argv = [
             str(BIN / "celery"), "-A", app, "worker",
             "-Q", ",".join(queues),
@@ -265,50 +144,12 @@ class BenchStack:
             "-n", node,
             "-l", "INFO",
         ]
+        # fmt: on
         proc = self.spawn(name, argv, REDIS_URL=self.redis_url(), PYTHONPATH=str(REPO), **env)
-        self.wait_worker(proc, node)
+        self.wait_node(proc, node)
         return proc
 
-    def start_fake_upstream(self, latency_s: float) -> str:
-        """The fake OpenAI-compatible server in its own process (no concurrency cap)."""
-        self.upstream_port = free_port()
-        proc = self.spawn("upstream", [
-            sys.executable, "-m", "batchsvc.devtools.fake_upstream",
-            "--host", HOST, "--port", str(self.upstream_port), "--latency", str(latency_s),
-        ])
-
-        def healthy() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"fake upstream exited:\n{proc.tail()}")
-            try:
-                return requests.get(self.upstream_url("/health"), timeout=1).ok
-            except requests.RequestException:
-                return False
-
-        wait_until(healthy, START_TIMEOUT_S, "the fake upstream")
-        return f"http://{HOST}:{self.upstream_port}/v1"
-
-    def upstream_url(self, path: str) -> str:
-        return f"http://{HOST}:{self.upstream_port}{path}"
-
-    def wait_worker(self, proc: Proc, node: str) -> None:
-        from celery import Celery
-
-        app = Celery("batchsvc-bench-ping", broker=self.redis_url(), backend=self.redis_url(),
-                     set_as_current=False)
-
-        def answered() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
-            replies = app.control.ping(destination=[node], timeout=0.5) or []
-            return any(node in reply for reply in replies)
-
-        try:
-            wait_until(answered, START_TIMEOUT_S, f"{node} to answer ping", interval=0.2)
-        finally:
-            app.close()
-
-    def stop(self, proc: Proc) -> None:
+    def stop(self, proc: launcher.Proc) -> None:
         proc.stop()
 
     def cpu_meter(self) -> CpuMeter:
@@ -324,45 +165,15 @@ class BenchStack:
         return CpuMeter(pids, alone=("benchmark",))
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+        super().stop_all()
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 self._redis.close()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def dump_logs(self, n: int = 25) -> None:
-        for proc in self.procs:
-            print(f"--- {proc.name} (pid {proc.pid}) log tail ---\n{proc.tail(n)}")
-
-    # -- clients -----------------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}/v1"
-
-    def create_project(self, name: str) -> dict[str, str]:
-        out = self.cli("projects", "create", "--name", name).strip().splitlines()
-        return dict(json.loads(out[-1]))
-
-
-@contextlib.contextmanager
-def running(stack: BenchStack) -> Iterator[BenchStack]:
-    try:
-        yield stack
-    except BaseException:
-        stack.dump_logs()
-        raise
-    finally:
-        stack.stop_all()
-
 
 # -- HTTP helpers ----------------------------------------------------------------------------
-
-
-def auth_headers(creds: dict[str, str]) -> dict[str, str]:
-    return {"x-api-key": creds["api_key"], "x-project-id": creds["project_id"]}
 
 
 class MultipartFile:
@@ -414,9 +225,14 @@ def upload_file(stack: BenchStack, creds: dict[str, str], path: Path) -> dict[st
 
 def create_batch(stack: BenchStack, creds: dict[str, str], file_id: str) -> dict[str, Any]:
     resp = requests.post(
-        f"{stack.base_url}/batches", headers=auth_headers(creds), timeout=600,
-        json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
-              "completion_window": "24h"},
+        f"{stack.base_url}/batches",
+        headers=auth_headers(creds),
+        timeout=600,
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
     )
     if resp.status_code != 200:
         raise RuntimeError(f"create failed: {resp.status_code} {resp.text[:500]}")
@@ -424,20 +240,23 @@ def create_batch(stack: BenchStack, creds: dict[str, str], file_id: str) -> dict
 
 
 def get_batch(stack: BenchStack, creds: dict[str, str], batch_id: str) -> dict[str, Any]:
-    resp = requests.get(f"{stack.base_url}/batches/{batch_id}", headers=auth_headers(creds),
-                        timeout=60)
+    resp = requests.get(
+        f"{stack.base_url}/batches/{batch_id}", headers=auth_headers(creds), timeout=60
+    )
     resp.raise_for_status()
     return dict(resp.json())
 
 
 def cancel_batch(stack: BenchStack, creds: dict[str, str], batch_id: str) -> None:
     with contextlib.suppress(requests.RequestException):
-        requests.post(f"{stack.base_url}/batches/{batch_id}/cancel",
-                      headers=auth_headers(creds), timeout=60)
+        requests.post(
+            f"{stack.base_url}/batches/{batch_id}/cancel", headers=auth_headers(creds), timeout=60
+        )
 
 
-def run_warmup_batch(stack: BenchStack, creds: dict[str, str], model: str, lines: int = 40,
-                     timeout_s: float = 180) -> str:
+def run_warmup_batch(
+    stack: BenchStack, creds: dict[str, str], model: str, lines: int = 40, timeout_s: float = 180
+) -> str:
     """Run a small batch to the end, so every worker has loaded what a line needs (the
     tokenizer above all: its first use takes a second or two) before anything is timed."""
     from benchmarks.inputs import write_jsonl
@@ -446,8 +265,13 @@ def run_warmup_batch(stack: BenchStack, creds: dict[str, str], model: str, lines
     write_jsonl(path, lines, model, prefix="warmup")
     batch = create_batch(stack, creds, upload_file(stack, creds, path)["id"])
     final = wait_until(
-        lambda: (b := get_batch(stack, creds, batch["id"]))["status"] in BatchSampler.TERMINAL
-        and b, timeout_s, "the warm-up batch", 0.2)
+        lambda: (
+            (b := get_batch(stack, creds, batch["id"]))["status"] in BatchSampler.TERMINAL and b
+        ),
+        timeout_s,
+        "the warm-up batch",
+        0.2,
+    )
     if final["status"] != "completed":
         raise RuntimeError(f"warm-up batch ended {final['status']}: {final}")
     return str(batch["id"])
@@ -458,8 +282,12 @@ def download(stack: BenchStack, creds: dict[str, str], file_id: str | None) -> t
     if not file_id:
         return 0, 0
     size = lines = 0
-    with requests.get(f"{stack.base_url}/files/{file_id}/content", headers=auth_headers(creds),
-                      timeout=600, stream=True) as resp:
+    with requests.get(
+        f"{stack.base_url}/files/{file_id}/content",
+        headers=auth_headers(creds),
+        timeout=600,
+        stream=True,
+    ) as resp:
         resp.raise_for_status()
         for chunk in resp.iter_content(1 << 20):
             size += len(chunk)
@@ -506,8 +334,11 @@ class RssSampler(threading.Thread):
         self.samples.append((time.monotonic(), self.sample()))
 
     def peak(self, name: str, since: float | None = None, until: float | None = None) -> int:
-        values = [s[name] for t, s in self.samples
-                  if (since is None or t >= since) and (until is None or t <= until)]
+        values = [
+            s[name]
+            for t, s in self.samples
+            if (since is None or t >= since) and (until is None or t <= until)
+        ]
         return max(values) if values else 0
 
     def at(self, name: str, when: float) -> int:
@@ -542,8 +373,15 @@ class BatchSampler(threading.Thread):
 
     TERMINAL = ("completed", "failed", "expired", "cancelled")
 
-    def __init__(self, client: redis.Redis, batch_id: str, queue: str, hz: float = 20,
-                 max_s: float = 1800, memory_every: int = 4) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        batch_id: str,
+        queue: str,
+        hz: float = 20,
+        max_s: float = 1800,
+        memory_every: int = 4,
+    ) -> None:
         super().__init__(name="batch-sampler", daemon=True)
         self.client = client
         self.key = f"bs:batch:{batch_id}"
@@ -577,12 +415,18 @@ class BatchSampler(threading.Thread):
             status, completed, failed, total, dispatch, published = (
                 (v.decode() if v is not None else "") for v in replies[0]
             )
-            self.samples.append(BatchSample(
-                t=now, status=status, recorded=int(completed or 0) + int(failed or 0),
-                total=int(total or 0), dispatch_state=dispatch, published=int(published or 0),
-                queue_depth=int(replies[1]),
-                used_memory=int(replies[2]["used_memory"]) if memory else None,
-            ))
+            self.samples.append(
+                BatchSample(
+                    t=now,
+                    status=status,
+                    recorded=int(completed or 0) + int(failed or 0),
+                    total=int(total or 0),
+                    dispatch_state=dispatch,
+                    published=int(published or 0),
+                    queue_depth=int(replies[1]),
+                    used_memory=int(replies[2]["used_memory"]) if memory else None,
+                )
+            )
             tick += 1
             if status in self.TERMINAL:
                 return
@@ -651,7 +495,8 @@ class CpuMeter:
         self.used = {k: max(0.0, end.get(k, 0.0) - v) for k, v in self._start.items()}
         sys1 = psutil.cpu_times()
         busy = (sum(sys1) - sys1.idle - getattr(sys1, "iowait", 0.0)) - (
-            sum(self._sys0) - self._sys0.idle - getattr(self._sys0, "iowait", 0.0))
+            sum(self._sys0) - self._sys0.idle - getattr(self._sys0, "iowait", 0.0)
+        )
         self.machine_busy = busy / self.seconds if self.seconds else 0.0
         # CPU the hypervisor gave to other guests: this VM's cores, not there for us.
         stolen = getattr(sys1, "steal", 0.0) - getattr(self._sys0, "steal", 0.0)
@@ -665,9 +510,11 @@ class CpuMeter:
             per = f" = {1000 * used / lines:.2f} ms/line" if lines else ""
             parts.append(f"{name} {used / self.seconds:.2f} cores{per}")
         ours = sum(self.used.values()) / self.seconds if self.seconds else 0.0
-        parts.append(f"machine busy {self.machine_busy:.2f} of {os.cpu_count()} cores "
-                     f"(processes not listed here: {max(0.0, self.machine_busy - ours):.2f}, "
-                     f"of which stolen by the hypervisor: {self.machine_stolen:.2f})")
+        parts.append(
+            f"machine busy {self.machine_busy:.2f} of {os.cpu_count()} cores "
+            f"(processes not listed here: {max(0.0, self.machine_busy - ours):.2f}, "
+            f"of which stolen by the hypervisor: {self.machine_stolen:.2f})"
+        )
         return "; ".join(parts)
 
 
