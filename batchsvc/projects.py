@@ -98,12 +98,7 @@ class ProjectStore:
         return project, self.create_key(project.id)
 
     def get_project(self, project_id: str) -> Project | None:
-        raw = self.r.hgetall(_project_key(project_id))
-        if not raw:
-            return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        models = None if fields["models"] == "*" else tuple(json.loads(fields["models"]))
-        return Project(fields["id"], fields["name"], int(fields["created_at"]), models)
+        return _parse_project(self.r.hgetall(_project_key(project_id)))
 
     def list_projects(self) -> list[Project]:
         ids = [i.decode() for i in self.r.zrange(_PROJECTS, 0, -1)]
@@ -150,15 +145,34 @@ class ProjectStore:
             InvalidCredentials: unknown or inactive key, or a key of another project.
         """
         digest = hash_key(api_key)
-        stored = self.r.hmget(_api_key_key(digest), ["digest", "project_id", "active"])
+        fields = ["digest", "project_id", "active"]
+        if project_id is None:
+            stored, raw_project = self.r.hmget(_api_key_key(digest), fields), None
+        else:
+            # Every request authenticates: with the project named, the key and the project
+            # come back in one round trip; the project is used only if the key owns it.
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(_api_key_key(digest), fields)
+            # (bytes: a header value is any string, and redis-py would refuse a lone surrogate)
+            pipe.hgetall(_project_key(project_id).encode("utf-8", "surrogatepass"))
+            stored, raw_project = pipe.execute()
         stored_digest, owner, active = (v.decode() if v is not None else "" for v in stored)
         if not hmac.compare_digest(stored_digest.encode(), digest.encode()) or active != "1":
             raise InvalidCredentials()
-        if project_id is not None and not hmac.compare_digest(
-            owner.encode(), project_id.encode("utf-8", "surrogatepass")
-        ):
+        if project_id is None:
+            project = self.get_project(owner)
+        elif hmac.compare_digest(owner.encode(), project_id.encode("utf-8", "surrogatepass")):
+            project = _parse_project(raw_project)
+        else:
             raise InvalidCredentials()
-        project = self.get_project(owner)
         if project is None:
             raise InvalidCredentials()
         return project
+
+
+def _parse_project(raw: dict[bytes, bytes]) -> Project | None:
+    if not raw:
+        return None
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    models = None if fields["models"] == "*" else tuple(json.loads(fields["models"]))
+    return Project(fields["id"], fields["name"], int(fields["created_at"]), models)
