@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from batchsvc.errors import InvalidCredentials, NotFound
@@ -157,3 +160,32 @@ def test_list_projects_in_creation_order_and_missing_project_is_none() -> None:
     ids = [store.create_project(f"p{i}")[0].id for i in range(3)]
     assert [p.id for p in store.list_projects()] == ids
     assert store.get_project("proj_missing") is None
+
+
+def _round_trips(store: ProjectStore, call: Callable[[], object]) -> int:
+    """How many times ``call`` takes a connection from the pool: one per command or pipeline
+    sent, so one per round trip to Redis."""
+    pool = store.r.connection_pool
+    taken = 0
+    real = pool.get_connection
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal taken
+        taken += 1
+        return real(*args, **kwargs)
+
+    pool.get_connection = counting  # type: ignore[method-assign]
+    try:
+        call()
+    finally:
+        pool.get_connection = real  # type: ignore[method-assign]
+    return taken
+
+
+def test_authenticating_with_the_project_named_is_one_round_trip() -> None:
+    # Every API request authenticates: the key and the named project come back together.
+    store = make_store()
+    project, key = store.create_project("acme")
+    assert _round_trips(store, lambda: store.authenticate(key.api_key, project.id)) == 1
+    # Without the project header the project is known only from the key: two.
+    assert _round_trips(store, lambda: store.authenticate(key.api_key, None)) == 2
