@@ -206,7 +206,7 @@ def run(opts: Options) -> list[Section]:
                            [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY, **tuned_env)
         _raw_chord(stack, 40, body, 120)
         n_tuned = min(n, 10_000)
-        tuned = _raw_chord(stack, n_tuned, body, max_s)
+        tuned = _measured_raw_chord(stack, n_tuned, body, max_s)
 
         # -- publish rates, into a scratch queue nobody consumes.
         rates = publish.measure_rates(stack.redis_url(), body, n_publish)
@@ -266,7 +266,9 @@ def run(opts: Options) -> list[Section]:
     tuned_rate = n_tuned / tuned["seconds"]
     section.info(f"raw Celery chord with batchsvc's worker tuning ({n_tuned:,} tasks)",
                  f"{fmt_s(tuned['seconds'])} = {fmt_rate(tuned_rate)}; batchsvc / it = "
-                 f"{(bs_rate or 0.0) / tuned_rate:.2f}x (batchsvc's own work per line)")
+                 f"{(bs_rate or 0.0) / tuned_rate:.2f}x (batchsvc's own work per line); "
+                 f"steal {tuned['stolen']:.2f} cores (during the batch: "
+                 f"{meter.machine_stolen:.2f})")
     section.info(f"publish rate, send_task loop ({rates.n:,} msgs)",
                  fmt_rate(rates.rate(rates.send_task_s), "msg/s"))
     section.info(f"publish rate, send_task in kombu Producer.batch({rates.window})",
