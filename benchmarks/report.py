@@ -134,8 +134,14 @@ class Recorder:
         self.argv = argv
         self._header_written = False
         self.started = dt.datetime.now(dt.UTC)
+        # Read once, at the start: a header built when the first section ends (20 minutes
+        # later for B1) named the revision and load of that moment.
+        self._header = self._build_header()
 
     def header(self) -> str:
+        return self._header
+
+    def _build_header(self) -> str:
         when = self.started.strftime("%Y-%m-%d %H:%M UTC")
         return "\n".join([
             f"## {when} · rev {git_revision()} · {self.mode}",
