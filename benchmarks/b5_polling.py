@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from batchsvc.queues import model_queue
 from benchmarks.common import Options
@@ -71,10 +73,27 @@ class PollResult:
     duration: float = 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies:
-            return math.nan
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000
+        return percentile_ms(self.latencies, q)
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of durations in seconds, in milliseconds."""
+    if not seconds:
+        return math.nan
+    ordered = sorted(seconds)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000
+
+
+def server_times(log: Path, offset: int, path: str) -> list[float]:
+    """How long the API took (seconds) for each ``GET path`` it logged after byte ``offset``
+    of its log: the access log's microseconds field, from the parsed request to the last byte
+    written. Set beside the client's latency, it tells time spent serving from time spent
+    waiting for a core (the client's and the server's)."""
+    pattern = re.compile(rf'"GET {re.escape(path)} HTTP/1\.1" \d+ \S+ .* (\d+)us ')
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode("utf-8", errors="replace")
+    return [int(match.group(1)) / 1e6 for match in pattern.finditer(text)]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
@@ -203,12 +222,14 @@ def run(opts: Options) -> list[Section]:
                 batch = create_batch(stack, creds, upload_file(stack, creds, path)["id"])
             before, total = _progress(stack, batch["id"])
             prof_out = opts.profile_dir / f"b5-api-{model or 'idle'}.pyspy.txt"
+            polled = f"/v1/batches/{batch['id']}"
+            log_offset = api.log.stat().st_size
             meter = stack.cpu_meter().start()
             with profiled(opts.profile, api.pid, prof_out, duration + 30,
                           subprocesses=True) as prof:
-                result = poll(stack.port, f"/v1/batches/{batch['id']}", auth_headers(creds),
-                              clients, duration)
+                result = poll(stack.port, polled, auth_headers(creds), clients, duration)
             meter.stop()
+            served = server_times(api.log, log_offset, polled)
             after, _ = _progress(stack, batch["id"])
             status = stack.redis.hget(f"bs:batch:{batch['id']}", "status")
             if model is not None:
@@ -233,6 +254,9 @@ def run(opts: Options) -> list[Section]:
             section.check(f"{label}: latency p99", f"{p99:.1f} ms",
                           f"<= {TARGET_P99_MS:.0f} ms", p99 <= TARGET_P99_MS
                           and result.errors == 0)
+            section.info(f"{label}: server-side time p50 / p99 (API access log)",
+                         f"{percentile_ms(served, 0.5):.1f} / {percentile_ms(served, 0.99):.1f}"
+                         f" ms ({len(served):,} requests logged)")
             if model is not None:
                 section.info(f"{label}: batch during the window",
                              f"{before:,} -> {after:,} of {total:,} lines recorded, status "
@@ -249,5 +273,7 @@ def run(opts: Options) -> list[Section]:
                      "see B1 (B1 did not run in this invocation)")
     section.note("latency = from writing the request to reading the whole response, on a "
                  "kept-alive connection (connects are not timed); every client has one "
-                 "connection and sends once a second, the clients spread over the second")
+                 "connection and sends once a second, the clients spread over the second; "
+                 "server-side time = the API's own access-log figure for the same requests "
+                 "(waiting for a gunicorn thread or a core is in the first, not the second)")
     return [section]
