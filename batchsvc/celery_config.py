@@ -11,14 +11,19 @@ from batchsvc.settings import Settings
 
 
 def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
+    restore_every_s = max(1.0, min(10.0, settings.visibility_timeout_s / 5))
     transport = {
         # A killed worker's unacknowledged lines come back after this; the per-line lease
         # stops a redelivered copy from running a line that is still running elsewhere.
         "visibility_timeout": settings.visibility_timeout_s,
         # kombu scans for such messages only every interval x throttle seconds (100 s by
         # default), which would dwarf a short visibility timeout: scan every few seconds.
-        "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout_s / 5)),
+        "unacked_restore_interval": restore_every_s,
         "unacked_restore_throttle": 1,
+        # Each scan holds a Redis lock for milliseconds, but the lock lives 300 s by default:
+        # a worker killed while holding it would stop every redelivery for five minutes.
+        # Redeliveries a concurrent scan might repeat are stopped by the per-line lease.
+        "unacked_mutex_expire": max(5, round(5 * restore_every_s)),
         # Consume queues in the order given (an inference worker lists its models' sync
         # queues first), not round-robin: synchronous requests go ahead of batch lines.
         "queue_order_strategy": "priority",
