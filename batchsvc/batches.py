@@ -214,9 +214,22 @@ class BatchRecord:
     def from_redis(cls, raw: dict[bytes, bytes]) -> BatchRecord:
         f = {k.decode(): v.decode() for k, v in raw.items()}
         known = {
-            "id", "project_id", "endpoint", "input_file_id", "completion_window", "status",
-            "created_at", "expires_at", "total", "completed", "failed", "output_file_id",
-            "error_file_id", "errors", "metadata", *lifecycle.TIMESTAMP_FIELDS,
+            "id",
+            "project_id",
+            "endpoint",
+            "input_file_id",
+            "completion_window",
+            "status",
+            "created_at",
+            "expires_at",
+            "total",
+            "completed",
+            "failed",
+            "output_file_id",
+            "error_file_id",
+            "errors",
+            "metadata",
+            *lifecycle.TIMESTAMP_FIELDS,
         }
         return cls(
             id=f["id"],
@@ -347,9 +360,9 @@ class BatchStore:
             return None
         return record
 
-    def list(self, project_id: str, *, after: str | None, limit: int) -> tuple[
-        list[BatchRecord], bool
-    ]:
+    def list(
+        self, project_id: str, *, after: str | None, limit: int
+    ) -> tuple[list[BatchRecord], bool]:
         page = page_ids(self.r, _index_key(project_id), after=after, limit=limit, descending=True)
         records = [r for r in (self.get_any(i) for i in page.ids) if r is not None]
         return records, page.has_more
@@ -381,7 +394,11 @@ class BatchStore:
         if len(stamps) != 1:
             raise ValueError(f"transitions {sources} -> {target} set different timestamps")
         args: list[str | int] = [
-            ",".join(sources), target, stamps.pop(), self.now(), batch_id,
+            ",".join(sources),
+            target,
+            stamps.pop(),
+            self.now(),
+            batch_id,
             "1" if lifecycle.is_terminal(target) else "0",
         ]
         for name, value in (fields or {}).items():
@@ -403,8 +420,12 @@ class BatchStore:
         """Take line ``index`` for a run if the batch is running, the line has no record and
         no live lease; count the run. One round trip (the hot path of every line)."""
         verdict, status, expiring, deliveries = self._begin_line(
-            keys=[batch_key(batch_id), lines_key(batch_id), lease_prefix(batch_id) + str(index),
-                  deliveries_key(batch_id)],
+            keys=[
+                batch_key(batch_id),
+                lines_key(batch_id),
+                lease_prefix(batch_id) + str(index),
+                deliveries_key(batch_id),
+            ],
             args=[index, token, int(ttl_s * 1000)],
         )
         return LineStart(_text(verdict), _text(status), _text(expiring) == "1", int(deliveries))
@@ -416,11 +437,11 @@ class BatchStore:
         round trip. ``status``/``expiring`` are the batch's right after."""
         written, recorded, total, status, expiring = self._finish_line(
             keys=[batch_key(batch_id), lines_key(batch_id), lease_prefix(batch_id) + str(index)],
-            args=[index, (OK if ok else ERR) + line_json, "completed" if ok else "failed",
-                  token],
+            args=[index, (OK if ok else ERR) + line_json, "completed" if ok else "failed", token],
         )
-        return RecordOutcome(written == 1, int(recorded), int(total), _text(status),
-                             _text(expiring) == "1")
+        return RecordOutcome(
+            written == 1, int(recorded), int(total), _text(status), _text(expiring) == "1"
+        )
 
     def has_record(self, batch_id: str, index: int) -> bool:
         return bool(self.r.hexists(lines_key(batch_id), index))
@@ -455,8 +476,9 @@ class BatchStore:
         ``None`` for a line with no record; reads ``chunk`` records at a time."""
         for start in range(0, total, chunk):
             indices = list(range(start, min(start + chunk, total)))
-            for index, value in zip(indices, self.r.hmget(lines_key(batch_id), indices),
-                                    strict=True):
+            for index, value in zip(
+                indices, self.r.hmget(lines_key(batch_id), indices), strict=True
+            ):
                 if value is None:
                     yield index, None, ""
                 else:

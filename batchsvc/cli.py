@@ -208,8 +208,10 @@ def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
                     del restart_at[i]
                     start(i)
             elif proc is not None and (code := proc.poll()) is not None:
-                _say(f"batchsvc: {children[i][0][0]} exited with {code}; starting it again in "
-                     f"{RESTART_PAUSE_S:.0f} s")
+                _say(
+                    f"batchsvc: {children[i][0][0]} exited with {code}; starting it again in "
+                    f"{RESTART_PAUSE_S:.0f} s"
+                )
                 restart_at[i] = now + RESTART_PAUSE_S
         time.sleep(0.1)
 
@@ -268,15 +270,23 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     return _exec(
         [
             _bin("gunicorn"),
-            "--bind", f"{settings.host}:{settings.port}",
-            "--worker-class", "gthread",
-            "--workers", str(args.workers),
-            "--threads", str(args.threads),
+            "--bind",
+            f"{settings.host}:{settings.port}",
+            "--worker-class",
+            "gthread",
+            "--workers",
+            str(args.workers),
+            "--threads",
+            str(args.threads),
             # Above the longest model timeout: the sync endpoint waits for its model.
-            "--timeout", "660",
-            "--graceful-timeout", "30",
-            "--access-logfile", "-",
-            "--access-logformat", ACCESS_LOG_FORMAT,
+            "--timeout",
+            "660",
+            "--graceful-timeout",
+            "30",
+            "--access-logfile",
+            "-",
+            "--access-logformat",
+            ACCESS_LOG_FORMAT,
             "--no-control-socket",
             "batchsvc.api:create_app()",
         ],
@@ -289,13 +299,23 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
     load_registry(settings.config_path)  # a bad config stops the worker now, with its message
     return _supervise(
         [
-            _bin("celery"), "-A", "workers.main", "worker",
-            "-Q", CONTROL_QUEUE,
-            "-P", "threads", "-c", str(args.concurrency),
-            "--prefetch-multiplier", "1",
+            _bin("celery"),
+            "-A",
+            "workers.main",
+            "worker",
+            "-Q",
+            CONTROL_QUEUE,
+            "-P",
+            "threads",
+            "-c",
+            str(args.concurrency),
+            "--prefetch-multiplier",
+            "1",
             "-E",
-            "-n", f"control-{os.getpid()}@{socket.gethostname()}",
-            "-l", "INFO",
+            "-n",
+            f"control-{os.getpid()}@{socket.gethostname()}",
+            "-l",
+            "INFO",
         ],
         url,
         nice=settings.batch_nice,
@@ -319,20 +339,35 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     # Sync queues first: the worker serves them ahead of batch lines (see workers.celery_app).
     queues = [m.sync_queue for m in served] + [m.queue for m in served]
     layout = settings.worker_layout(os.cpu_count() or 1)
-    _say(f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}"
-         + (f" in {len(layout)} processes ({'+'.join(map(str, layout))} threads)"
-            if len(layout) > 1 else ""))
+    _say(
+        f"inference worker: {', '.join(served.ids())} x{settings.worker_concurrency}"
+        + (
+            f" in {len(layout)} processes ({'+'.join(map(str, layout))} threads)"
+            if len(layout) > 1
+            else ""
+        )
+    )
     nodes = inference_nodes(os.getpid(), len(layout), socket.gethostname())
     children: list[Child] = []
     for node, threads in zip(nodes, layout, strict=True):
         argv = [
-            _bin("celery"), "-A", "workers.main", "worker",
-            "-Q", ",".join(queues),
-            "-P", "threads", "-c", str(threads),
-            "--prefetch-multiplier", "1",
+            _bin("celery"),
+            "-A",
+            "workers.main",
+            "worker",
+            "-Q",
+            ",".join(queues),
+            "-P",
+            "threads",
+            "-c",
+            str(threads),
+            "--prefetch-multiplier",
+            "1",
             "-E",
-            "-n", node,
-            "-l", "INFO",
+            "-n",
+            node,
+            "-l",
+            "INFO",
         ]
         # CONCURRENCY sizes the process's HTTP connection pool: its own threads.
         children.append((argv, {"CONCURRENCY": str(threads)}))
@@ -344,9 +379,14 @@ def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return _exec(
         [
-            _bin("celery"), "-A", "workers.main", "beat",
-            "-s", str(settings.data_dir / "celerybeat-schedule"),
-            "-l", "INFO",
+            _bin("celery"),
+            "-A",
+            "workers.main",
+            "beat",
+            "-s",
+            str(settings.data_dir / "celerybeat-schedule"),
+            "-l",
+            "INFO",
         ],
         url,
     )
@@ -356,7 +396,10 @@ def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
     url = embedded_redis.resolve_url(settings, wait_s=60)
     return _exec(
         [
-            _bin("celery"), "-A", "workers.main", "flower",
+            _bin("celery"),
+            "-A",
+            "workers.main",
+            "flower",
             "--address=127.0.0.1",  # never on the network: its task view shows prompts
             f"--port={settings.port}",
             "--persistent=False",

@@ -173,8 +173,9 @@ class FileStore:
         # Expired files are skipped until the page is full (the retention sweep removes them
         # from the indexes).
         while True:
-            page: Page = page_ids(self.r, key, after=after_id, limit=limit - len(records),
-                                  descending=descending)
+            page: Page = page_ids(
+                self.r, key, after=after_id, limit=limit - len(records), descending=descending
+            )
             for file_id in page.ids:
                 raw = self.r.hgetall(_file_key(file_id))
                 record = FileRecord.from_redis(raw) if raw else None

@@ -74,8 +74,9 @@ class Finalizer:
         Returns the batch's status afterwards (unchanged when lines are still missing or another
         finalize holds the lock).
         """
-        lock = self.redis.lock(f"{batch_key(batch_id)}:finalize", timeout=self.lock_ttl_s,
-                               blocking=False)
+        lock = self.redis.lock(
+            f"{batch_key(batch_id)}:finalize", timeout=self.lock_ttl_s, blocking=False
+        )
         if not lock.acquire(blocking=False):
             batch = self.batches.get_any(batch_id)
             return batch.status if batch else "missing"
@@ -127,8 +128,13 @@ class Finalizer:
             },
         )
         if moved:
-            log.info("batch %s %s: %d completed, %d failed", batch_id, target, batch.completed,
-                     batch.failed)
+            log.info(
+                "batch %s %s: %d completed, %d failed",
+                batch_id,
+                target,
+                batch.completed,
+                batch.failed,
+            )
         return status
 
     def _write_files(
@@ -136,8 +142,7 @@ class Finalizer:
     ) -> bool:
         """Stream the records into the two files; False (nothing published) if any record is
         missing, which a recount never lets happen in normal operation."""
-        output_id = self.batches.set_field_once(batch.id, "planned_output_file_id",
-                                                new_file_id())
+        output_id = self.batches.set_field_once(batch.id, "planned_output_file_id", new_file_id())
         error_id = self.batches.set_field_once(batch.id, "planned_error_file_id", new_file_id())
         counts = {OK: 0, ERR: 0}
         sizes = {OK: 0, ERR: 0}
@@ -166,8 +171,14 @@ class Finalizer:
         if counts[OK] != batch.completed or counts[ERR] != batch.failed:
             # The counters and the records disagree: the records are what the files hold, so
             # make the counters match them (each line once, in exactly one counter).
-            log.error("batch %s counters %d/%d disagree with records %d/%d; using records",
-                      batch.id, batch.completed, batch.failed, counts[OK], counts[ERR])
+            log.error(
+                "batch %s counters %d/%d disagree with records %d/%d; using records",
+                batch.id,
+                batch.completed,
+                batch.failed,
+                counts[OK],
+                counts[ERR],
+            )
             self.batches.set_fields(batch.id, completed=counts[OK], failed=counts[ERR])
         fields: dict[str, str | int] = {"files_written": 1}
         now = self.files.now()
@@ -209,4 +220,3 @@ def _end_status(batch: BatchRecord) -> str | None:
 
 class _Incomplete(Exception):
     """Raised inside the writers' block so both discard their temp files."""
-

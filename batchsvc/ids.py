@@ -56,5 +56,5 @@ def line_record_id(batch_id: str, index: int) -> str:
 def canonical_file_id(file_id: str) -> str:
     """Legacy ``file_`` ids resolve like ``file-`` ids (spec 3.3)."""
     if file_id.startswith("file_"):
-        return "file-" + file_id[len("file_"):]
+        return "file-" + file_id[len("file_") :]
     return file_id

@@ -136,8 +136,11 @@ def parse_model(model_id: str, table: Any) -> ModelSpec:
     _require(base_url is None or isinstance(base_url, str), model_id, "base_url must be a string")
     for key in ("upstream_model", "api_key_env"):
         value = table.get(key)
-        _require(value is None or (isinstance(value, str) and value), model_id,
-                 f"{key} must be a non-empty string")
+        _require(
+            value is None or (isinstance(value, str) and value),
+            model_id,
+            f"{key} must be a non-empty string",
+        )
     error_on_max_token = table.get("error_on_max_token", True)
     _require(isinstance(error_on_max_token, bool), model_id, "error_on_max_token must be a boolean")
     encoding = table.get("encoding", "cl100k_base")

@@ -17,7 +17,11 @@ def _dumps(obj: Any) -> str:
 
 
 def output_line(
-    batch_id: str, index: int, custom_id: str, body: dict[str, Any], request_id: str | None,
+    batch_id: str,
+    index: int,
+    custom_id: str,
+    body: dict[str, Any],
+    request_id: str | None,
     status_code: int = 200,
 ) -> str:
     """A successful line, with OpenAI's ``"error": null`` (spec open point 9)."""

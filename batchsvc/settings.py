@@ -170,7 +170,8 @@ class Settings:
                 "BATCHSVC_REQUIRE_PROJECT_HEADER", get("BATCHSVC_REQUIRE_PROJECT_HEADER", "true")
             ),
             visibility_timeout_s=_number(
-                "BATCHSVC_VISIBILITY_TIMEOUT_S", get("BATCHSVC_VISIBILITY_TIMEOUT_S", "300"),
+                "BATCHSVC_VISIBILITY_TIMEOUT_S",
+                get("BATCHSVC_VISIBILITY_TIMEOUT_S", "300"),
                 minimum=1,
             ),
             lease_ttl_s=_number(
@@ -186,11 +187,13 @@ class Settings:
                 "BATCHSVC_STUCK_AFTER_S", get("BATCHSVC_STUCK_AFTER_S", "60"), minimum=0
             ),
             completion_window_s=_int(
-                "BATCHSVC_COMPLETION_WINDOW_S", get("BATCHSVC_COMPLETION_WINDOW_S", "86400"),
+                "BATCHSVC_COMPLETION_WINDOW_S",
+                get("BATCHSVC_COMPLETION_WINDOW_S", "86400"),
                 minimum=1,
             ),
             file_retention_s=_int(
-                "BATCHSVC_FILE_RETENTION_S", get("BATCHSVC_FILE_RETENTION_S", "2592000"),
+                "BATCHSVC_FILE_RETENTION_S",
+                get("BATCHSVC_FILE_RETENTION_S", "2592000"),
                 minimum=1,
             ),
             storage_backend=storage_backend,

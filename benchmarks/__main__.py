@@ -47,21 +47,34 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     runners = _runners()
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__,
+        prog="python -m benchmarks",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run ({', '.join(runners)}; default: all)")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run ({', '.join(runners)}; default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for development")
     record = parser.add_mutually_exclusive_group()
-    record.add_argument("--record", dest="record", action="store_true", default=None,
-                        help="append to RESULTS.md and write the charts (default: unless --quick)")
-    record.add_argument("--no-record", dest="record", action="store_false",
-                        help="only print")
-    parser.add_argument("--profile", action="store_true",
-                        help="attach py-spy to the process under test (needs py-spy)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep each stack's temporary data dir and logs")
+    record.add_argument(
+        "--record",
+        dest="record",
+        action="store_true",
+        default=None,
+        help="append to RESULTS.md and write the charts (default: unless --quick)",
+    )
+    record.add_argument("--no-record", dest="record", action="store_false", help="only print")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="attach py-spy to the process under test (needs py-spy)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep each stack's temporary data dir and logs"
+    )
     args = parser.parse_args(argv)
     names = [n.upper() for n in args.names] or list(runners)
     unknown = [n for n in names if n not in runners]
@@ -70,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     do_record = (not args.quick) if args.record is None else args.record
     # A profiled run's charts do not replace the plain run's (py-spy slows what it watches).
-    chart_dir = HERE if do_record and not args.profile else Path(
-        tempfile.mkdtemp(prefix="batchsvc-bench-charts-"))
-    opts = Options(quick=args.quick, keep=args.keep, chart_dir=chart_dir,
-                   profile=args.profile)
+    chart_dir = (
+        HERE
+        if do_record and not args.profile
+        else Path(tempfile.mkdtemp(prefix="batchsvc-bench-charts-"))
+    )
+    opts = Options(quick=args.quick, keep=args.keep, chart_dir=chart_dir, profile=args.profile)
     mode = "quick (small sizes)" if args.quick else "full"
     if args.profile:
         mode += ", py-spy attached (--profile: numbers a little lower than without)"
@@ -91,14 +106,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             section = Section(name, title)
-            section.check("ran to the end", f"error: {type(exc).__name__}: {exc}"[:300], "yes",
-                          False)
+            section.check(
+                "ran to the end", f"error: {type(exc).__name__}: {exc}"[:300], "yes", False
+            )
             sections = [section]
         for section in sections:
             section.note(f"took {time.monotonic() - started:.0f} s of wall time")
             recorder.record(section)
-            missed += [f"{section.key}: {r.measure} = {r.value} (target {r.target})"
-                       for r in section.missed]
+            missed += [
+                f"{section.key}: {r.measure} = {r.value} (target {r.target})"
+                for r in section.missed
+            ]
     print("\n== summary ==")
     print("\n".join(f"  MISSED {m}" for m in missed) or "  every target met")
     if failed:

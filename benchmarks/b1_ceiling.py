@@ -71,8 +71,7 @@ def _find_raw_join(client: redis.Redis, run_id: str) -> str | None:
     return raw_celery.join_key(str(headers["group"]))
 
 
-def _raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float
-               ) -> dict[str, Any]:
+def _raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float) -> dict[str, Any]:
     """Run the raw chord from the raw control worker; sample its join set at 20 Hz."""
     app = publish.producer_app(stack.redis_url())
     client: redis.Redis = stack.redis
@@ -82,8 +81,7 @@ def _raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float
     try:
         t0 = time.time()
         m0 = time.monotonic()
-        app.send_task(raw_celery.START, args=[run_id, size, body],
-                      queue=raw_celery.CONTROL_QUEUE)
+        app.send_task(raw_celery.START, args=[run_id, size, body], queue=raw_celery.CONTROL_QUEUE)
         deadline = m0 + max_s
         done_at = published_at = None
         best = 0
@@ -111,8 +109,9 @@ def _raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float
         app.close()
 
 
-def _measured_raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float
-                        ) -> dict[str, Any]:
+def _measured_raw_chord(
+    stack: BenchStack, size: int, body: dict[str, Any], max_s: float
+) -> dict[str, Any]:
     """:func:`_raw_chord` with the CPU each process used (and the steal) while it ran."""
     meter = stack.cpu_meter().start()
     raw = _raw_chord(stack, size, body, max_s)
@@ -144,10 +143,18 @@ def run(opts: Options) -> list[Section]:
         # batchsvc batch: this VM's hypervisor steal drifts over minutes, and one raw run on
         # one side measured the weather as much as the code (RESULTS.md, session 2).
         raw_procs = [
-            stack.start_celery("raw-lines", "benchmarks.raw_celery",
-                               [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE], CONCURRENCY),
-            stack.start_celery("raw-control", "benchmarks.raw_celery",
-                               [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY),
+            stack.start_celery(
+                "raw-lines",
+                "benchmarks.raw_celery",
+                [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
+                CONCURRENCY,
+            ),
+            stack.start_celery(
+                "raw-control",
+                "benchmarks.raw_celery",
+                [raw_celery.CONTROL_QUEUE],
+                CONTROL_CONCURRENCY,
+            ),
         ]
         _raw_chord(stack, 40, body, 120)  # warm-up, as for batchsvc
         raw_before = _measured_raw_chord(stack, n, body, max_s)
@@ -158,21 +165,25 @@ def run(opts: Options) -> list[Section]:
 
         t_upload = time.monotonic()
         file_id = upload_file(stack, creds, path)["id"]
-        rss = RssSampler({"control": control.service_pid, "worker": worker.service_pid},
-                         interval=0.1, max_s=max_s)
+        rss = RssSampler(
+            {"control": control.service_pid, "worker": worker.service_pid},
+            interval=0.1,
+            max_s=max_s,
+        )
         rss.start()
         meter = stack.cpu_meter().start()
         t_c0 = time.monotonic()
         with (
-            profiled(opts.profile, control.service_pid, opts.profile_dir / "b1-control.pyspy.txt",
-                     max_s) as prof,
-            profiled(opts.profile, worker.service_pid, opts.profile_dir / "b1-worker.pyspy.txt",
-                     max_s) as prof_worker,
+            profiled(
+                opts.profile, control.service_pid, opts.profile_dir / "b1-control.pyspy.txt", max_s
+            ) as prof,
+            profiled(
+                opts.profile, worker.service_pid, opts.profile_dir / "b1-worker.pyspy.txt", max_s
+            ) as prof_worker,
         ):
             batch = create_batch(stack, creds, file_id)
             t_c1 = time.monotonic()
-            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,
-                                   max_s=max_s)
+            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20, max_s=max_s)
             sampler.start()
             sampler.join(timeout=max_s + 30)
             sampler.stop()
@@ -200,23 +211,35 @@ def run(opts: Options) -> list[Section]:
         for proc in raw_procs:
             stack.stop(proc)
         tuned_env = {raw_celery.TUNED_ENV: "1"}
-        stack.start_celery("raw-lines-tuned", "benchmarks.raw_celery",
-                           [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE], CONCURRENCY,
-                           **tuned_env)
-        stack.start_celery("raw-control-tuned", "benchmarks.raw_celery",
-                           [raw_celery.CONTROL_QUEUE], CONTROL_CONCURRENCY, **tuned_env)
+        stack.start_celery(
+            "raw-lines-tuned",
+            "benchmarks.raw_celery",
+            [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
+            CONCURRENCY,
+            **tuned_env,
+        )
+        stack.start_celery(
+            "raw-control-tuned",
+            "benchmarks.raw_celery",
+            [raw_celery.CONTROL_QUEUE],
+            CONTROL_CONCURRENCY,
+            **tuned_env,
+        )
         _raw_chord(stack, 40, body, 120)
         n_tuned = min(n, 10_000)
         tuned = _measured_raw_chord(stack, n_tuned, body, max_s)
 
         # -- publish rates, into a scratch queue nobody consumes.
         rates = publish.measure_rates(stack.redis_url(), body, n_publish)
-        checks = {how: publish.run_pipelined_chord(stack.redis_url(), body, n_check, how)
-                  for how in ("kombu_batch", "pipelined")}
+        checks = {
+            how: publish.run_pipelined_chord(stack.redis_url(), body, n_check, how)
+            for how in ("kombu_batch", "pipelined")
+        }
 
     # -- figures -------------------------------------------------------------------------------
     status = final["status"]
     counts = final["request_counts"]
+
     def rel(sample: Any) -> float | None:
         return None if sample is None else sample.t - t_c0
 
@@ -234,69 +257,105 @@ def run(opts: Options) -> list[Section]:
     ratio = (bs_rate / raw_rate) if bs_rate else 0.0
     e2e_s = t_dl1 - t_upload
 
-    section.info("batch", f"{n:,} lines ({size / 1e6:.1f} MB), {dispatched:,} dispatched to "
-                 f"`{MODEL}` + {errors_expected} naming an unknown model (error file); "
-                 f"inference worker x{CONCURRENCY} threads")
-    section.info("final status", f"{status}, completed {counts['completed']:,}, failed "
-                 f"{counts['failed']:,}; downloaded {out_lines:,} output lines "
-                 f"({out_bytes / 1e6:.1f} MB) + {err_lines:,} error lines")
+    section.info(
+        "batch",
+        f"{n:,} lines ({size / 1e6:.1f} MB), {dispatched:,} dispatched to "
+        f"`{MODEL}` + {errors_expected} naming an unknown model (error file); "
+        f"inference worker x{CONCURRENCY} threads",
+    )
+    section.info(
+        "final status",
+        f"{status}, completed {counts['completed']:,}, failed "
+        f"{counts['failed']:,}; downloaded {out_lines:,} output lines "
+        f"({out_bytes / 1e6:.1f} MB) + {err_lines:,} error lines",
+    )
     section.info("upload", fmt_s(t_c0 - t_upload))
     section.info("validation (create call)", fmt_s(create_s))
-    section.info("fan-out publish (create -> dispatch_state done)",
-                 f"{fmt_s(fanout_s)} = {fmt_rate(dispatched / fanout_s if fanout_s else None)}")
+    section.info(
+        "fan-out publish (create -> dispatch_state done)",
+        f"{fmt_s(fanout_s)} = {fmt_rate(dispatched / fanout_s if fanout_s else None)}",
+    )
     section.info("processing (create -> all lines recorded)", fmt_s(processing_s))
     section.info("  of which after the fan-out", fmt_s(after_fanout_s))
     section.info("assembly (all recorded -> completed)", fmt_s(assembly_s))
     section.info("download both files", fmt_s(t_dl1 - t_dl0))
     section.info("batchsvc create -> completed", f"{fmt_s(total_s)} = {fmt_rate(bs_rate)}")
-    section.info("batchsvc end to end (upload -> both downloaded)",
-                 f"{fmt_s(e2e_s)} = {fmt_rate(n / e2e_s)}")
+    section.info(
+        "batchsvc end to end (upload -> both downloaded)", f"{fmt_s(e2e_s)} = {fmt_rate(n / e2e_s)}"
+    )
     for when, raw in (("before", raw_before), ("after", raw_after)):
-        section.info(f"raw Celery chord {when} the batch (publish from a worker -> callback "
-                     "ran)",
-                     f"{fmt_s(raw['seconds'])} = {fmt_rate(n / raw['seconds'])} (its canvas "
-                     f"publish took {fmt_s(raw['published'])} = "
-                     f"{fmt_rate(n / raw['published'] if raw['published'] else None, 'msg/s')}"
-                     f"); steal {raw['stolen']:.2f} cores")
+        section.info(
+            f"raw Celery chord {when} the batch (publish from a worker -> callback ran)",
+            f"{fmt_s(raw['seconds'])} = {fmt_rate(n / raw['seconds'])} (its canvas "
+            f"publish took {fmt_s(raw['published'])} = "
+            f"{fmt_rate(n / raw['published'] if raw['published'] else None, 'msg/s')}"
+            f"); steal {raw['stolen']:.2f} cores",
+        )
     section.info("raw Celery chord, both runs", fmt_rate(raw_rate))
     section.info("CPU during the batchsvc batch (create -> completed)", meter.summary(n))
     section.info("CPU during the raw chord before the batch", raw_before["cpu"])
     section.info("CPU during the raw chord after the batch", raw_after["cpu"])
-    section.check("batchsvc / raw Celery lines/s (both raw runs)", f"{ratio:.2f}x",
-                  f">= {TARGET_RATIO}x", ratio >= TARGET_RATIO)
+    section.check(
+        "batchsvc / raw Celery lines/s (both raw runs)",
+        f"{ratio:.2f}x",
+        f">= {TARGET_RATIO}x",
+        ratio >= TARGET_RATIO,
+    )
     tuned_rate = n_tuned / tuned["seconds"]
-    section.info(f"raw Celery chord with batchsvc's worker tuning ({n_tuned:,} tasks)",
-                 f"{fmt_s(tuned['seconds'])} = {fmt_rate(tuned_rate)}; batchsvc / it = "
-                 f"{(bs_rate or 0.0) / tuned_rate:.2f}x (batchsvc's own work per line); "
-                 f"steal {tuned['stolen']:.2f} cores (during the batch: "
-                 f"{meter.machine_stolen:.2f})")
-    section.info(f"publish rate, send_task loop ({rates.n:,} msgs)",
-                 fmt_rate(rates.rate(rates.send_task_s), "msg/s"))
-    section.info(f"publish rate, send_task in kombu Producer.batch({rates.window})",
-                 f"{fmt_rate(rates.rate(rates.kombu_batch_s), 'msg/s')} (a chord of "
-                 f"{n_check:,} published so ran: callback after {fmt_s(checks['kombu_batch'])})")
-    section.info(f"publish rate, as_task_v2 + Redis pipeline ({rates.window}/flush)",
-                 f"{fmt_rate(rates.rate(rates.pipelined_s), 'msg/s')} (a chord of "
-                 f"{n_check:,} published so ran: callback after {fmt_s(checks['pipelined'])})")
-    section.info("Redis used_memory before / peak during / after assembly",
-                 f"{fmt_mib(mem_before)} / {fmt_mib(sampler.peak_memory())} / "
-                 f"{fmt_mib(mem_after)} (after the second raw chord: {fmt_mib(mem_raw_after)})")
+    section.info(
+        f"raw Celery chord with batchsvc's worker tuning ({n_tuned:,} tasks)",
+        f"{fmt_s(tuned['seconds'])} = {fmt_rate(tuned_rate)}; batchsvc / it = "
+        f"{(bs_rate or 0.0) / tuned_rate:.2f}x (batchsvc's own work per line); "
+        f"steal {tuned['stolen']:.2f} cores (during the batch: "
+        f"{meter.machine_stolen:.2f})",
+    )
+    section.info(
+        f"publish rate, send_task loop ({rates.n:,} msgs)",
+        fmt_rate(rates.rate(rates.send_task_s), "msg/s"),
+    )
+    section.info(
+        f"publish rate, send_task in kombu Producer.batch({rates.window})",
+        f"{fmt_rate(rates.rate(rates.kombu_batch_s), 'msg/s')} (a chord of "
+        f"{n_check:,} published so ran: callback after {fmt_s(checks['kombu_batch'])})",
+    )
+    section.info(
+        f"publish rate, as_task_v2 + Redis pipeline ({rates.window}/flush)",
+        f"{fmt_rate(rates.rate(rates.pipelined_s), 'msg/s')} (a chord of "
+        f"{n_check:,} published so ran: callback after {fmt_s(checks['pipelined'])})",
+    )
+    section.info(
+        "Redis used_memory before / peak during / after assembly",
+        f"{fmt_mib(mem_before)} / {fmt_mib(sampler.peak_memory())} / "
+        f"{fmt_mib(mem_after)} (after the second raw chord: {fmt_mib(mem_raw_after)})",
+    )
     assembly_from = s_all.t if s_all else t_c1
-    section.info("control worker RSS at assembly start / peak in assembly",
-                 f"{fmt_mib(rss.at('control', assembly_from))} / "
-                 f"{fmt_mib(rss.peak('control', since=assembly_from))}")
-    section.info("inference worker RSS before the batch / peak",
-                 f"{fmt_mib(rss.samples[0][1]['worker'])} / {fmt_mib(rss.peak('worker'))}")
+    section.info(
+        "control worker RSS at assembly start / peak in assembly",
+        f"{fmt_mib(rss.at('control', assembly_from))} / "
+        f"{fmt_mib(rss.peak('control', since=assembly_from))}",
+    )
+    section.info(
+        "inference worker RSS before the batch / peak",
+        f"{fmt_mib(rss.samples[0][1]['worker'])} / {fmt_mib(rss.peak('worker'))}",
+    )
     if status != "completed" or out_lines + err_lines != n:
-        section.check("batch completed with every line in a file", f"{status}, "
-                      f"{out_lines + err_lines} lines", f"completed, {n}", False)
-    section.note("ratio = batchsvc lines/s from the create call to `completed` (validation, "
-                 "fan-out, processing, assembly) over raw Celery's lines/s from sending its "
-                 "start task to its callback, over its two runs (one before, one after the "
-                 "batch); all fan-outs are published from a celery "
-                 "worker thread while the line workers consume, on the same 2 cores")
-    section.note("publish rates are client-side: one process publishing batchsvc's own line "
-                 "messages (same task, args, chord options) into a scratch queue")
+        section.check(
+            "batch completed with every line in a file",
+            f"{status}, {out_lines + err_lines} lines",
+            f"completed, {n}",
+            False,
+        )
+    section.note(
+        "ratio = batchsvc lines/s from the create call to `completed` (validation, "
+        "fan-out, processing, assembly) over raw Celery's lines/s from sending its "
+        "start task to its callback, over its two runs (one before, one after the "
+        "batch); all fan-outs are published from a celery "
+        "worker thread while the line workers consume, on the same 2 cores"
+    )
+    section.note(
+        "publish rates are client-side: one process publishing batchsvc's own line "
+        "messages (same task, args, chord options) into a scratch queue"
+    )
     opts.shared["b1_redis"] = (sampler.peak_memory(), mem_after)
     for line in summarize(prof):
         section.note(f"py-spy control worker (whole batch): {line}")
@@ -306,21 +365,39 @@ def run(opts: Options) -> list[Section]:
     t_disp = rel(s_dispatch)
     t_all = rel(s_all)
     markers = [("create answered", create_s)]
-    markers += [(label, x) for label, x in (("fan-out done", t_disp), ("all recorded", t_all),
-                                            ("completed", total_s)) if x is not None]
-    section.charts.append(line_chart(
-        opts.chart_dir / "b1.png",
-        f"B1: {n:,}-line echo batch vs raw Celery chord ({CONCURRENCY} worker threads)",
-        [
-            ("batchsvc: lines recorded",
-             [s.t - t_c0 for s in sampler.samples], [s.recorded for s in sampler.samples]),
-            ("batchsvc: lines published (marks every 1,000)",
-             [s.t - t_c0 for s in sampler.samples],
-             [s.total if s.dispatch_state == "done" else s.published for s in sampler.samples]),
-            *((f"raw Celery chord {when} the batch: header tasks done",
-               [t for t, _ in raw["curve"]], [c for _, c in raw["curve"]])
-              for when, raw in (("before", raw_before), ("after", raw_after))),
-        ],
-        markers=markers,
-    ))
+    markers += [
+        (label, x)
+        for label, x in (("fan-out done", t_disp), ("all recorded", t_all), ("completed", total_s))
+        if x is not None
+    ]
+    section.charts.append(
+        line_chart(
+            opts.chart_dir / "b1.png",
+            f"B1: {n:,}-line echo batch vs raw Celery chord ({CONCURRENCY} worker threads)",
+            [
+                (
+                    "batchsvc: lines recorded",
+                    [s.t - t_c0 for s in sampler.samples],
+                    [s.recorded for s in sampler.samples],
+                ),
+                (
+                    "batchsvc: lines published (marks every 1,000)",
+                    [s.t - t_c0 for s in sampler.samples],
+                    [
+                        s.total if s.dispatch_state == "done" else s.published
+                        for s in sampler.samples
+                    ],
+                ),
+                *(
+                    (
+                        f"raw Celery chord {when} the batch: header tasks done",
+                        [t for t, _ in raw["curve"]],
+                        [c for _, c in raw["curve"]],
+                    )
+                    for when, raw in (("before", raw_before), ("after", raw_after))
+                ),
+            ],
+            markers=markers,
+        )
+    )
     return [section]

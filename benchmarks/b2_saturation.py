@@ -70,13 +70,14 @@ def run(opts: Options) -> list[Section]:
         path = stack.root / "b2.jsonl"
         write_jsonl(path, n, MODEL, prefix="b2")
         for processes in LAYOUTS:
-            layout = Settings(worker_concurrency=THREADS,
-                              worker_processes=processes).worker_layout(os.cpu_count() or 1)
+            layout = Settings(worker_concurrency=THREADS, worker_processes=processes).worker_layout(
+                os.cpu_count() or 1
+            )
             threads = max(layout)
-            label = (f"{len(layout)} x {threads} threads"
-                     + (" (WORKER_PROCESSES=auto)" if processes is None else ""))
-            workers = [stack.start_worker(concurrency=THREADS, models=MODEL,
-                                          processes=processes)]
+            label = f"{len(layout)} x {threads} threads" + (
+                " (WORKER_PROCESSES=auto)" if processes is None else ""
+            )
+            workers = [stack.start_worker(concurrency=THREADS, models=MODEL, processes=processes)]
             try:
                 run_warmup_batch(stack, creds, MODEL, lines=4 * THREADS)
                 requests.post(stack.upstream_url("/_fake/reset"), timeout=10).raise_for_status()
@@ -87,8 +88,9 @@ def run(opts: Options) -> list[Section]:
                 with profiled(opts.profile, workers[0].service_pid, prof_out, max_s) as prof:
                     batch = create_batch(stack, creds, file_id)
                     t1 = time.monotonic()
-                    sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,
-                                           max_s=max_s)
+                    sampler = BatchSampler(
+                        stack.redis, batch["id"], model_queue(MODEL), hz=20, max_s=max_s
+                    )
                     sampler.start()
                     sampler.join(timeout=max_s + 30)
                     sampler.stop()
@@ -112,30 +114,47 @@ def run(opts: Options) -> list[Section]:
                 hi = sampler.first(lambda s: s.recorded >= 0.9 * n)
                 if lo and hi and hi.t > lo.t:
                     steady = (hi.recorded - lo.recorded) / (hi.t - lo.t)
-            section.check(f"{label}: lines/s (create -> all recorded)",
-                          f"{fmt_rate(rate)} = {rate / ideal:.0%} of ideal {ideal:.0f}",
-                          f">= {TARGET_SHARE:.0%} of {ideal:.0f}", rate >= TARGET_SHARE * ideal)
-            section.info(f"{label}: steady-state lines/s (10 % -> 90 % recorded)",
-                         fmt_rate(steady))
-            section.info(f"{label}: upstream peak in flight / requests seen",
-                         f"{stats['peak_in_flight']} / {stats['requests_seen']:,}")
-            section.info(f"{label}: create call / first line recorded / completed",
-                         f"{fmt_s(t1 - t0)} / {fmt_s(s_first.t - t0 if s_first else None)} / "
-                         f"{fmt_s(s_done.t - t0 if s_done else None)} ({final['status']}, "
-                         f"{final['request_counts']['completed']:,} completed, "
-                         f"{final['request_counts']['failed']:,} failed)")
+            section.check(
+                f"{label}: lines/s (create -> all recorded)",
+                f"{fmt_rate(rate)} = {rate / ideal:.0%} of ideal {ideal:.0f}",
+                f">= {TARGET_SHARE:.0%} of {ideal:.0f}",
+                rate >= TARGET_SHARE * ideal,
+            )
+            section.info(f"{label}: steady-state lines/s (10 % -> 90 % recorded)", fmt_rate(steady))
+            section.info(
+                f"{label}: upstream peak in flight / requests seen",
+                f"{stats['peak_in_flight']} / {stats['requests_seen']:,}",
+            )
+            section.info(
+                f"{label}: create call / first line recorded / completed",
+                f"{fmt_s(t1 - t0)} / {fmt_s(s_first.t - t0 if s_first else None)} / "
+                f"{fmt_s(s_done.t - t0 if s_done else None)} ({final['status']}, "
+                f"{final['request_counts']['completed']:,} completed, "
+                f"{final['request_counts']['failed']:,} failed)",
+            )
             section.info(f"{label}: CPU (create -> completed)", meter.summary(n))
             for line in summarize(prof):
                 section.note(f"py-spy worker ({label}): {line}")
-            curves.append((f"{label} (peak in flight {stats['peak_in_flight']})",
-                           [s.t - t0 for s in sampler.samples],
-                           [s.recorded for s in sampler.samples]))
-    section.info("setup", f"{n:,} lines on an openai-backend model; fake upstream in its own "
-                 f"process, {LATENCY_S * 1000:.0f} ms per request, no concurrency cap; each "
-                 "worker layout warmed up with a small batch first (tokenizer loaded)")
-    section.charts.append(line_chart(
-        opts.chart_dir / "b2.png",
-        f"B2: {n:,} lines, upstream latency {LATENCY_S * 1000:.0f} ms, {THREADS} worker threads",
-        curves, ideal=(f"ideal {ideal:.0f} lines/s", ideal, n),
-    ))
+            curves.append(
+                (
+                    f"{label} (peak in flight {stats['peak_in_flight']})",
+                    [s.t - t0 for s in sampler.samples],
+                    [s.recorded for s in sampler.samples],
+                )
+            )
+    section.info(
+        "setup",
+        f"{n:,} lines on an openai-backend model; fake upstream in its own "
+        f"process, {LATENCY_S * 1000:.0f} ms per request, no concurrency cap; each "
+        "worker layout warmed up with a small batch first (tokenizer loaded)",
+    )
+    section.charts.append(
+        line_chart(
+            opts.chart_dir / "b2.png",
+            f"B2: {n:,} lines, upstream latency {LATENCY_S * 1000:.0f} ms, "
+            f"{THREADS} worker threads",
+            curves,
+            ideal=(f"ideal {ideal:.0f} lines/s", ideal, n),
+        )
+    )
     return [section]

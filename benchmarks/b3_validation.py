@@ -43,10 +43,17 @@ def seed_file(stack: BenchStack, project_id: str, path: Path) -> str:
     target = stack.data_dir / "files" / upload_key(file_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     path.rename(target)
-    store = FileStore(redis.Redis.from_url(stack.redis_url()),
-                      retention_s=Settings().file_retention_s)
-    store.create(file_id=file_id, project_id=project_id, size=target.stat().st_size,
-                 filename=path.name, purpose="batch", storage_key=upload_key(file_id))
+    store = FileStore(
+        redis.Redis.from_url(stack.redis_url()), retention_s=Settings().file_retention_s
+    )
+    store.create(
+        file_id=file_id,
+        project_id=project_id,
+        size=target.stat().st_size,
+        filename=path.name,
+        purpose="batch",
+        storage_key=upload_key(file_id),
+    )
     return file_id
 
 
@@ -63,8 +70,9 @@ def warm_up(stack: BenchStack, creds: dict[str, str], n: int = WARMUP_CREATES) -
         create_batch(stack, creds, upload_file(stack, creds, path)["id"])
 
 
-def measured(api: Proc, call: Any, interval: float = 0.02, max_s: float = 600
-             ) -> tuple[Any, float, int, int, dict[str, int]]:
+def measured(
+    api: Proc, call: Any, interval: float = 0.02, max_s: float = 600
+) -> tuple[Any, float, int, int, dict[str, int]]:
     """Run ``call`` while sampling the gunicorn workers' RSS; returns (result, seconds, growth
     of the worker that grew most, baseline of that worker, growth per worker)."""
     pids = api_workers(api)
@@ -86,7 +94,7 @@ def run(opts: Options) -> list[Section]:
     big_lines = opts.size(50_000, 5_000)
     big_line_bytes = 4_000  # 50,000 x 4,000 = 200,000,000 bytes, under the 209,715,200 limit
     up_lines = opts.size(50_000, 5_000)
-    up_line_bytes = 2_000   # 100,000,000 bytes, under the 104,857,600 upload limit
+    up_line_bytes = 2_000  # 100,000,000 bytes, under the 104,857,600 upload limit
     section = Section("B3", "create-time validation")
     stack = BenchStack("b3", keep=opts.keep)
     with running(stack):
@@ -98,10 +106,12 @@ def run(opts: Options) -> list[Section]:
         big = stack.root / "b3-seeded.jsonl"
         big_size = write_jsonl(big, big_lines, MODEL, line_bytes=big_line_bytes, prefix="b3s")
         seeded_id = seed_file(stack, creds["project_id"], big)
-        with profiled(opts.profile, api.pid, opts.profile_dir / "b3-api.pyspy.txt", 120,
-                      subprocesses=True) as prof:
+        with profiled(
+            opts.profile, api.pid, opts.profile_dir / "b3-api.pyspy.txt", 120, subprocesses=True
+        ) as prof:
             batch, big_s, big_rss, big_base, big_all = measured(
-                api, lambda: create_batch(stack, creds, seeded_id))
+                api, lambda: create_batch(stack, creds, seeded_id)
+            )
         big_total = batch["request_counts"]["total"]
 
         up = stack.root / "b3-upload.jsonl"
@@ -110,26 +120,53 @@ def run(opts: Options) -> list[Section]:
         uploaded = upload_file(stack, creds, up)
         upload_s = time.monotonic() - upload_s0
         batch2, up_s, up_rss, up_base, _ = measured(
-            api, lambda: create_batch(stack, creds, uploaded["id"]))
+            api, lambda: create_batch(stack, creds, uploaded["id"])
+        )
 
-    section.info("inputs", f"seeded: {big_size / 1e6:.1f} MB, {big_lines:,} lines "
-                 f"(total {big_total:,}); uploaded: {up_size / 1e6:.1f} MB, {up_lines:,} lines "
-                 f"(upload took {fmt_s(upload_s)})")
-    section.check(f"create, {big_size / 1e6:.0f} MB seeded", fmt_s(big_s), f"<= {TARGET_S:.0f} s",
-                  big_s <= TARGET_S)
-    section.check(f"API worker RSS growth, {big_size / 1e6:.0f} MB create", fmt_mib(big_rss),
-                  f"<= {fmt_mib(TARGET_RSS)}", big_rss <= TARGET_RSS)
-    section.info("  per gunicorn worker (baseline of the largest)",
-                 ", ".join(fmt_mib(v) for v in big_all.values()) + f" (base {fmt_mib(big_base)})")
-    section.check(f"create, {up_size / 1e6:.0f} MB uploaded", fmt_s(up_s),
-                  f"<= {TARGET_S:.0f} s (set for 200 MB)", up_s <= TARGET_S)
-    section.check(f"API worker RSS growth, {up_size / 1e6:.0f} MB create", fmt_mib(up_rss),
-                  f"<= {fmt_mib(TARGET_RSS)}", up_rss <= TARGET_RSS)
-    section.info("validation throughput", f"{big_size / 1e6 / big_s:.0f} MB/s seeded, "
-                 f"{up_size / 1e6 / up_s:.0f} MB/s uploaded ({batch2['status']})")
-    section.note("RSS growth = peak RSS of a gunicorn worker (children of `batchsvc web`), "
-                 "sampled every 20 ms during the call, minus its RSS just before; both workers "
-                 f"warmed up first with {WARMUP_CREATES} small upload + create calls")
+    section.info(
+        "inputs",
+        f"seeded: {big_size / 1e6:.1f} MB, {big_lines:,} lines "
+        f"(total {big_total:,}); uploaded: {up_size / 1e6:.1f} MB, {up_lines:,} lines "
+        f"(upload took {fmt_s(upload_s)})",
+    )
+    section.check(
+        f"create, {big_size / 1e6:.0f} MB seeded",
+        fmt_s(big_s),
+        f"<= {TARGET_S:.0f} s",
+        big_s <= TARGET_S,
+    )
+    section.check(
+        f"API worker RSS growth, {big_size / 1e6:.0f} MB create",
+        fmt_mib(big_rss),
+        f"<= {fmt_mib(TARGET_RSS)}",
+        big_rss <= TARGET_RSS,
+    )
+    section.info(
+        "  per gunicorn worker (baseline of the largest)",
+        ", ".join(fmt_mib(v) for v in big_all.values()) + f" (base {fmt_mib(big_base)})",
+    )
+    section.check(
+        f"create, {up_size / 1e6:.0f} MB uploaded",
+        fmt_s(up_s),
+        f"<= {TARGET_S:.0f} s (set for 200 MB)",
+        up_s <= TARGET_S,
+    )
+    section.check(
+        f"API worker RSS growth, {up_size / 1e6:.0f} MB create",
+        fmt_mib(up_rss),
+        f"<= {fmt_mib(TARGET_RSS)}",
+        up_rss <= TARGET_RSS,
+    )
+    section.info(
+        "validation throughput",
+        f"{big_size / 1e6 / big_s:.0f} MB/s seeded, "
+        f"{up_size / 1e6 / up_s:.0f} MB/s uploaded ({batch2['status']})",
+    )
+    section.note(
+        "RSS growth = peak RSS of a gunicorn worker (children of `batchsvc web`), "
+        "sampled every 20 ms during the call, minus its RSS just before; both workers "
+        f"warmed up first with {WARMUP_CREATES} small upload + create calls"
+    )
     for line in summarize(prof):
         section.note(f"py-spy API: {line}")
     return [section]

@@ -62,11 +62,11 @@ def run(opts: Options) -> list[Section]:
         rss = RssSampler({"control": control.service_pid}, interval=0.05, max_s=max_s)
         rss.start()
         t0 = time.monotonic()
-        with profiled(opts.profile, control.service_pid, opts.profile_dir / "b4-control.pyspy.txt",
-                      max_s) as prof:
+        with profiled(
+            opts.profile, control.service_pid, opts.profile_dir / "b4-control.pyspy.txt", max_s
+        ) as prof:
             batch = create_batch(stack, creds, file_id)
-            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20,
-                                   max_s=max_s)
+            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20, max_s=max_s)
             sampler.start()
             sampler.join(timeout=max_s + 30)
             sampler.stop()
@@ -86,22 +86,38 @@ def run(opts: Options) -> list[Section]:
     base = rss.samples[0][1]["control"]
     overall = rss.peak("control") - base
 
-    section.check(f"API worker RSS growth, {up_size / 1e6:.0f} MB upload", fmt_mib(up_rss),
-                  f"<= {fmt_mib(UPLOAD_TARGET)}", up_rss <= UPLOAD_TARGET)
-    section.info("  per gunicorn worker (baseline of the largest); upload time",
-                 ", ".join(fmt_mib(v) for v in up_all.values())
-                 + f" (base {fmt_mib(up_base)}); {fmt_s(up_s)}")
-    section.check(f"control worker RSS growth, assembling {batch_lines:,} lines",
-                  fmt_mib(growth), f"<= {fmt_mib(ASSEMBLY_TARGET)}", growth <= ASSEMBLY_TARGET)
-    section.info("  control RSS: before the batch / at assembly start / peak in assembly",
-                 f"{fmt_mib(base)} / {fmt_mib(at_start)} / {fmt_mib(peak)}")
-    section.info("  control RSS growth over the whole batch (fan-out included)",
-                 fmt_mib(overall))
-    section.info("batch", f"{batch_lines:,} lines, {size / 1e6:.1f} MB in, "
-                 f"{out_bytes / 1e6:.1f} MB / {out_lines:,} lines out; {final['status']}; "
-                 f"assembly took {fmt_s(s_done.t - s_all.t)} (batch {fmt_s(s_done.t - t0)})")
-    section.note("assembly = from the first 20 Hz sample with every line recorded to the "
-                 "first with `completed`; RSS sampled every 50 ms")
+    section.check(
+        f"API worker RSS growth, {up_size / 1e6:.0f} MB upload",
+        fmt_mib(up_rss),
+        f"<= {fmt_mib(UPLOAD_TARGET)}",
+        up_rss <= UPLOAD_TARGET,
+    )
+    section.info(
+        "  per gunicorn worker (baseline of the largest); upload time",
+        ", ".join(fmt_mib(v) for v in up_all.values())
+        + f" (base {fmt_mib(up_base)}); {fmt_s(up_s)}",
+    )
+    section.check(
+        f"control worker RSS growth, assembling {batch_lines:,} lines",
+        fmt_mib(growth),
+        f"<= {fmt_mib(ASSEMBLY_TARGET)}",
+        growth <= ASSEMBLY_TARGET,
+    )
+    section.info(
+        "  control RSS: before the batch / at assembly start / peak in assembly",
+        f"{fmt_mib(base)} / {fmt_mib(at_start)} / {fmt_mib(peak)}",
+    )
+    section.info("  control RSS growth over the whole batch (fan-out included)", fmt_mib(overall))
+    section.info(
+        "batch",
+        f"{batch_lines:,} lines, {size / 1e6:.1f} MB in, "
+        f"{out_bytes / 1e6:.1f} MB / {out_lines:,} lines out; {final['status']}; "
+        f"assembly took {fmt_s(s_done.t - s_all.t)} (batch {fmt_s(s_done.t - t0)})",
+    )
+    section.note(
+        "assembly = from the first 20 Hz sample with every line recorded to the "
+        "first with `completed`; RSS sampled every 50 ms"
+    )
     for line in summarize(prof):
         section.note(f"py-spy control worker: {line}")
     return [section]

@@ -114,8 +114,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, close
 
 
-async def _client(index: int, clients: int, port: int, request: bytes, t0: float,
-                  duration: float, out: PollResult) -> None:
+async def _client(
+    index: int, clients: int, port: int, request: bytes, t0: float, duration: float, out: PollResult
+) -> None:
     loop = asyncio.get_running_loop()
     offset = index / clients  # spread the clients over each second
     reader: asyncio.StreamReader | None = None
@@ -138,7 +139,8 @@ async def _client(index: int, clients: int, port: int, request: bytes, t0: float
             try:
                 if writer is None:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(HOST, port), timeout=5)
+                        asyncio.open_connection(HOST, port), timeout=5
+                    )
                     out.connects += 1
                 assert reader is not None
                 started = time.perf_counter()
@@ -159,16 +161,20 @@ async def _client(index: int, clients: int, port: int, request: bytes, t0: float
             writer.close()
 
 
-async def _poll(port: int, path: str, headers: dict[str, str], clients: int,
-                duration: float) -> PollResult:
+async def _poll(
+    port: int, path: str, headers: dict[str, str], clients: int, duration: float
+) -> PollResult:
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{head}"
-               "Accept: application/json\r\n\r\n").encode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{head}Accept: application/json\r\n\r\n"
+    ).encode()
     out = PollResult()
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.5
-    tasks = [asyncio.create_task(_client(i, clients, port, request, t0, duration, out))
-             for i in range(clients)]
+    tasks = [
+        asyncio.create_task(_client(i, clients, port, request, t0, duration, out))
+        for i in range(clients)
+    ]
     try:
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + 60)
     finally:
@@ -180,24 +186,31 @@ async def _poll(port: int, path: str, headers: dict[str, str], clients: int,
     return out
 
 
-def poll(port: int, path: str, headers: dict[str, str], clients: int, duration: float
-         ) -> PollResult:
+def poll(
+    port: int, path: str, headers: dict[str, str], clients: int, duration: float
+) -> PollResult:
     return asyncio.run(_poll(port, path, headers, clients, duration))
 
 
 def _progress(stack: BenchStack, batch_id: str) -> tuple[int, int]:
-    completed, failed, total = stack.redis.hmget(f"bs:batch:{batch_id}", "completed", "failed",
-                                                 "total")
+    completed, failed, total = stack.redis.hmget(
+        f"bs:batch:{batch_id}", "completed", "failed", "total"
+    )
     return int(completed or 0) + int(failed or 0), int(total or 0)
 
 
 def run(opts: Options) -> list[Section]:
     clients = opts.size(200, 50)
     duration = float(opts.size(20, 5))
-    loads = ((None, 0, "no batch running (baseline)"),
-             (ECHO, opts.size(50_000, 3_000), "echo batch (CPU-bound)"),
-             (UPSTREAM, opts.size(20_000, 2_000),
-              f"upstream batch ({LATENCY_S * 1000:.0f} ms latency, 64 worker threads)"))
+    loads = (
+        (None, 0, "no batch running (baseline)"),
+        (ECHO, opts.size(50_000, 3_000), "echo batch (CPU-bound)"),
+        (
+            UPSTREAM,
+            opts.size(20_000, 2_000),
+            f"upstream batch ({LATENCY_S * 1000:.0f} ms latency, 64 worker threads)",
+        ),
+    )
     section = Section("B5", "polling under load")
     stack = BenchStack("b5", config_toml="", keep=opts.keep)
     with running(stack):
@@ -225,8 +238,9 @@ def run(opts: Options) -> list[Section]:
             polled = f"/v1/batches/{batch['id']}"
             log_offset = api.log.stat().st_size
             meter = stack.cpu_meter().start()
-            with profiled(opts.profile, api.pid, prof_out, duration + 30,
-                          subprocesses=True) as prof:
+            with profiled(
+                opts.profile, api.pid, prof_out, duration + 30, subprocesses=True
+            ) as prof:
                 result = poll(stack.port, polled, auth_headers(creds), clients, duration)
             meter.stop()
             served = server_times(api.log, log_offset, polled)
@@ -234,46 +248,73 @@ def run(opts: Options) -> list[Section]:
             status = stack.redis.hget(f"bs:batch:{batch['id']}", "status")
             if model is not None:
                 cancel_batch(stack, creds, batch["id"])
-                wait_until(lambda b=batch["id"]: (stack.redis.hget(f"bs:batch:{b}", "status")
-                                                  or b"").decode() in BatchSampler.TERMINAL,
-                           600, "the cancelled batch", 0.5)
-                wait_until(lambda m=model: stack.redis.llen(model_queue(m)) == 0, 600,
-                           "the queue to drain", 0.5)
+                wait_until(
+                    lambda b=batch["id"]: (
+                        (stack.redis.hget(f"bs:batch:{b}", "status") or b"").decode()
+                        in BatchSampler.TERMINAL
+                    ),
+                    600,
+                    "the cancelled batch",
+                    0.5,
+                )
+                wait_until(
+                    lambda m=model: stack.redis.llen(model_queue(m)) == 0,
+                    600,
+                    "the queue to drain",
+                    0.5,
+                )
 
             ok = result.statuses.get(200, 0)
             others = {k: v for k, v in result.statuses.items() if k != 200}
             p99 = result.pct(0.99)
-            section.info(f"{label}: requests", f"{len(result.latencies):,} answered "
-                         f"({ok:,} x 200, others {others or 'none'}), {result.errors} "
-                         f"errors, {result.skipped} slots skipped, {result.connects} connects, "
-                         f"{clients} clients x {duration:.0f} s")
+            section.info(
+                f"{label}: requests",
+                f"{len(result.latencies):,} answered "
+                f"({ok:,} x 200, others {others or 'none'}), {result.errors} "
+                f"errors, {result.skipped} slots skipped, {result.connects} connects, "
+                f"{clients} clients x {duration:.0f} s",
+            )
             section.info(f"{label}: requests/s", f"{len(result.latencies) / result.duration:.0f}")
-            section.info(f"{label}: latency p50 / p90 / max",
-                         f"{result.pct(0.5):.1f} / {result.pct(0.9):.1f} / "
-                         f"{result.pct(1.0):.1f} ms")
-            section.check(f"{label}: latency p99", f"{p99:.1f} ms",
-                          f"<= {TARGET_P99_MS:.0f} ms", p99 <= TARGET_P99_MS
-                          and result.errors == 0)
-            section.info(f"{label}: server-side time p50 / p99 (API access log)",
-                         f"{percentile_ms(served, 0.5):.1f} / {percentile_ms(served, 0.99):.1f}"
-                         f" ms ({len(served):,} requests logged)")
+            section.info(
+                f"{label}: latency p50 / p90 / max",
+                f"{result.pct(0.5):.1f} / {result.pct(0.9):.1f} / {result.pct(1.0):.1f} ms",
+            )
+            section.check(
+                f"{label}: latency p99",
+                f"{p99:.1f} ms",
+                f"<= {TARGET_P99_MS:.0f} ms",
+                p99 <= TARGET_P99_MS and result.errors == 0,
+            )
+            section.info(
+                f"{label}: server-side time p50 / p99 (API access log)",
+                f"{percentile_ms(served, 0.5):.1f} / {percentile_ms(served, 0.99):.1f}"
+                f" ms ({len(served):,} requests logged)",
+            )
             if model is not None:
-                section.info(f"{label}: batch during the window",
-                             f"{before:,} -> {after:,} of {total:,} lines recorded, status "
-                             f"{(status or b'').decode()} at the end (then cancelled)")
+                section.info(
+                    f"{label}: batch during the window",
+                    f"{before:,} -> {after:,} of {total:,} lines recorded, status "
+                    f"{(status or b'').decode()} at the end (then cancelled)",
+                )
             section.info(f"{label}: CPU in the window", meter.summary())
             for line in summarize(prof):
                 section.note(f"py-spy API ({model or 'no batch'}): {line}")
     b1 = opts.shared.get("b1_redis")
     if b1 is not None:
-        section.info("Redis used_memory at B1's peak / after its batch was assembled",
-                     f"{fmt_mib(b1[0])} / {fmt_mib(b1[1])} (from B1 of this run)")
+        section.info(
+            "Redis used_memory at B1's peak / after its batch was assembled",
+            f"{fmt_mib(b1[0])} / {fmt_mib(b1[1])} (from B1 of this run)",
+        )
     else:
-        section.info("Redis used_memory at B1's peak / after assembly",
-                     "see B1 (B1 did not run in this invocation)")
-    section.note("latency = from writing the request to reading the whole response, on a "
-                 "kept-alive connection (connects are not timed); every client has one "
-                 "connection and sends once a second, the clients spread over the second; "
-                 "server-side time = the API's own access-log figure for the same requests "
-                 "(waiting for a gunicorn thread or a core is in the first, not the second)")
+        section.info(
+            "Redis used_memory at B1's peak / after assembly",
+            "see B1 (B1 did not run in this invocation)",
+        )
+    section.note(
+        "latency = from writing the request to reading the whole response, on a "
+        "kept-alive connection (connects are not timed); every client has one "
+        "connection and sends once a second, the clients spread over the second; "
+        "server-side time = the API's own access-log figure for the same requests "
+        "(waiting for a gunicorn thread or a core is in the first, not the second)"
+    )
     return [section]

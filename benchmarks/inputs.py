@@ -71,8 +71,9 @@ def write_jsonl(
     with open(path, "w", encoding="ascii", newline="\n") as out:
         for index in range(lines):
             custom_id = f"{prefix}-{index:06d}"
-            target = MISSING_MODEL if error_every and index % error_every == error_every - 1 \
-                else model
+            target = (
+                MISSING_MODEL if error_every and index % error_every == error_every - 1 else model
+            )
             if line_bytes is None:
                 text = _line(custom_id, target, f"Say {custom_id}: " + pool[index % 64][:120])
             else:

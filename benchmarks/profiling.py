@@ -25,8 +25,9 @@ def py_spy() -> str | None:
 
 
 @contextlib.contextmanager
-def profiled(enabled: bool, pid: int, out: Path, max_s: float, *,
-             subprocesses: bool = False) -> Iterator[Path | None]:
+def profiled(
+    enabled: bool, pid: int, out: Path, max_s: float, *, subprocesses: bool = False
+) -> Iterator[Path | None]:
     """Record ``pid`` with py-spy (collapsed stacks in ``out``) while the block runs, at most
     ``max_s`` seconds; yields the output path or None when profiling is off or unavailable."""
     exe = py_spy() if enabled else None
@@ -35,16 +36,31 @@ def profiled(enabled: bool, pid: int, out: Path, max_s: float, *,
             print("  (py-spy not found: `.venv/bin/pip install py-spy` for --profile)")
         yield None
         return
-    argv = [exe, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
-            "--duration", str(int(max_s)), "--rate", "100", "--nonblocking", "--threads",
-            # Only the thread holding the GIL: where the interpreter's time goes, which is
-            # what a GIL-bound worker process is short of.
-            "--gil"]
+    argv = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--duration",
+        str(int(max_s)),
+        "--rate",
+        "100",
+        "--nonblocking",
+        "--threads",
+        # Only the thread holding the GIL: where the interpreter's time goes, which is
+        # what a GIL-bound worker process is short of.
+        "--gil",
+    ]
     if subprocesses:
         argv.append("--subprocesses")
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
     try:
         yield out
     finally:
@@ -59,16 +75,47 @@ def profiled(enabled: bool, pid: int, out: Path, max_s: float, *,
 
 
 #: Leaf frames that mean a thread is waiting, not working.
-IDLE = ("wait (threading.py", "_wait_for_tstate_lock", "select (selectors.py",
-        "poll (selectors.py", "sleep", "accept (socket.py", "readinto (socket.py", "_recv",
-        "get (queue.py", "drain_events", "recv_into", "_read_from_socket", "epoll",
-        "select (", "poll (", "read_response (", "readline (",
-        "_worker (concurrent/futures/thread.py:81)", "_Waker.drain", "Condition.wait")
+IDLE = (
+    "wait (threading.py",
+    "_wait_for_tstate_lock",
+    "select (selectors.py",
+    "poll (selectors.py",
+    "sleep",
+    "accept (socket.py",
+    "readinto (socket.py",
+    "_recv",
+    "get (queue.py",
+    "drain_events",
+    "recv_into",
+    "_read_from_socket",
+    "epoll",
+    "select (",
+    "poll (",
+    "read_response (",
+    "readline (",
+    "_worker (concurrent/futures/thread.py:81)",
+    "_Waker.drain",
+    "Condition.wait",
+)
 #: Frames every worker thread has, which say nothing about where the time goes.
-GENERIC = ("threading.py", "concurrent/futures", "celery/app/trace.py", "celery/concurrency",
-           "celery/worker", "kombu/asynchronous", "gunicorn/workers", "<module>", "thread (",
-           "process ", "socketserver.py", "celery/bootsteps.py", "celery/apps/worker",
-           "click/", "celery/bin/", "runpy.py")
+GENERIC = (
+    "threading.py",
+    "concurrent/futures",
+    "celery/app/trace.py",
+    "celery/concurrency",
+    "celery/worker",
+    "kombu/asynchronous",
+    "gunicorn/workers",
+    "<module>",
+    "thread (",
+    "process ",
+    "socketserver.py",
+    "celery/bootsteps.py",
+    "celery/apps/worker",
+    "click/",
+    "celery/bin/",
+    "runpy.py",
+)
 
 
 def summarize(path: Path | None, top: int = 10) -> list[str]:
@@ -100,8 +147,10 @@ def summarize(path: Path | None, top: int = 10) -> list[str]:
     def fmt(counter: collections.Counter[str]) -> str:
         return "; ".join(f"{100 * n / total:.0f}% {frame}" for frame, n in counter.most_common(top))
 
-    busy = (f"{total:,} samples holding the GIL at 100 Hz "
-            f"({100 * total / max(1, total + idle):.0f}% busy)")
+    busy = (
+        f"{total:,} samples holding the GIL at 100 Hz "
+        f"({100 * total / max(1, total + idle):.0f}% busy)"
+    )
     return [f"{busy}; inclusive: {fmt(inclusive)}", f"self: {fmt(leaf)}"]
 
 

@@ -64,11 +64,17 @@ class Spec:
         return f"{self.batch_id}.{index}"
 
 
-def line_spec(app: Celery, queue: str, body: dict[str, Any], task: str = RUN_LINE,
-              callback_task: str = raw_celery.DONE) -> Spec:
+def line_spec(
+    app: Celery,
+    queue: str,
+    body: dict[str, Any],
+    task: str = RUN_LINE,
+    callback_task: str = raw_celery.DONE,
+) -> Spec:
     batch_id = "batch_bench" + uuid.uuid4().hex[:12]
-    callback = app.signature(callback_task, args=[batch_id], immutable=True,
-                             queue=raw_celery.CONTROL_QUEUE)
+    callback = app.signature(
+        callback_task, args=[batch_id], immutable=True, queue=raw_celery.CONTROL_QUEUE
+    )
     return Spec(task, queue, batch_id, body, callback)
 
 
@@ -88,8 +94,14 @@ def publish_send_task(app: Celery, spec: Spec, n: int, *, batch_window: int = 0)
 def _send_loop(app: Celery, producer: Any, spec: Spec, n: int) -> None:
     for i in range(n):
         app.send_task(
-            spec.task, args=spec.args(i), queue=spec.queue, task_id=spec.task_id(i),
-            group_id=spec.group_id, group_index=i, chord=spec.callback, producer=producer,
+            spec.task,
+            args=spec.args(i),
+            queue=spec.queue,
+            task_id=spec.task_id(i),
+            group_id=spec.group_id,
+            group_index=i,
+            chord=spec.callback,
+            producer=producer,
             ignore_result=True,
         )
 
@@ -97,29 +109,37 @@ def _send_loop(app: Celery, producer: Any, spec: Spec, n: int) -> None:
 def envelope(app: Celery, spec: Spec, index: int) -> str:
     """The JSON string kombu's Redis transport would LPUSH for this line's task."""
     headers, properties, body, _ = app.amqp.as_task_v2(
-        spec.task_id(index), spec.task, args=spec.args(index), group_id=spec.group_id,
-        group_index=index, chord=spec.callback, ignore_result=True,
+        spec.task_id(index),
+        spec.task,
+        args=spec.args(index),
+        group_id=spec.group_id,
+        group_index=index,
+        chord=spec.callback,
+        ignore_result=True,
         reply_to=app.thread_oid,  # as send_task sets it
     )
     payload = dumps(body).encode("utf-8")
-    return dumps({
-        "body": base64.b64encode(payload).decode("ascii"),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": {
-            **properties,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": spec.queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    })
+    return dumps(
+        {
+            "body": base64.b64encode(payload).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": spec.queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
 
 
-def publish_pipelined(app: Celery, client: redis.Redis, spec: Spec, n: int,
-                      window: int = 1000) -> float:
+def publish_pipelined(
+    app: Celery, client: redis.Redis, spec: Spec, n: int, window: int = 1000
+) -> float:
     """Hand-built envelopes, LPUSHed through a pipeline flushed every ``window`` lines."""
     t0 = time.perf_counter()
     pipe = client.pipeline(transaction=False)
@@ -143,8 +163,7 @@ class PublishRates:
         return self.n / seconds if seconds > 0 else 0.0
 
 
-def measure_rates(redis_url: str, body: dict[str, Any], n: int, window: int = 1000
-                  ) -> PublishRates:
+def measure_rates(redis_url: str, body: dict[str, Any], n: int, window: int = 1000) -> PublishRates:
     """Publish ``n`` line messages each way into :data:`SCRATCH_QUEUE` (checked, then
     deleted)."""
     app = producer_app(redis_url)
@@ -164,16 +183,23 @@ def measure_rates(redis_url: str, body: dict[str, Any], n: int, window: int = 10
             if queued != n:
                 raise RuntimeError(f"{name}: {queued} messages queued, expected {n}")
             client.delete(SCRATCH_QUEUE)
-        return PublishRates(n, window, timings["send_task"], timings["kombu_batch"],
-                            timings["pipelined"])
+        return PublishRates(
+            n, window, timings["send_task"], timings["kombu_batch"], timings["pipelined"]
+        )
     finally:
         client.delete(SCRATCH_QUEUE)
         client.close()
         app.close()
 
 
-def run_pipelined_chord(redis_url: str, body: dict[str, Any], size: int, how: str,
-                        timeout_s: float = 120, window: int = 1000) -> float:
+def run_pipelined_chord(
+    redis_url: str,
+    body: dict[str, Any],
+    size: int,
+    how: str,
+    timeout_s: float = 120,
+    window: int = 1000,
+) -> float:
     """Publish a chord of ``size`` raw line tasks ``how`` = ``kombu_batch`` or ``pipelined``
     into the raw worker's queue and wait for its callback; returns seconds from the first
     publish to the callback. Raises TimeoutError if it never fires."""

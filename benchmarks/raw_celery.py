@@ -92,8 +92,10 @@ def start(run_id: str, size: int, body: dict[str, Any]) -> None:
     """Publish the chord the way Celery's canvas does (one ``apply_async`` per header task),
     from a worker, as batchsvc's control worker publishes its fan-out."""
     header = group(
-        [line.si(run_id, i, f"raw-{i:06d}", "raw", body).set(ignore_result=True)
-         for i in range(size)]
+        [
+            line.si(run_id, i, f"raw-{i:06d}", "raw", body).set(ignore_result=True)
+            for i in range(size)
+        ]
     )
     chord(header)(done.si(run_id))
     _redis().set(published_key(run_id), repr(time.time()), ex=3600)

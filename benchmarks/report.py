@@ -22,8 +22,9 @@ RESULTS = HERE / "RESULTS.md"
 def git_revision() -> str:
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
-                                  timeout=30, check=False).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=HERE, capture_output=True, text=True, timeout=30, check=False
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -52,8 +53,10 @@ def versions() -> str:
     import kombu
     import redis
 
-    return (f"Python {platform.python_version()}, celery {celery.__version__}, "
-            f"kombu {kombu.__version__}, redis-py {redis.__version__}")
+    return (
+        f"Python {platform.python_version()}, celery {celery.__version__}, "
+        f"kombu {kombu.__version__}, redis-py {redis.__version__}"
+    )
 
 
 @dataclass
@@ -97,20 +100,27 @@ class Section:
         width = max((len(r.measure) for r in self.rows), default=10)
         print(f"\n== {self.key} {self.title} ==")
         for r in self.rows:
-            target = f"  [target {r.target}: {'met' if r.ok else 'MISSED'}]" if r.ok is not None \
-                else ""
+            target = (
+                f"  [target {r.target}: {'met' if r.ok else 'MISSED'}]" if r.ok is not None else ""
+            )
             print(f"  {r.measure.ljust(width)}  {r.value}{target}")
         for n in self.notes:
             print(f"  note: {n}")
         for c in self.charts:
             print(f"  chart: {c}")
         if self.missed:
-            print(f"  {self.key}: {len(self.missed)} target(s) MISSED: "
-                  + "; ".join(f"{r.measure} = {r.value} (target {r.target})" for r in self.missed))
+            print(
+                f"  {self.key}: {len(self.missed)} target(s) MISSED: "
+                + "; ".join(f"{r.measure} = {r.value} (target {r.target})" for r in self.missed)
+            )
 
     def markdown(self) -> str:
-        out = [f"### {self.key} {self.title}", "", "| measure | value | target | |",
-               "|---|---|---|---|"]
+        out = [
+            f"### {self.key} {self.title}",
+            "",
+            "| measure | value | target | |",
+            "|---|---|---|---|",
+        ]
         for r in self.rows:
             out.append(f"| {r.measure} | {r.value} | {r.target} | {r.verdict} |")
         if self.notes:
@@ -143,15 +153,17 @@ class Recorder:
 
     def _build_header(self) -> str:
         when = self.started.strftime("%Y-%m-%d %H:%M UTC")
-        return "\n".join([
-            f"## {when} · rev {git_revision()} · {self.mode}",
-            "",
-            f"- machine: {machine()}; {versions()}",
-            f"- command: `{' '.join(['python -m benchmarks', *self.argv])}`",
-            f"- load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
-            "(other engineers' test runs may share this machine)",
-            "",
-        ])
+        return "\n".join(
+            [
+                f"## {when} · rev {git_revision()} · {self.mode}",
+                "",
+                f"- machine: {machine()}; {versions()}",
+                f"- command: `{' '.join(['python -m benchmarks', *self.argv])}`",
+                f"- load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
+                "(other engineers' test runs may share this machine)",
+                "",
+            ]
+        )
 
     def record(self, section: Section) -> None:
         section.print()
@@ -159,9 +171,11 @@ class Recorder:
             return
         text = ""
         if not RESULTS.exists():
-            text += ("# Benchmark results\n\nAppended by `make bench` / `python -m benchmarks` "
-                     "(issue 6). Newest runs at the bottom. A missed target is recorded as "
-                     "**MISSED** with the measured number.\n\n")
+            text += (
+                "# Benchmark results\n\nAppended by `make bench` / `python -m benchmarks` "
+                "(issue 6). Newest runs at the bottom. A missed target is recorded as "
+                "**MISSED** with the measured number.\n\n"
+            )
         if not self._header_written:
             text += self.header() + "\n"
             self._header_written = True
@@ -208,8 +222,15 @@ def line_chart(
     for i, (label, x) in enumerate(markers or []):
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
         # Staggered heights, so labels of markers close together stay readable.
-        ax.text(x, top * (0.02 + 0.3 * (i % 3)), f" {label}", rotation=90, va="bottom",
-                fontsize=8, color="dimgrey")
+        ax.text(
+            x,
+            top * (0.02 + 0.3 * (i % 3)),
+            f" {label}",
+            rotation=90,
+            va="bottom",
+            fontsize=8,
+            color="dimgrey",
+        )
     ax.set_xlabel("seconds")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -78,8 +78,9 @@ def request_lines(n: int, *, prefix: str = "req-", model: str = DEMO_MODEL) -> l
     return [request_line(f"{prefix}{i}", model=model, content=f"question {i}") for i in range(n)]
 
 
-def jsonl_bytes(lines: Iterable[dict[str, Any] | str | bytes], *, trailing_newline: bool = True
-                ) -> bytes:
+def jsonl_bytes(
+    lines: Iterable[dict[str, Any] | str | bytes], *, trailing_newline: bool = True
+) -> bytes:
     """Serialise lines to JSONL; ``str``/``bytes`` items are written verbatim (bad lines)."""
     parts: list[bytes] = []
     for line in lines:
@@ -105,8 +106,11 @@ def chat_completion(content: str = "Paris.", model: str = DEMO_MODEL) -> dict[st
         "created": T0,
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content},
-             "finish_reason": "stop"}
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
         "system_fingerprint": None,
@@ -122,8 +126,9 @@ def ok_result(batch_id: str, index: int, custom_id: str | None = None) -> str:
 def err_result(batch_id: str, index: int, custom_id: str | None = None) -> str:
     """The error line of a failed line ``index``."""
     cid = custom_id if custom_id is not None else f"req-{index}"
-    return error_line(batch_id, index, cid,
-                      internal_error("upstream 503", legacy="retries_exhausted"))
+    return error_line(
+        batch_id, index, cid, internal_error("upstream 503", legacy="retries_exhausted")
+    )
 
 
 def model_spec(model_id: str = DEMO_MODEL, **overrides: Any) -> ModelSpec:
@@ -153,8 +158,14 @@ def make_domain(tmp_path: Path, *, clock: FakeClock | None = None) -> Domain:
     storage = LocalStorage(tmp_path / "files")
     files = FileStore(client, retention_s=RETENTION_S, clock=clk)
     batches = BatchStore(client, clock=clk)
-    return Domain(client, clk, storage, files, batches,
-                  Finalizer(redis=client, batches=batches, files=files, storage=storage))
+    return Domain(
+        client,
+        clk,
+        storage,
+        files,
+        batches,
+        Finalizer(redis=client, batches=batches, files=files, storage=storage),
+    )
 
 
 def make_batch(
@@ -169,9 +180,9 @@ def make_batch(
     input_file_id: str = "file-input",
 ) -> BatchRecord:
     """A committed batch as ``POST /v1/batches`` leaves it (``in_progress`` by default)."""
-    timestamps = {"in_progress_at": created_at} if status != lifecycle.FAILED else {
-        "failed_at": created_at
-    }
+    timestamps = (
+        {"in_progress_at": created_at} if status != lifecycle.FAILED else {"failed_at": created_at}
+    )
     return batches.create(
         batch_id=batch_id or new_batch_id(),
         project_id=project_id,
@@ -187,8 +198,9 @@ def make_batch(
     )
 
 
-def write_input_copy(storage: LocalStorage, batch_id: str, lines: Iterable[dict[str, Any]]
-                     ) -> bytes:
+def write_input_copy(
+    storage: LocalStorage, batch_id: str, lines: Iterable[dict[str, Any]]
+) -> bytes:
     """Store a batch's private input copy where cancel/expiry read it."""
     data = jsonl_bytes(lines)
     with storage.open_writer(batch_input_key(batch_id)) as out:

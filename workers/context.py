@@ -59,8 +59,13 @@ class WorkerContext:
     @functools.cached_property
     def finalizer(self) -> Finalizer:
         # A killed finalize's lock lapses soon; a live one renews it while writing.
-        return Finalizer(self.redis, self.batches, self.files, self.storage,
-                         lock_ttl_s=max(5.0, 2 * self.settings.lease_ttl_s))
+        return Finalizer(
+            self.redis,
+            self.batches,
+            self.files,
+            self.storage,
+            lock_ttl_s=max(5.0, 2 * self.settings.lease_ttl_s),
+        )
 
     @functools.cached_property
     def leases(self) -> LeaseKeeper:

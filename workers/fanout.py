@@ -43,8 +43,9 @@ class Publisher(Protocol):
     def attach(self, batch_id: str) -> None:
         """Publish more header tasks into the chord ``begin`` declared (the reconciler)."""
 
-    def publish(self, batch_id: str, index: int, custom_id: str, model: str,
-                body: dict[str, Any]) -> None: ...
+    def publish(
+        self, batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]
+    ) -> None: ...
 
     def checkpoint(self) -> None:
         """Make every line published so far durable in the broker (before progress is
@@ -84,8 +85,9 @@ class CeleryPublisher:
         self._batch = self._producer.batch(WINDOW)
         self._batch.__enter__()
 
-    def publish(self, batch_id: str, index: int, custom_id: str, model: str,
-                body: dict[str, Any]) -> None:
+    def publish(
+        self, batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]
+    ) -> None:
         # The message send_task would build (same headers, properties and body: compared byte
         # for byte but the delivery tag), handed straight to the producer: send_task's routing
         # and signal machinery around it cost as much CPU again, ~0.25 ms a line (B1).
@@ -157,9 +159,15 @@ def start_batch(
                     dispatchable += 1
                     continue
                 batches.record_line(
-                    batch_id, line.index, False,
-                    error_line(batch_id, line.index, line.custom_id,
-                               model_not_found(line.body.get("model"))),
+                    batch_id,
+                    line.index,
+                    False,
+                    error_line(
+                        batch_id,
+                        line.index,
+                        line.custom_id,
+                        model_not_found(line.body.get("model")),
+                    ),
                 )
     except StorageMissing:
         log.error("batch %s lost its input copy before dispatch", batch_id)
@@ -190,12 +198,15 @@ def start_batch(
                     publisher.checkpoint()
                     batches.set_fields(batch_id, published=line.index + 1)
                     current = batches.get_any(batch_id)
-                    if current is None or current.status != lifecycle.IN_PROGRESS or (
-                        current.extra.get("expiring") == "1"
+                    if (
+                        current is None
+                        or current.status != lifecycle.IN_PROGRESS
+                        or (current.extra.get("expiring") == "1")
                     ):
                         # Cancel and expiry record the rest themselves.
-                        log.info("batch %s stopped dispatching at line %d", batch_id,
-                                 line.index + 1)
+                        log.info(
+                            "batch %s stopped dispatching at line %d", batch_id, line.index + 1
+                        )
                         return published
     finally:
         publisher.flush()

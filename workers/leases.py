@@ -28,8 +28,9 @@ class LeaseKeeper:
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._renew_forever, name="lease-keeper",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._renew_forever, name="lease-keeper", daemon=True
+            )
             self._thread.start()
 
     def _renew_forever(self) -> None:

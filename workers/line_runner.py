@@ -78,8 +78,13 @@ def _short_circuit_error(status: str, expiring: bool) -> LineError | None:
 
 
 def run_batch_line(
-    ctx: LineContext, batch_id: str, index: int, custom_id: str, model: str,
-    body: dict[str, Any], token: str | None = None,
+    ctx: LineContext,
+    batch_id: str,
+    index: int,
+    custom_id: str,
+    model: str,
+    body: dict[str, Any],
+    token: str | None = None,
 ) -> str:
     """Run line ``index`` of ``batch_id`` at most once and record its result.
 
@@ -102,8 +107,10 @@ def run_batch_line(
         if skip is not None:
             ok, line = False, error_line(batch_id, index, custom_id, skip)
         elif start.deliveries > ctx.max_deliveries:
-            ok, line = False, error_line(batch_id, index, custom_id,
-                                         poison_line(ctx.max_deliveries))
+            ok, line = (
+                False,
+                error_line(batch_id, index, custom_id, poison_line(ctx.max_deliveries)),
+            )
         else:
             ok, line = _run(ctx, batch_id, index, custom_id, model, body)
         # The model's answer is not asked for twice because Redis blinked.
@@ -121,7 +128,11 @@ def run_batch_line(
 
 
 def _run(
-    ctx: LineContext, batch_id: str, index: int, custom_id: str, model: str,
+    ctx: LineContext,
+    batch_id: str,
+    index: int,
+    custom_id: str,
+    model: str,
     body: dict[str, Any],
 ) -> tuple[bool, str]:
     spec = ctx.registry.get(model)
@@ -129,13 +140,16 @@ def _run(
         if spec is None:
             raise internal_error(f'model "{model}" is not configured on this worker')
         response = execute_request(spec, body, ctx.backend_for(spec))
-        return True, output_line(batch_id, index, custom_id, response.body,
-                                 response.request_id, response.status_code)
+        return True, output_line(
+            batch_id, index, custom_id, response.body, response.request_id, response.status_code
+        )
     except LineError as error:
         return False, error_line(batch_id, index, custom_id, error)
     except Exception as exc:  # a bug must cost one line, not the chord
         log.exception("line %s:%d failed unexpectedly", batch_id, index)
         return False, error_line(
-            batch_id, index, custom_id,
+            batch_id,
+            index,
+            custom_id,
             internal_error(f"Unexpected worker error: {type(exc).__name__}: {exc}"),
         )

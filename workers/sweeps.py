@@ -108,8 +108,9 @@ def sweep(
             storage.delete(record.storage_key)
             files.mark_deleted(record)
             removed += 1
-        files.forget(file_id, record.project_id if record else None,
-                     record.purpose if record else None)
+        files.forget(
+            file_id, record.project_id if record else None, record.purpose if record else None
+        )
     return SweepReport(started, expired, finalized, removed, redispatched)
 
 

@@ -35,31 +35,37 @@ def _json_body() -> dict[str, Any]:
 
 
 def _input_file_missing(file_id: str) -> NotFound:
-    return NotFound(f"Input file not found: {file_id}", code="file_not_found",
-                    param="input_file_id")
+    return NotFound(
+        f"Input file not found: {file_id}", code="file_not_found", param="input_file_id"
+    )
 
 
 def _parse_create(body: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     input_file_id = body.get("input_file_id")
     if not isinstance(input_file_id, str) or not input_file_id:
-        raise InvalidRequest("input_file_id is required", code="invalid_request_error",
-                             param="input_file_id")
+        raise InvalidRequest(
+            "input_file_id is required", code="invalid_request_error", param="input_file_id"
+        )
     endpoint = body.get("endpoint")
     if not isinstance(endpoint, str) or not endpoint:
-        raise InvalidRequest("endpoint is required", code="invalid_request_error",
-                             param="endpoint")
+        raise InvalidRequest("endpoint is required", code="invalid_request_error", param="endpoint")
     window = body.get("completion_window", COMPLETION_WINDOW)
     if window is not None and window != COMPLETION_WINDOW:
-        raise InvalidRequest('completion_window must be "24h"', code="invalid_request_error",
-                             param="completion_window")
+        raise InvalidRequest(
+            'completion_window must be "24h"',
+            code="invalid_request_error",
+            param="completion_window",
+        )
     metadata = body.get("metadata")
     if metadata is None:
         metadata = {}
-    if not isinstance(metadata, dict) or len(
-        json.dumps(metadata, separators=(",", ":")).encode()
-    ) > MAX_METADATA_BYTES:
-        raise InvalidRequest("metadata must be a JSON object", code="invalid_request_error",
-                             param="metadata")
+    if (
+        not isinstance(metadata, dict)
+        or len(json.dumps(metadata, separators=(",", ":")).encode()) > MAX_METADATA_BYTES
+    ):
+        raise InvalidRequest(
+            "metadata must be a JSON object", code="invalid_request_error", param="metadata"
+        )
     return input_file_id, endpoint, metadata
 
 
@@ -72,8 +78,14 @@ def _fail_batch(svc: Services, base: dict[str, Any], error: JsonlInvalid) -> Non
         total=0,
         errors={
             "object": "list",
-            "data": [{"code": error.code, "message": error.message, "line": error.line,
-                      "param": error.param}],
+            "data": [
+                {
+                    "code": error.code,
+                    "message": error.message,
+                    "line": error.line,
+                    "param": error.param,
+                }
+            ],
         },
         timestamps={"failed_at": now},
     )
@@ -94,8 +106,11 @@ def _create() -> dict[str, Any]:
     if record is None:
         raise _input_file_missing(input_file_id)
     if record.purpose != "batch":
-        raise InvalidRequest('Input file must have purpose "batch"', code="invalid_request_error",
-                             param="input_file_id")
+        raise InvalidRequest(
+            'Input file must have purpose "batch"',
+            code="invalid_request_error",
+            param="input_file_id",
+        )
     batch_id = new_batch_id()
     created_at = svc.now()
     # The batch holds its own copy (a hard link locally) from now until its lines are
@@ -104,8 +119,11 @@ def _create() -> dict[str, Any]:
     try:
         svc.storage.copy(record.storage_key, input_key)
     except StorageMissing:
-        raise NotFound(f"Input file object missing: {input_file_id}", code="file_not_found",
-                       param="input_file_id") from None
+        raise NotFound(
+            f"Input file object missing: {input_file_id}",
+            code="file_not_found",
+            param="input_file_id",
+        ) from None
     base: dict[str, Any] = {
         "batch_id": batch_id,
         "project_id": project.id,
@@ -176,14 +194,16 @@ def cancel(batch_id: str) -> Any:
             batch_id, [lifecycle.VALIDATING, lifecycle.IN_PROGRESS], lifecycle.CANCELLING
         )
         if not moved and lifecycle.cancel_outcome(status) == "conflict":
-            raise Conflict(f'Cannot cancel a batch with status "{status}"',
-                           code="batch_not_cancellable")
+            raise Conflict(
+                f'Cannot cancel a batch with status "{status}"', code="batch_not_cancellable"
+            )
         if moved:
             try:
                 svc.dispatcher.cancel_batch(batch_id)
             except Exception:
                 log.exception("could not enqueue cancel of %s; the sweep will drain it", batch_id)
     elif outcome == "conflict":
-        raise Conflict(f'Cannot cancel a batch with status "{batch.status}"',
-                       code="batch_not_cancellable")
+        raise Conflict(
+            f'Cannot cancel a batch with status "{batch.status}"', code="batch_not_cancellable"
+        )
     return _find(batch_id).to_api()

@@ -28,8 +28,11 @@ class SyncFailed(BatchsvcError):
     """A line-level failure of a sync request, answered with the status the backend chose."""
 
     def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(str(error.get("message", "The request failed")),
-                         code=error.get("code"), param=error.get("param"))
+        super().__init__(
+            str(error.get("message", "The request failed")),
+            code=error.get("code"),
+            param=error.get("param"),
+        )
         self.status = int(error.get("status", 500))  # type: ignore[misc]
         self.type = str(error.get("type", "internal_error"))  # type: ignore[misc]
 
@@ -41,21 +44,26 @@ def create_completion() -> Any:
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object")
     if body.get("stream") is True:
-        raise InvalidRequest("Streaming is not supported yet; send stream=false",
-                             code="unsupported_parameter", param="stream")
+        raise InvalidRequest(
+            "Streaming is not supported yet; send stream=false",
+            code="unsupported_parameter",
+            param="stream",
+        )
     model = body.get("model")
     spec = svc.registry.get(model) if isinstance(model, str) else None
     if spec is None or not current_project().allows(spec.id):
         raise NotFound(
             f'The model "{model}" does not exist or is not enabled for this project',
-            code="model_not_found", param="model",
+            code="model_not_found",
+            param="model",
         )
     timeout = min(_MAX_WAIT_S, spec.timeout_s * spec.max_attempts + _WAIT_MARGIN_S)
     try:
         outcome = svc.dispatcher.run_sync(spec.id, body, timeout)
     except TimeoutError:
-        raise BatchsvcError(f'The model "{spec.id}" did not answer in time',
-                            code="timeout") from None
+        raise BatchsvcError(
+            f'The model "{spec.id}" did not answer in time', code="timeout"
+        ) from None
     if not outcome.get("ok"):
         raise SyncFailed(outcome.get("error") or {})
     return outcome["body"]

@@ -63,8 +63,9 @@ def register_error_handlers(app: Flask) -> None:
         body = {
             "error": {
                 "message": error.description or error.name,
-                "type": _HTTP_TYPES.get(status, "invalid_request_error" if status < 500
-                                        else "internal_error"),
+                "type": _HTTP_TYPES.get(
+                    status, "invalid_request_error" if status < 500 else "internal_error"
+                ),
                 "code": None,
                 "param": None,
             }
@@ -77,6 +78,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def on_unexpected(error: Exception) -> Response:
-        log.exception("unhandled error in %s %s (%s)", request.method, request.path,
-                      g.get("request_id"))
+        log.exception(
+            "unhandled error in %s %s (%s)", request.method, request.path, g.get("request_id")
+        )
         return error_response(BatchsvcError("Internal server error"))

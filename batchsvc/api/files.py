@@ -44,8 +44,13 @@ def upload() -> Any:
     key = upload_key(file_id)
     try:
         idempotency_key = idempotency.request_key()
-        received = receive_upload(request.stream, request.headers.get("Content-Type"),
-                                  svc.storage, key, digest=idempotency_key is not None)
+        received = receive_upload(
+            request.stream,
+            request.headers.get("Content-Type"),
+            svc.storage,
+            key,
+            digest=idempotency_key is not None,
+        )
     except BatchsvcError:
         _drain()
         raise
@@ -69,7 +74,10 @@ def upload() -> Any:
     # With a key, the upload's fingerprint is known only now that it is stored: a replayed or
     # conflicting upload drops the bytes it just wrote and creates no File.
     return idempotency.respond(
-        "files", idempotency_key, lambda: idempotency.upload_fingerprint(received), create,
+        "files",
+        idempotency_key,
+        lambda: idempotency.upload_fingerprint(received),
+        create,
         discard=lambda: svc.storage.delete(key),
     )
 

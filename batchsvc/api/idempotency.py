@@ -283,8 +283,9 @@ def _keep(store: IdempotencyStore, claim: Claim, status: int, body: dict[str, An
     """Store the answer; the object is committed, so a failure here must not become a 5xx."""
     try:
         if not store.finish(claim, status, body):
-            log.warning("idempotency claim %s expired before its answer was stored",
-                        claim.redis_key)
+            log.warning(
+                "idempotency claim %s expired before its answer was stored", claim.redis_key
+            )
     except Exception:
         log.exception("could not store the idempotent answer for %s", claim.redis_key)
 

@@ -41,9 +41,7 @@ class _LenientDecoder(MultipartDecoder):
     encoding) decode with replacement characters instead of failing the whole upload."""
 
     def _parse_headers(self, data: bytes | bytearray) -> Headers:
-        return super()._parse_headers(
-            bytes(data).decode("utf-8", "replace").encode("utf-8")
-        )
+        return super()._parse_headers(bytes(data).decode("utf-8", "replace").encode("utf-8"))
 
 
 def clean_filename(raw: str | None) -> str | None:
@@ -74,8 +72,13 @@ def _boundary(content_type: str | None) -> bytes:
 
 
 def receive_upload(
-    stream: BinaryIO, content_type: str | None, storage: Storage, key: str,
-    limit: int | None = None, *, digest: bool = False,
+    stream: BinaryIO,
+    content_type: str | None,
+    storage: Storage,
+    key: str,
+    limit: int | None = None,
+    *,
+    digest: bool = False,
 ) -> Upload:
     """Parse the body, stream the ``file`` part into ``storage`` under ``key``.
 
@@ -103,9 +106,7 @@ def receive_upload(
     hasher = hashlib.sha256() if digest else None
 
     def bad_purpose() -> InvalidRequest:
-        return InvalidRequest(
-            "purpose must be \"batch\"", code="invalid_purpose", param="purpose"
-        )
+        return InvalidRequest('purpose must be "batch"', code="invalid_purpose", param="purpose")
 
     with storage.open_writer(key) as out:
         eof = False
@@ -143,9 +144,7 @@ def receive_upload(
                     if size > limit:
                         if purpose_seen and purpose != "batch":
                             raise bad_purpose()
-                        raise PayloadTooLarge(
-                            f"File exceeds maximum upload size of {limit} bytes"
-                        )
+                        raise PayloadTooLarge(f"File exceeds maximum upload size of {limit} bytes")
                     out.write(event.data)
                     if hasher is not None:
                         hasher.update(event.data)
@@ -163,9 +162,14 @@ def receive_upload(
         if not purpose_seen or purpose != "batch":
             raise bad_purpose()
         if not file_seen:
-            raise InvalidRequest("No file was uploaded (form field \"file\")",
-                                 code="missing_file", param="file")
+            raise InvalidRequest(
+                'No file was uploaded (form field "file")', code="missing_file", param="file"
+            )
         if size == 0:
             raise InvalidRequest("The uploaded file is empty", code="empty_file", param="file")
-    return Upload(purpose=purpose, filename=filename, size=size,
-                  sha256=hasher.hexdigest() if hasher is not None else None)
+    return Upload(
+        purpose=purpose,
+        filename=filename,
+        size=size,
+        sha256=hasher.hexdigest() if hasher is not None else None,
+    )

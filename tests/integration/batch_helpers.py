@@ -13,15 +13,32 @@ from openai.types import Batch, FileObject
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 BATCH_FIELDS = {
-    "id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
-    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
-    "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
-    "request_counts", "metadata",
+    "id",
+    "object",
+    "endpoint",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "metadata",
 }
 
 
-def line(custom_id: str, model: str = "demo-echo", content: str | None = None,
-         **body: Any) -> dict[str, Any]:
+def line(
+    custom_id: str, model: str = "demo-echo", content: str | None = None, **body: Any
+) -> dict[str, Any]:
     return {
         "custom_id": custom_id,
         "method": "POST",
@@ -95,9 +112,9 @@ def check_batch_json(raw: dict[str, Any]) -> None:
     Batch.model_validate(raw)
 
 
-def results(client: OpenAI, batch: Batch, expected_ids: list[str]) -> tuple[
-    dict[str, dict[str, Any]], dict[str, dict[str, Any]]
-]:
+def results(
+    client: OpenAI, batch: Batch, expected_ids: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Both files, keyed by custom_id, after checking every custom_id appears exactly once."""
     outputs = download(client, batch.output_file_id)
     errors = download(client, batch.error_file_id)

@@ -33,7 +33,9 @@ def test_a_batch_runs_to_completed_with_both_files(stack: Stack) -> None:
 
     # When the batch is created and polled to the end
     created = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
         metadata={"job": "mixed"},
     )
     assert created.status == "in_progress"
@@ -59,12 +61,14 @@ def test_a_batch_runs_to_completed_with_both_files(stack: Stack) -> None:
         assert error["message"].startswith("[legacy:http_404] The model ")
 
     # And the raw objects carry every field the spec lists, and the File objects are right
-    raw = requests.get(f"{stack.base_url}/batches/{batch.id}",
-                       headers=stack.headers(creds), timeout=10).json()
+    raw = requests.get(
+        f"{stack.base_url}/batches/{batch.id}", headers=stack.headers(creds), timeout=10
+    ).json()
     check_batch_json(raw)
     out_file = client.files.retrieve(batch.output_file_id or "")
-    err_file = requests.get(f"{stack.base_url}/files/{batch.error_file_id}",
-                            headers=stack.headers(creds), timeout=10).json()
+    err_file = requests.get(
+        f"{stack.base_url}/files/{batch.error_file_id}", headers=stack.headers(creds), timeout=10
+    ).json()
     assert out_file.purpose == "batch_output"
     assert out_file.filename == f"{out_file.id}.jsonl"
     assert err_file["purpose"] == "batch_output" and err_file["is_error"] is True
@@ -88,24 +92,46 @@ def test_output_lines_follow_input_order(stack: Stack, project: dict[str, str]) 
 
 VALIDATION_CASES = [
     (b"\n \n", "Input file contains no JSONL lines", None),
-    (b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}\n'
-     b"not json\n", "Line 2 is not valid JSON", 2),
+    (
+        b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}\n'
+        b"not json\n",
+        "Line 2 is not valid JSON",
+        2,
+    ),
     (b"[1,2]\n", "Line 1 must be a JSON object", 1),
-    (b'{"method":"POST","url":"/v1/chat/completions","body":{"a":1}}\n',
-     "Line 1 is missing custom_id", 1),
-    (b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"a":1}}\n\n'
-     b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"a":1}}\n',
-     'Line 3 duplicates custom_id "a"', 3),
-    (b'{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{"a":1}}\n',
-     'Line 1 method must be "POST"', 1),
+    (
+        b'{"method":"POST","url":"/v1/chat/completions","body":{"a":1}}\n',
+        "Line 1 is missing custom_id",
+        1,
+    ),
+    (
+        b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"a":1}}\n\n'
+        b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"a":1}}\n',
+        'Line 3 duplicates custom_id "a"',
+        3,
+    ),
+    (
+        b'{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{"a":1}}\n',
+        'Line 1 method must be "POST"',
+        1,
+    ),
     (b'{"custom_id":"a","method":"POST","body":{"a":1}}\n', "Line 1 is missing url", 1),
-    (b'{"custom_id":"a","method":"POST","url":"/v1/responses","body":{"a":1}}\n',
-     'Line 1 url "/v1/responses" is not an allowed batch endpoint', 1),
-    (b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n',
-     "Line 1 is missing body", 1),
-    (b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions",'
-     b'"body":{"a":1,"stream":true}}\n',
-     "Line 1 has stream=true; streaming is not supported in batch mode", 1),
+    (
+        b'{"custom_id":"a","method":"POST","url":"/v1/responses","body":{"a":1}}\n',
+        'Line 1 url "/v1/responses" is not an allowed batch endpoint',
+        1,
+    ),
+    (
+        b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n',
+        "Line 1 is missing body",
+        1,
+    ),
+    (
+        b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions",'
+        b'"body":{"a":1,"stream":true}}\n',
+        "Line 1 has stream=true; streaming is not supported in batch mode",
+        1,
+    ),
 ]
 
 
@@ -116,7 +142,9 @@ def test_each_validation_rule_answers_400_and_keeps_a_failed_batch(
     client = stack.client(project)
     uploaded = upload(client, data)
     response = requests.post(
-        f"{stack.base_url}/batches", headers=stack.headers(project), timeout=30,
+        f"{stack.base_url}/batches",
+        headers=stack.headers(project),
+        timeout=30,
         json={"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions"},
     )
     assert response.status_code == 400
@@ -150,8 +178,9 @@ def test_endpoint_must_match_the_file(stack: Stack, project: dict[str, str]) -> 
     client = stack.client(project)
     uploaded = upload(client, jsonl([line("a")]))
     with pytest.raises(openai.BadRequestError) as caught:
-        client.batches.create(input_file_id=uploaded.id, completion_window="24h",
-                              endpoint="/v1/embeddings")  # type: ignore[arg-type]
+        client.batches.create(
+            input_file_id=uploaded.id, completion_window="24h", endpoint="/v1/embeddings"
+        )  # type: ignore[arg-type]
     assert caught.value.body["message"] == (
         'endpoint "/v1/embeddings" does not match the url "/v1/chat/completions" used by the '
         "input file"
@@ -165,8 +194,11 @@ def test_cancel_of_a_running_batch(stack: Stack, project: dict[str, str]) -> Non
     lines = [line(f"c{i}", metadata={"echo_delay_s": 1}) for i in range(80)]
     uploaded = upload(client, jsonl(lines))
     batch = create(client, uploaded.id)
-    wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 1,
-               30, "the first line to finish")
+    wait_until(
+        lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 1,
+        30,
+        "the first line to finish",
+    )
 
     # When it is cancelled (twice: idempotent)
     cancelling = client.batches.cancel(batch.id)
@@ -196,8 +228,9 @@ def test_cancel_of_a_completed_batch_is_409_without_retry(
     client = stack.client(project)
     uploaded = upload(client, jsonl([line("one")]))
     batch = wait_terminal(client, create(client, uploaded.id).id)
-    response = requests.post(f"{stack.base_url}/batches/{batch.id}/cancel",
-                             headers=stack.headers(project), timeout=10)
+    response = requests.post(
+        f"{stack.base_url}/batches/{batch.id}/cancel", headers=stack.headers(project), timeout=10
+    )
     assert response.status_code == 409
     assert response.headers["x-should-retry"] == "false"
     assert response.json()["error"]["message"] == 'Cannot cancel a batch with status "completed"'
@@ -208,8 +241,10 @@ def test_another_projects_batch_is_404(stack: Stack, project: dict[str, str]) ->
     uploaded = upload(client, jsonl([line("mine")]))
     batch = create(client, uploaded.id)
     stranger = stack.client(stack.create_project("stranger"))
-    for call in (lambda: stranger.batches.retrieve(batch.id),
-                 lambda: stranger.batches.cancel(batch.id)):
+    for call in (
+        lambda: stranger.batches.retrieve(batch.id),
+        lambda: stranger.batches.cancel(batch.id),
+    ):
         with pytest.raises(openai.NotFoundError) as caught:
             call()
         assert caught.value.body["message"] == f"Batch not found: {batch.id}"

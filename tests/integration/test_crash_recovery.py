@@ -15,12 +15,14 @@ def test_sigkill_of_the_inference_worker_mid_batch(stack: Stack) -> None:
     # Given a worker that alone serves victim-echo, busy with a batch of slow lines
     creds = stack.create_project("victim")
     client = stack.client(creds)
-    lines = [line(f"v{i}", model="victim-echo", metadata={"echo_delay_s": 0.4})
-             for i in range(40)]
+    lines = [line(f"v{i}", model="victim-echo", metadata={"echo_delay_s": 0.4}) for i in range(40)]
     doomed = stack.start_worker(models="victim-echo", concurrency=4)
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 6,
-               60, "some lines to finish")
+    wait_until(
+        lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 6,
+        60,
+        "some lines to finish",
+    )
 
     # When it is killed with lines in flight, and a new worker takes over
     doomed.kill()
@@ -52,16 +54,31 @@ def test_the_sweep_finalizes_a_batch_whose_chord_never_fired(stack: Stack) -> No
     store = BatchStore(redis.Redis.from_url(stack.redis_url()))
     now = int(time.time())
     batch_id = "batch_orphan" + str(now)
-    store.create(batch_id=batch_id, project_id=creds["project_id"],
-                 endpoint="/v1/chat/completions", input_file_id="file-x",
-                 completion_window="24h", metadata={}, status="in_progress", created_at=now,
-                 expires_at=now + 86400, total=2, timestamps={"in_progress_at": now})
+    store.create(
+        batch_id=batch_id,
+        project_id=creds["project_id"],
+        endpoint="/v1/chat/completions",
+        input_file_id="file-x",
+        completion_window="24h",
+        metadata={},
+        status="in_progress",
+        created_at=now,
+        expires_at=now + 86400,
+        total=2,
+        timestamps={"in_progress_at": now},
+    )
     store.set_fields(batch_id, dispatch_state="done")
-    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "demo-echo",
-            "choices": [], "system_fingerprint": None}
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "demo-echo",
+        "choices": [],
+        "system_fingerprint": None,
+    }
     for index in range(2):
-        store.record_line(batch_id, index, True,
-                          output_line(batch_id, index, f"o{index}", body, None))
+        store.record_line(
+            batch_id, index, True, output_line(batch_id, index, f"o{index}", body, None)
+        )
 
     # When beat's sweep runs, then the batch completes with its output file
     client = stack.client(creds)
@@ -88,11 +105,14 @@ def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
     creds = stack.create_project("control-crash")
     client = stack.client(creds)
     worker = stack.start_worker(models="bulk-echo", concurrency=16)
-    lines = [line(f"p{i}", model="bulk-echo", content=f"{i} " + "x" * 300)
-             for i in range(4000)]
+    lines = [line(f"p{i}", model="bulk-echo", content=f"{i} " + "x" * 300) for i in range(4000)]
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(lambda: int(_batch_fields(stack, batch.id).get("published", "0")) >= 1000,
-               60, "the first published window", interval=0.01)
+    wait_until(
+        lambda: int(_batch_fields(stack, batch.id).get("published", "0")) >= 1000,
+        60,
+        "the first published window",
+        interval=0.01,
+    )
 
     # When the control worker is killed mid-publish, and a new one starts
     assert _batch_fields(stack, batch.id).get("dispatch_state") == "started"
@@ -100,8 +120,12 @@ def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
     stack.start_control()
 
     # ... and the new one is killed again while it assembles the files
-    wait_until(lambda: _batch_fields(stack, batch.id).get("sealed") == "1", 180,
-               "assembly to start", interval=0.005)
+    wait_until(
+        lambda: _batch_fields(stack, batch.id).get("sealed") == "1",
+        180,
+        "assembly to start",
+        interval=0.005,
+    )
     assert _batch_fields(stack, batch.id)["status"] == "finalizing"
     _control(stack).kill()
     stack.start_control()
@@ -124,8 +148,9 @@ def test_lost_messages_are_dispatched_again(stack: Stack) -> None:
     client = stack.client(creds)
     lines = [line(f"l{i}", model="lost-echo") for i in range(30)]
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(lambda: _batch_fields(stack, batch.id).get("dispatch_state") == "done", 30,
-               "the fan-out")
+    wait_until(
+        lambda: _batch_fields(stack, batch.id).get("dispatch_state") == "done", 30, "the fan-out"
+    )
     r = redis.Redis.from_url(stack.redis_url())
     assert r.llen("batchsvc.model.lost-echo") == 30
     r.delete("batchsvc.model.lost-echo")
@@ -144,23 +169,28 @@ def test_a_poison_line_ends_as_dlq_exhausted(stack: Stack) -> None:
     # Given a line whose every run dies with its worker (killed while it runs)
     creds = stack.create_project("poison")
     client = stack.client(creds)
-    lines = [line("poison", model="poison-echo", metadata={"echo_delay_s": 30}),
-             line("fine", model="poison-echo")]
+    lines = [
+        line("poison", model="poison-echo", metadata={"echo_delay_s": 30}),
+        line("fine", model="poison-echo"),
+    ]
     batch = create(client, upload(client, jsonl(lines)).id)
     r = redis.Redis.from_url(stack.redis_url())
     for _ in range(2):  # BATCHSVC_MAX_DELIVERIES=2 runs, each killed
-        worker = stack.start_worker(models="poison-echo", concurrency=2,
-                                    BATCHSVC_MAX_DELIVERIES="2")
+        worker = stack.start_worker(
+            models="poison-echo", concurrency=2, BATCHSVC_MAX_DELIVERIES="2"
+        )
         wait_until(lambda: r.exists(f"bs:lease:{batch.id}:0"), 60, "the poison line to run")
         # (the fine line must not be caught by the kill: it is no poison)
-        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed == 1,
-                   30, "the fine line to finish")
+        wait_until(
+            lambda: client.batches.retrieve(batch.id).request_counts.completed == 1,
+            30,
+            "the fine line to finish",
+        )
         worker.kill()
         wait_until(lambda: not r.exists(f"bs:lease:{batch.id}:0"), 30, "its lease to lapse")
 
     # When it is delivered a third time, then it is ended instead of run again
-    worker = stack.start_worker(models="poison-echo", concurrency=2,
-                                BATCHSVC_MAX_DELIVERIES="2")
+    worker = stack.start_worker(models="poison-echo", concurrency=2, BATCHSVC_MAX_DELIVERIES="2")
     done = wait_terminal(client, batch.id, timeout=90)
     assert done.status == "completed"
     outputs, errors = results(client, done, ["poison", "fine"])
@@ -177,11 +207,13 @@ def test_a_redis_restart_mid_batch_loses_nothing(stack: Stack) -> None:
     creds = stack.create_project("redis-restart")
     client = stack.client(creds)
     worker = stack.start_worker(models="victim-echo", concurrency=8)
-    lines = [line(f"r{i}", model="victim-echo", metadata={"echo_delay_s": 0.2})
-             for i in range(200)]
+    lines = [line(f"r{i}", model="victim-echo", metadata={"echo_delay_s": 0.2}) for i in range(200)]
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 20,
-               60, "progress")
+    wait_until(
+        lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 20,
+        60,
+        "progress",
+    )
 
     # When Redis is killed hard and started again on its data dir
     redis_proc = [p for p in stack.procs if p.name == "redis" and p.alive()][-1]

@@ -23,10 +23,14 @@ def short_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root: Path = tmp_path_factory.mktemp("short")
     config = root / "models.toml"
     config.write_text(MODELS_TOML.replace("{upstream}", "http://127.0.0.1:9/v1"))
-    stack = Stack(root=root, config_path=config, extra_env={
-        "BATCHSVC_COMPLETION_WINDOW_S": str(WINDOW_S),
-        "BATCHSVC_FILE_RETENTION_S": str(RETENTION_S),
-    })
+    stack = Stack(
+        root=root,
+        config_path=config,
+        extra_env={
+            "BATCHSVC_COMPLETION_WINDOW_S": str(WINDOW_S),
+            "BATCHSVC_FILE_RETENTION_S": str(RETENTION_S),
+        },
+    )
     try:
         stack.start_redis()
         stack.start_api()
@@ -62,8 +66,7 @@ def test_a_batch_past_its_window_expires_with_what_ran(short_stack: Stack) -> No
         )
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
     assert next(iter(errors.values()))["error"]["message"] == (
-        "[legacy:batch_expired] The 24h completion window elapsed before this line was "
-        "dispatched"
+        "[legacy:batch_expired] The 24h completion window elapsed before this line was dispatched"
     )
 
 
@@ -75,8 +78,13 @@ def test_files_past_retention_behave_as_deleted(short_stack: Stack) -> None:
     stored = short_stack.data_dir / "files" / "files" / uploaded.id
     assert stored.exists()
     url = f"{short_stack.base_url}/files/{uploaded.id}"
-    wait_until(lambda: requests.get(url, headers=short_stack.headers(creds),
-                                    timeout=10).status_code == 404,
-               RETENTION_S + 15, "the file to expire", interval=0.5)
+    wait_until(
+        lambda: (
+            requests.get(url, headers=short_stack.headers(creds), timeout=10).status_code == 404
+        ),
+        RETENTION_S + 15,
+        "the file to expire",
+        interval=0.5,
+    )
     assert uploaded.id not in [f.id for f in client.files.list()]
     wait_until(lambda: not stored.exists(), 15, "the sweep to remove the bytes", interval=0.5)

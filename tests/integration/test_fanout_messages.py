@@ -38,11 +38,19 @@ def test_the_published_line_is_the_message_send_task_queues(stack: Stack) -> Non
     client.delete(QUEUE)
     try:
         # Given the message send_task queues for line 7
-        callback = app.signature(FINALIZE_BATCH, args=[batch_id], immutable=True,
-                                 queue=CONTROL_QUEUE)
-        app.send_task(RUN_LINE, args=[batch_id, index, "req-7", model, body], queue=QUEUE,
-                      task_id=line_task_id(batch_id, index), group_id=chord_group_id(batch_id),
-                      group_index=index, chord=callback, ignore_result=True)
+        callback = app.signature(
+            FINALIZE_BATCH, args=[batch_id], immutable=True, queue=CONTROL_QUEUE
+        )
+        app.send_task(
+            RUN_LINE,
+            args=[batch_id, index, "req-7", model, body],
+            queue=QUEUE,
+            task_id=line_task_id(batch_id, index),
+            group_id=chord_group_id(batch_id),
+            group_index=index,
+            chord=callback,
+            ignore_result=True,
+        )
         expected = _queued(client)
         # When the fan-out's publisher publishes the same line (through its pipelined batch)
         publisher = CeleryPublisher(app)

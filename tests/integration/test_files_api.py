@@ -13,8 +13,7 @@ from openai.types import FileObject
 
 from tests.integration.stack import Stack
 
-FILE_FIELDS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status",
-               "expires_at"}
+FILE_FIELDS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at"}
 
 
 def _envelope(response: requests.Response, status: int, message: str) -> dict[str, object]:
@@ -29,8 +28,7 @@ def _envelope(response: requests.Response, status: int, message: str) -> dict[st
 def test_files_round_trip_through_the_sdk(stack: Stack) -> None:
     client = stack.client(stack.create_project("files"))
     created = [
-        client.files.create(file=(f"f{i}.jsonl", io.BytesIO(b'{"n": %d}\n' % i)),
-                            purpose="batch")
+        client.files.create(file=(f"f{i}.jsonl", io.BytesIO(b'{"n": %d}\n' % i)), purpose="batch")
         for i in range(7)
     ]
     first = created[0]
@@ -59,15 +57,20 @@ def test_files_round_trip_through_the_sdk(stack: Stack) -> None:
 def test_file_objects_and_download_headers_on_the_wire(stack: Stack) -> None:
     creds = stack.create_project("wire")
     headers = stack.headers(creds)
-    response = requests.post(f"{stack.base_url}/files", headers=headers, timeout=30,
-                             data={"purpose": "batch"},
-                             files={"file": ("input.jsonl", b"abc\n", "application/jsonl")})
+    response = requests.post(
+        f"{stack.base_url}/files",
+        headers=headers,
+        timeout=30,
+        data={"purpose": "batch"},
+        files={"file": ("input.jsonl", b"abc\n", "application/jsonl")},
+    )
     raw = response.json()
     assert set(raw) == FILE_FIELDS
     FileObject.model_validate(raw)
     assert raw["expires_at"] == raw["created_at"] + 2_592_000
-    content = requests.get(f"{stack.base_url}/files/{raw['id']}/content", headers=headers,
-                           timeout=30)
+    content = requests.get(
+        f"{stack.base_url}/files/{raw['id']}/content", headers=headers, timeout=30
+    )
     assert content.headers["Content-Type"] == "application/jsonl"
     assert content.headers["Content-Disposition"] == 'attachment; filename="input.jsonl"'
     assert content.content == b"abc\n"
@@ -79,14 +82,27 @@ def test_authentication_outcomes(stack: Stack) -> None:
     url = f"{stack.base_url}/files"
     error = _envelope(requests.get(url, timeout=10), 401, "Missing authentication headers")
     assert error["type"] == "authentication_error" and error["code"] is None
-    _envelope(requests.get(url, headers={"x-api-key": mine["api_key"]}, timeout=10), 401,
-              "Missing authentication headers")
-    _envelope(requests.get(url, headers={"x-api-key": "bsk_nope",
-                                         "x-project-id": mine["project_id"]}, timeout=10),
-              403, "Invalid credentials")
-    _envelope(requests.get(url, headers={"x-api-key": mine["api_key"],
-                                         "x-project-id": theirs["project_id"]}, timeout=10),
-              403, "Invalid credentials")
+    _envelope(
+        requests.get(url, headers={"x-api-key": mine["api_key"]}, timeout=10),
+        401,
+        "Missing authentication headers",
+    )
+    _envelope(
+        requests.get(
+            url, headers={"x-api-key": "bsk_nope", "x-project-id": mine["project_id"]}, timeout=10
+        ),
+        403,
+        "Invalid credentials",
+    )
+    _envelope(
+        requests.get(
+            url,
+            headers={"x-api-key": mine["api_key"], "x-project-id": theirs["project_id"]},
+            timeout=10,
+        ),
+        403,
+        "Invalid credentials",
+    )
     # The SDK's placeholder bearer is ignored next to x-api-key; a real bearer alone works.
     placeholder = {**stack.headers(mine), "Authorization": "Bearer ignored-by-zerogpu"}
     assert requests.get(url, headers=placeholder, timeout=10).status_code == 200
@@ -103,11 +119,13 @@ def test_another_projects_file_is_a_plain_404(stack: Stack) -> None:
     secret = owner.files.create(file=("s.jsonl", io.BytesIO(b"x\n")), purpose="batch")
     headers = stack.headers(stranger)
     for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
-        response = requests.request(method, f"{stack.base_url}/files/{secret.id}{path}",
-                                    headers=headers, timeout=10)
+        response = requests.request(
+            method, f"{stack.base_url}/files/{secret.id}{path}", headers=headers, timeout=10
+        )
         error = _envelope(response, 404, f"File {secret.id} not found")
-        missing = requests.request(method, f"{stack.base_url}/files/file-doesnotexist{path}",
-                                   headers=headers, timeout=10)
+        missing = requests.request(
+            method, f"{stack.base_url}/files/file-doesnotexist{path}", headers=headers, timeout=10
+        )
         assert missing.json()["error"]["code"] == error["code"] == "file_not_found"
     assert owner.files.retrieve(secret.id).id == secret.id
 
@@ -115,15 +133,26 @@ def test_another_projects_file_is_a_plain_404(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
-        ({"data": {"purpose": "fine-tune"}, "files": {"file": ("a.jsonl", b"x")}}, 400,
-         "invalid_purpose"),
+        (
+            {"data": {"purpose": "fine-tune"}, "files": {"file": ("a.jsonl", b"x")}},
+            400,
+            "invalid_purpose",
+        ),
         ({"data": {"purpose": "batch"}}, 400, "missing_file"),
-        ({"data": {"purpose": "batch"}, "files": {"file": ("a.jsonl", b"")}}, 400,
-         "empty_file"),
-        ({"data": b"not multipart", "headers": {"Content-Type": "text/plain"}}, 400,
-         "invalid_content_type"),
-        ({"data": b"--xyz\r\nbroken", "headers": {
-            "Content-Type": "multipart/form-data; boundary=xyz"}}, 400, "invalid_multipart"),
+        ({"data": {"purpose": "batch"}, "files": {"file": ("a.jsonl", b"")}}, 400, "empty_file"),
+        (
+            {"data": b"not multipart", "headers": {"Content-Type": "text/plain"}},
+            400,
+            "invalid_content_type",
+        ),
+        (
+            {
+                "data": b"--xyz\r\nbroken",
+                "headers": {"Content-Type": "multipart/form-data; boundary=xyz"},
+            },
+            400,
+            "invalid_multipart",
+        ),
     ],
 )
 def test_bad_uploads(stack: Stack, kwargs: dict[str, object], status: int, code: str) -> None:
@@ -132,8 +161,7 @@ def test_bad_uploads(stack: Stack, kwargs: dict[str, object], status: int, code:
     if "files" not in kwargs and isinstance(kwargs.get("data"), dict):
         # requests sends a dict alone as urlencoded; force multipart with no file part
         kwargs["files"] = {"other": ("o.txt", b"o")}
-    response = requests.post(f"{stack.base_url}/files", headers=headers, timeout=30,
-                             **kwargs)  # type: ignore[arg-type]
+    response = requests.post(f"{stack.base_url}/files", headers=headers, timeout=30, **kwargs)  # type: ignore[arg-type]
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
 
@@ -141,31 +169,44 @@ def test_bad_uploads(stack: Stack, kwargs: dict[str, object], status: int, code:
 def test_hostile_filenames_never_500(stack: Stack) -> None:
     creds = stack.create_project("names")
     headers = stack.headers(creds)
-    traversal = requests.post(f"{stack.base_url}/files", headers=headers, timeout=30,
-                              data={"purpose": "batch"},
-                              files={"file": ("../../etc/x.jsonl", b"x\n")}).json()
+    traversal = requests.post(
+        f"{stack.base_url}/files",
+        headers=headers,
+        timeout=30,
+        data={"purpose": "batch"},
+        files={"file": ("../../etc/x.jsonl", b"x\n")},
+    ).json()
     assert traversal["filename"] == "x.jsonl"
     boundary = "b0undary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\""
-    ).encode() + b"\xff\xfe\xc3(.jsonl" + f"\"\r\n\r\nx\n\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="'
+        ).encode()
+        + b"\xff\xfe\xc3(.jsonl"
+        + f'"\r\n\r\nx\n\r\n--{boundary}--\r\n'.encode()
+    )
     response = requests.post(
-        f"{stack.base_url}/files", timeout=30, data=body,
+        f"{stack.base_url}/files",
+        timeout=30,
+        data=body,
         headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
     assert response.status_code == 200, response.text
     file_id = response.json()["id"]
-    download = requests.get(f"{stack.base_url}/files/{file_id}/content", headers=headers,
-                            timeout=30)
+    download = requests.get(
+        f"{stack.base_url}/files/{file_id}/content", headers=headers, timeout=30
+    )
     assert download.status_code == 200 and download.content == b"x\n"
 
 
 def _chunks(total: int) -> Iterator[bytes]:
     boundary = "bigbound"
-    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-           f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-           f"filename=\"big.jsonl\"\r\n\r\n").encode()
+    yield (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="big.jsonl"\r\n\r\n'
+    ).encode()
     block = b"x" * (1 << 20)
     for _ in range(total // len(block)):
         yield block
@@ -177,12 +218,17 @@ def test_an_upload_over_100_mb_is_413_while_streaming(stack: Stack) -> None:
     files_dir = stack.data_dir / "files" / "files"
     before = set(files_dir.glob("*"))
     response = requests.post(
-        f"{stack.base_url}/files", data=_chunks(101 << 20), timeout=120,
-        headers={**stack.headers(creds),
-                 "Content-Type": "multipart/form-data; boundary=bigbound"},
+        f"{stack.base_url}/files",
+        data=_chunks(101 << 20),
+        timeout=120,
+        headers={**stack.headers(creds), "Content-Type": "multipart/form-data; boundary=bigbound"},
     )
     error = _envelope(response, 413, "File exceeds maximum upload size of 104857600 bytes")
     assert error["code"] == "file_too_large"
     assert set(files_dir.glob("*")) == before, "nothing of the refused upload is left"
-    assert json.loads(requests.get(f"{stack.base_url}/files", headers=stack.headers(creds),
-                                   timeout=10).text)["data"] == []
+    assert (
+        json.loads(
+            requests.get(f"{stack.base_url}/files", headers=stack.headers(creds), timeout=10).text
+        )["data"]
+        == []
+    )

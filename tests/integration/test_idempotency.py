@@ -25,8 +25,9 @@ def test_files_create_with_a_key_is_idempotent_through_the_sdk(stack: Stack) -> 
     data = jsonl([line("a"), line("b")])
     headers = key()
     # The SDK draws a new multipart boundary for each call: still the same upload.
-    first = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch",
-                                extra_headers=headers)
+    first = client.files.create(
+        file=("in.jsonl", io.BytesIO(data)), purpose="batch", extra_headers=headers
+    )
     raw = client.files.with_raw_response.create(
         file=("in.jsonl", io.BytesIO(data)), purpose="batch", extra_headers=headers
     )
@@ -37,8 +38,9 @@ def test_files_create_with_a_key_is_idempotent_through_the_sdk(stack: Stack) -> 
     assert client.files.content(first.id).read() == data
 
     with pytest.raises(openai.ConflictError) as caught:
-        client.files.create(file=("in.jsonl", io.BytesIO(data + data)), purpose="batch",
-                            extra_headers=headers)
+        client.files.create(
+            file=("in.jsonl", io.BytesIO(data + data)), purpose="batch", extra_headers=headers
+        )
     assert caught.value.code == "idempotency_key_reused"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert [f.id for f in client.files.list()] == [first.id]
@@ -46,8 +48,9 @@ def test_files_create_with_a_key_is_idempotent_through_the_sdk(stack: Stack) -> 
 
 def test_batches_create_with_a_key_is_idempotent_through_the_sdk(stack: Stack) -> None:
     client = stack.client(stack.create_project("idem-batches"))
-    file_id = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line("a")]))),
-                                  purpose="batch").id
+    file_id = client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([line("a")]))), purpose="batch"
+    ).id
     headers = key()
     first = create(client, file_id, metadata={"run": "1"}, extra_headers=headers)
     again = create(client, file_id, metadata={"run": "1"}, extra_headers=headers)
@@ -67,10 +70,12 @@ def test_keys_are_per_project(stack: Stack) -> None:
     theirs = stack.client(stack.create_project("idem-theirs"))
     data = jsonl([line("a")])
     headers = key()
-    a = mine.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch",
-                          extra_headers=headers)
-    b = theirs.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch",
-                            extra_headers=headers)
+    a = mine.files.create(
+        file=("in.jsonl", io.BytesIO(data)), purpose="batch", extra_headers=headers
+    )
+    b = theirs.files.create(
+        file=("in.jsonl", io.BytesIO(data)), purpose="batch", extra_headers=headers
+    )
     assert a.id != b.id
     batch_a = create(mine, a.id, extra_headers=headers)
     batch_b = create(theirs, b.id, extra_headers=headers)  # another body, yet no 409
@@ -98,10 +103,14 @@ def race(url: str, body: dict[str, Any], headers: dict[str, str], n: int) -> lis
 def test_identical_creates_racing_across_workers_make_one_batch(stack: Stack) -> None:
     creds = stack.create_project("idem-race")
     client = stack.client(creds)
-    file_id = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line("a")]))),
-                                  purpose="batch").id
-    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
-            "completion_window": "24h"}
+    file_id = client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([line("a")]))), purpose="batch"
+    ).id
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
     for _ in range(3):
         answers = race(f"{stack.base_url}/batches", body, {**stack.headers(creds), **key()}, 8)
         assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
@@ -113,7 +122,10 @@ def test_identical_creates_racing_across_workers_make_one_batch(stack: Stack) ->
 def test_a_key_longer_than_255_characters_is_400(stack: Stack) -> None:
     client = stack.client(stack.create_project("idem-long"))
     with pytest.raises(openai.BadRequestError) as caught:
-        client.files.create(file=("in.jsonl", io.BytesIO(b"{}\n")), purpose="batch",
-                            extra_headers={"Idempotency-Key": "k" * 256})
+        client.files.create(
+            file=("in.jsonl", io.BytesIO(b"{}\n")),
+            purpose="batch",
+            extra_headers={"Idempotency-Key": "k" * 256},
+        )
     assert caught.value.param == "Idempotency-Key"
     assert client.files.list().data == []

@@ -52,12 +52,22 @@ def _demo_env(data_dir: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def make_run(root: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODELS", "PORT")}
-    env.update(PORT=str(port), BATCHSVC_DATA_DIR=str(root / "var"),
-               PATH=f"{BIN}:{env.get('PATH', '')}", CONCURRENCY="4")
+    env.update(
+        PORT=str(port),
+        BATCHSVC_DATA_DIR=str(root / "var"),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        CONCURRENCY="4",
+    )
     log = open(root / "make-run.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["make", "-C", str(REPO), "run"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-C", str(REPO), "run"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError((root / "make-run.log").read_text()[-4000:])
@@ -92,15 +102,24 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
         assert (first / "var" / "demo.env").stat().st_mode & 0o777 == 0o600
 
         # The README's curl example, as written, from a folder whose var/ is this data dir.
-        curl = subprocess.run(["bash", "-e", "-c", _readme_block("bash", "curl")], cwd=first,
-                              capture_output=True, text=True, timeout=90)
+        curl = subprocess.run(
+            ["bash", "-e", "-c", _readme_block("bash", "curl")],
+            cwd=first,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert curl.returncode == 0, curl.stderr
         assert '"custom_id":"q-1"' in curl.stdout and "capital of Germany" in curl.stdout
 
         # The README's SDK example, with the variables demo.env exports.
-        sdk = subprocess.run([sys.executable, "-c", _readme_block("python", "OpenAI(")],
-                             env={**os.environ, **demo}, capture_output=True, text=True,
-                             timeout=90)
+        sdk = subprocess.run(
+            [sys.executable, "-c", _readme_block("python", "OpenAI(")],
+            env={**os.environ, **demo},
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert sdk.returncode == 0, sdk.stderr
         assert sdk.stdout.startswith("completed") and "q-1 Capital of Italy?" in sdk.stdout
 
@@ -115,12 +134,24 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
                 return set()
 
         workers = wait_until(
-            lambda: (w := flower_workers()) and {n.split("-")[0] for n in w} >= {
-                "control", "inference"} and w, 60, "Flower to list the workers")
+            lambda: (
+                (w := flower_workers())
+                and {n.split("-")[0] for n in w} >= {"control", "inference"}
+                and w
+            ),
+            60,
+            "Flower to list the workers",
+        )
         assert any(name.startswith("inference-") for name in workers)
         tasks = wait_until(
-            lambda: [t for t in requests.get(f"{flower}/api/tasks", timeout=5).json().values()
-                     if t.get("name") == "batchsvc.lines.run"], 30, "Flower to show line tasks")
+            lambda: [
+                t
+                for t in requests.get(f"{flower}/api/tasks", timeout=5).json().values()
+                if t.get("name") == "batchsvc.lines.run"
+            ],
+            30,
+            "Flower to show line tasks",
+        )
         assert tasks
 
         # A second installation next to the first: its own port, data dir and Redis.
@@ -129,10 +160,21 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
             other = _demo_env(second / "var")
             assert other["BATCHSVC_PROJECT_ID"] != demo["BATCHSVC_PROJECT_ID"]
             assert (second / "var" / "redis" / "redis.port").read_text() != (
-                first / "var" / "redis" / "redis.port").read_text()
-            headers = {"x-api-key": demo["BATCHSVC_API_KEY"],
-                       "x-project-id": demo["BATCHSVC_PROJECT_ID"]}
-            assert requests.get(f"{other['BATCHSVC_BASE_URL']}/files", headers=headers,
-                                timeout=10).status_code == 403
-            assert requests.get(f"{demo['BATCHSVC_BASE_URL']}/files", headers=headers,
-                                timeout=10).status_code == 200
+                first / "var" / "redis" / "redis.port"
+            ).read_text()
+            headers = {
+                "x-api-key": demo["BATCHSVC_API_KEY"],
+                "x-project-id": demo["BATCHSVC_PROJECT_ID"],
+            }
+            assert (
+                requests.get(
+                    f"{other['BATCHSVC_BASE_URL']}/files", headers=headers, timeout=10
+                ).status_code
+                == 403
+            )
+            assert (
+                requests.get(
+                    f"{demo['BATCHSVC_BASE_URL']}/files", headers=headers, timeout=10
+                ).status_code
+                == 200
+            )

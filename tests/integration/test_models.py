@@ -40,20 +40,24 @@ def test_upstream_outcomes_in_one_batch(stack: Stack) -> None:
     lines = [
         line("ok", model="up-chat", content="plain"),
         line("flaky-503", model="up-chat", **fake(status=503, fail_times=2, key="f503")),
-        line("throttled", model="up-chat", **fake(status=429, retry_after=1, fail_times=1,
-                                                  key="t429")),
+        line(
+            "throttled",
+            model="up-chat",
+            **fake(status=429, retry_after=1, fail_times=1, key="t429"),
+        ),
         line("down", model="up-chat", **fake(status=500, key="down")),
         line("hang", model="up-chat", **fake(hang_s=6, key="hang")),
-        line("bad-request", model="up-chat", **fake(status=400, message="messages: bad",
-                                                    key="b400", fail_times=5)),
+        line(
+            "bad-request",
+            model="up-chat",
+            **fake(status=400, message="messages: bad", key="b400", fail_times=5),
+        ),
         line("too-long", model="up-small-err", content=LONG),
-        line("cut", model="up-small-trunc",
-             content=LONG + " the question at the end"),
+        line("cut", model="up-small-trunc", content=LONG + " the question at the end"),
         line("label", model="up-classify", **fake(classification=True)),
     ]
     started = time.monotonic()
-    batch = wait_terminal(client, create(client, upload(client, jsonl(lines)).id).id,
-                          timeout=120)
+    batch = wait_terminal(client, create(client, upload(client, jsonl(lines)).id).id, timeout=120)
     elapsed = time.monotonic() - started
     assert batch.status == "completed"
     outputs, errors = results(client, batch, [item["custom_id"] for item in lines])
@@ -66,7 +70,8 @@ def test_upstream_outcomes_in_one_batch(stack: Stack) -> None:
     down = errors["down"]["error"]
     assert down["code"] == "internal_error"
     assert down["message"].startswith(
-        "[legacy:retries_exhausted] Line failed after 3 attempts: upstream returned 500")
+        "[legacy:retries_exhausted] Line failed after 3 attempts: upstream returned 500"
+    )
     hang = errors["hang"]["error"]
     assert hang["code"] == "internal_error" and "timed out" in hang["message"]
     assert elapsed < 40, "a hang ends within the per-attempt timeout x attempts"
@@ -76,8 +81,10 @@ def test_upstream_outcomes_in_one_batch(stack: Stack) -> None:
 
     too_long = errors["too-long"]["error"]
     assert too_long["code"] == "context_length_exceeded" and too_long["param"] == "messages"
-    assert re.fullmatch(r"\[legacy:http_400\] Input is \d+ tokens; this model accepts at most 40",
-                        too_long["message"])
+    assert re.fullmatch(
+        r"\[legacy:http_400\] Input is \d+ tokens; this model accepts at most 40",
+        too_long["message"],
+    )
 
     cut = outputs["cut"]["response"]["body"]
     assert cut["usage"]["prompt_tokens"] <= 40
@@ -94,33 +101,44 @@ def test_sync_endpoint_answers_like_a_batch_line(stack: Stack) -> None:
     messages = [{"role": "user", "content": "sync hello"}]
     completion = client.chat.completions.create(model="up-chat", messages=messages)  # type: ignore[arg-type]
     assert completion.model == "up-chat" and completion.choices[0].message.content == "sync hello"
-    raw = requests.post(f"{stack.base_url}/chat/completions", headers=stack.headers(creds),
-                        json={"model": "up-chat", "messages": messages}, timeout=60).json()
+    raw = requests.post(
+        f"{stack.base_url}/chat/completions",
+        headers=stack.headers(creds),
+        json={"model": "up-chat", "messages": messages},
+        timeout=60,
+    ).json()
     assert raw["system_fingerprint"] is None and raw["object"] == "chat.completion"
 
-    batch = wait_terminal(client, create(client, upload(client, jsonl(
-        [line("same", model="up-chat", content="sync hello")])).id).id)
+    batch = wait_terminal(
+        client,
+        create(
+            client, upload(client, jsonl([line("same", model="up-chat", content="sync hello")])).id
+        ).id,
+    )
     outputs, _ = results(client, batch, ["same"])
     assert set(outputs["same"]["response"]["body"]) == set(raw)
 
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="up-small-err",
-                                       messages=[{"role": "user", "content": LONG}])
+        client.chat.completions.create(
+            model="up-small-err", messages=[{"role": "user", "content": LONG}]
+        )
     assert caught.value.code == "context_length_exceeded"
     assert caught.value.body["param"] == "messages"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages)  # type: ignore[arg-type]
-    streaming = requests.post(f"{stack.base_url}/chat/completions", timeout=30,
-                              headers=stack.headers(creds),
-                              json={"model": "up-chat", "messages": messages, "stream": True})
+    streaming = requests.post(
+        f"{stack.base_url}/chat/completions",
+        timeout=30,
+        headers=stack.headers(creds),
+        json={"model": "up-chat", "messages": messages, "stream": True},
+    )
     assert streaming.status_code == 400
     assert "not supported" in streaming.json()["error"]["message"]
 
 
 def _ran(log: Path) -> set[int]:
     text = log.read_text(errors="replace")
-    return {int(i) for i in re.findall(r"batchsvc\.lines\.run\[batch_\w+\.(\d+)\] succeeded",
-                                       text)}
+    return {int(i) for i in re.findall(r"batchsvc\.lines\.run\[batch_\w+\.(\d+)\] succeeded", text)}
 
 
 def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) -> None:
@@ -128,12 +146,17 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
     env = stack.env(MODELS="route-a", CONCURRENCY="2")
     log_a = tmp_path / "worker-a.log"
     with open(log_a, "wb") as handle:
-        worker_a = subprocess.Popen(["make", "-C", str(REPO), "run-worker"], env=env,
-                                    stdout=handle, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        worker_a = subprocess.Popen(
+            ["make", "-C", str(REPO), "run-worker"],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: stack.consumes("batchsvc.model.route-a"), 60,
-                   "worker A to consume route-a")
+        wait_until(
+            lambda: stack.consumes("batchsvc.model.route-a"), 60, "worker A to consume route-a"
+        )
         worker_b = stack.start_worker(models="route-b", concurrency=2)
 
         # When a batch mixes both models
@@ -170,16 +193,21 @@ def test_sync_request_overtakes_a_backlog_of_batch_lines(stack: Stack) -> None:
     stack.start_worker(models="backlog-echo", concurrency=4)
     creds = stack.create_project("backlog")
     client = stack.client(creds)
-    lines = [line(f"b{i}", model="backlog-echo", metadata={"echo_delay_s": 0.05})
-             for i in range(3000)]
+    lines = [
+        line(f"b{i}", model="backlog-echo", metadata={"echo_delay_s": 0.05}) for i in range(3000)
+    ]
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) > 20,
-               60, "the backlog to start draining")
+    wait_until(
+        lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) > 20,
+        60,
+        "the backlog to start draining",
+    )
 
     # When a synchronous request arrives for the same model
     started = time.monotonic()
     answer = client.chat.completions.create(
-        model="backlog-echo", messages=[{"role": "user", "content": "urgent"}])  # type: ignore[arg-type]
+        model="backlog-echo", messages=[{"role": "user", "content": "urgent"}]
+    )  # type: ignore[arg-type]
     waited = time.monotonic() - started
 
     # Then it is answered promptly, long before the backlog is done

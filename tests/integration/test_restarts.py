@@ -118,15 +118,20 @@ def test_the_api_restarted_mid_batch_loses_nothing(stack: Stack) -> None:
     # Given files uploaded through the API, and a batch of slow lines on its way
     creds = stack.create_project("api-restart")
     client = stack.client(creds)
-    lines = [line(f"a{i}", content=f"restart line {i}", metadata={"echo_delay_s": 0.8})
-             for i in range(40)]
+    lines = [
+        line(f"a{i}", content=f"restart line {i}", metadata={"echo_delay_s": 0.8})
+        for i in range(40)
+    ]
     data = jsonl(lines)
     input_file = upload(client, data, name="restart-input.jsonl")
     spare_data = jsonl([line("spare")])
     spare = upload(client, spare_data, name="spare.jsonl")
     batch = create(client, input_file.id)
-    wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 1,
-               60, "the first line to finish")
+    wait_until(
+        lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 1,
+        60,
+        "the first line to finish",
+    )
     poller = Poller(client, batch.id, timeout=150)
     poller.start()
 
@@ -137,8 +142,7 @@ def test_the_api_restarted_mid_batch_loses_nothing(stack: Stack) -> None:
         web.kill()
         assert not web.alive()
         wait_until(lambda: not _api_answers(stack, port), 10, "the API to stop answering")
-        wait_until(lambda: poller.connection_errors > 0, 10,
-                   "the poller to see the API down")
+        wait_until(lambda: poller.connection_errors > 0, 10, "the poller to see the API down")
         stack.start_api(port=port)
     finally:
         if not any(p.name == "web" and p.alive() for p in stack.procs):
@@ -149,8 +153,10 @@ def test_the_api_restarted_mid_batch_loses_nothing(stack: Stack) -> None:
     poller.join(timeout=160)
     assert poller.final is not None, f"batch never ended; statuses seen: {poller.statuses}"
     assert poller.statuses_after_an_error, "the poller got answers again after the restart"
-    print(f"polling: {poller.connection_errors} failed polls during the restart; statuses "
-          f"after it: {sorted(set(poller.statuses_after_an_error))}")
+    print(
+        f"polling: {poller.connection_errors} failed polls during the restart; statuses "
+        f"after it: {sorted(set(poller.statuses_after_an_error))}"
+    )
     done = client.batches.retrieve(batch.id)
     assert done.status == "completed"
     # every custom_id exactly once, counts adding up, each answer the echo of its line
@@ -159,8 +165,7 @@ def test_the_api_restarted_mid_batch_loses_nothing(stack: Stack) -> None:
     for i in range(40):
         record = outputs[f"a{i}"]
         check_output_line(record, "demo-echo")
-        assert record["response"]["body"]["choices"][0]["message"]["content"] == \
-            f"restart line {i}"
+        assert record["response"]["body"]["choices"][0]["message"]["content"] == f"restart line {i}"
 
     # and the files uploaded before the restart are still listed and downloadable
     listed = {f.id for f in client.files.list(limit=100)}
@@ -187,9 +192,12 @@ def test_a_line_outliving_the_visibility_timeout_reaches_the_model_once(stack: S
     run = uuid.uuid4().hex[:10]
     keys = [f"lease-{run}-{i}" for i in range(4)]
     lines = [
-        line(f"slow{i}", model="up-wide", content=f"slow line {i}",
-             metadata={"fake": {"latency_s": 15, "hang_s": 0, "fail_times": 1000,
-                                "key": keys[i]}})
+        line(
+            f"slow{i}",
+            model="up-wide",
+            content=f"slow line {i}",
+            metadata={"fake": {"latency_s": 15, "hang_s": 0, "fail_times": 1000, "key": keys[i]}},
+        )
         for i in range(4)
     ]
     started = time.monotonic()
@@ -214,6 +222,7 @@ def test_a_line_outliving_the_visibility_timeout_reaches_the_model_once(stack: S
     # and the broker did redeliver every message (a second "received" in a worker log for the
     # same task id; the task id of line i is batch_<id>.<i>) ...
     task_ids = {f"{batch.id}.{i}" for i in range(4)}
+
     def redelivered() -> Counter[str] | None:
         counts = _received_counts(stack, task_ids)
         return counts if all(counts[t] >= 2 for t in task_ids) else None

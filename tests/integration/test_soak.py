@@ -60,9 +60,15 @@ class Chaos(threading.Thread):
 
     def start_workers(self, count: int) -> None:
         """Spawn ``count`` workers at once, then wait for each to answer a ping."""
-        procs = [self.stack.spawn("worker", [str(BIN / "batchsvc"), "worker"], MODELS=MODEL,
-                                  CONCURRENCY=str(CONCURRENCY))
-                 for _ in range(count)]
+        procs = [
+            self.stack.spawn(
+                "worker",
+                [str(BIN / "batchsvc"), "worker"],
+                MODELS=MODEL,
+                CONCURRENCY=str(CONCURRENCY),
+            )
+            for _ in range(count)
+        ]
         for proc in procs:
             self.stack.wait_worker(proc, "inference", timeout=90)
         self.workers.extend(procs)
@@ -104,8 +110,11 @@ def _wait_all_terminal(jobs: list[dict[str, Any]], timeout: float) -> dict[str, 
             if batch.status in TERMINAL:
                 ended[batch.id] = time.monotonic()
         if time.monotonic() > deadline:
-            states = {j["batch"].id: j["client"].batches.retrieve(j["batch"].id).request_counts
-                      for j in jobs if j["batch"].id not in ended}
+            states = {
+                j["batch"].id: j["client"].batches.retrieve(j["batch"].id).request_counts
+                for j in jobs
+                if j["batch"].id not in ended
+            }
             raise TimeoutError(f"batches not terminal after {timeout} s: {states}")
         time.sleep(0.5)
     return ended
@@ -135,14 +144,24 @@ def test_batches_survive_their_workers_being_killed_on_a_timer(stack: Stack) -> 
     jobs: list[dict[str, Any]] = []
     for b in range(BATCHES):
         lines = [
-            line(f"s{b}-{i}", model=f"no-such-model-{b}") if _unknown(i) else
-            line(f"s{b}-{i}", model=MODEL, content=f"soak {run} batch {b} line {i}",
-                 metadata={"echo_delay_s": 0.1 + 0.05 * (i % 5)})
+            line(f"s{b}-{i}", model=f"no-such-model-{b}")
+            if _unknown(i)
+            else line(
+                f"s{b}-{i}",
+                model=MODEL,
+                content=f"soak {run} batch {b} line {i}",
+                metadata={"echo_delay_s": 0.1 + 0.05 * (i % 5)},
+            )
             for i in range(LINES)
         ]
         client = clients[b % 2]
-        jobs.append({"client": client, "lines": lines,
-                     "file": upload(client, jsonl(lines), name=f"soak-{b}.jsonl")})
+        jobs.append(
+            {
+                "client": client,
+                "lines": lines,
+                "file": upload(client, jsonl(lines), name=f"soak-{b}.jsonl"),
+            }
+        )
     chaos = Chaos(stack)
     chaos.start_workers(WORKERS)
 
@@ -157,9 +176,11 @@ def test_batches_survive_their_workers_being_killed_on_a_timer(stack: Stack) -> 
         chaos.stop()
     last_end = max(ended.values())
     kills_during = [t for t in chaos.kills if t < last_end]
-    print(f"\nsoak: {BATCHES}x{LINES} lines done in {last_end - submitted:.1f} s, "
-          f"{len(kills_during)} SIGKILLs in {chaos.rounds} rounds while they ran "
-          f"({len(chaos.kills)} in all)")
+    print(
+        f"\nsoak: {BATCHES}x{LINES} lines done in {last_end - submitted:.1f} s, "
+        f"{len(kills_during)} SIGKILLs in {chaos.rounds} rounds while they ran "
+        f"({len(chaos.kills)} in all)"
+    )
     assert len(kills_during) >= 3, "the workers were killed while the batches ran"
     # A project never sees the other's batches.
     with pytest.raises(openai.NotFoundError):
@@ -177,7 +198,10 @@ def test_batches_survive_their_workers_being_killed_on_a_timer(stack: Stack) -> 
         counts = batch.request_counts
         assert counts is not None
         assert (counts.total, counts.completed, counts.failed) == (
-            LINES, LINES - len(unknown), len(unknown))
+            LINES,
+            LINES - len(unknown),
+            len(unknown),
+        )
         # error lines are exactly the unknown-model ones, as not_found_error
         assert set(errors) == unknown
         for i, item in enumerate(lines):
@@ -200,8 +224,11 @@ def test_batches_survive_their_workers_being_killed_on_a_timer(stack: Stack) -> 
         # and nothing of the batch is left in Redis: no per-line records, no delivery
         # counters, no lease (a killed worker's lease lapses within its 3 s TTL)
         def leftovers(batch_id: str = batch.id) -> list[bytes]:
-            keys = [k for k in (f"bs:batch:{batch_id}:lines", f"bs:batch:{batch_id}:deliveries")
-                    if r.exists(k)]
+            keys = [
+                k
+                for k in (f"bs:batch:{batch_id}:lines", f"bs:batch:{batch_id}:deliveries")
+                if r.exists(k)
+            ]
             return keys + list(r.scan_iter(match=f"bs:lease:{batch_id}:*", count=1000))
 
         try:
@@ -210,6 +237,8 @@ def test_batches_survive_their_workers_being_killed_on_a_timer(stack: Stack) -> 
             raise AssertionError(f"left in Redis: {leftovers()}") from exc
 
     redelivered = _redelivered(stack, {job["batch"].id for job in jobs})
-    print(f"soak: {redelivered} line messages were delivered more than once; "
-          f"total {time.monotonic() - began:.1f} s on {socket.gethostname()}")
+    print(
+        f"soak: {redelivered} line messages were delivered more than once; "
+        f"total {time.monotonic() - began:.1f} s on {socket.gethostname()}"
+    )
     assert redelivered > 0, "the kills hit lines in flight"

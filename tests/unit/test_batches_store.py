@@ -20,10 +20,26 @@ from tests.factories import (
 )
 
 SPEC_FIELDS = [
-    "id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
-    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
-    "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
-    "request_counts", "metadata",
+    "id",
+    "object",
+    "endpoint",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "metadata",
 ]
 
 
@@ -58,8 +74,14 @@ def test_to_api_has_every_spec_field_in_order_with_nulls() -> None:
     assert api["object"] == "batch"
     assert api["errors"] is None
     assert api["output_file_id"] is None and api["error_file_id"] is None
-    for name in ("finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
-                 "cancelled_at"):
+    for name in (
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    ):
         assert api[name] is None
     assert api["in_progress_at"] == T0
     assert api["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
@@ -69,13 +91,30 @@ def test_to_api_has_every_spec_field_in_order_with_nulls() -> None:
 
 def test_a_failed_batch_has_errors_zero_counts_and_no_in_progress_at() -> None:
     store = make_store()
-    errors = {"object": "list", "data": [
-        {"code": "invalid_request_error", "message": "Line 5 is not valid JSON", "line": 5,
-         "param": None}]}
-    store.create(batch_id="batch_f", project_id="proj_a", endpoint="/v1/chat/completions",
-                 input_file_id="file-x", completion_window="24h", metadata={},
-                 status=lifecycle.FAILED, created_at=T0, expires_at=T0 + WINDOW_S,
-                 errors=errors, timestamps={"failed_at": T0})
+    errors = {
+        "object": "list",
+        "data": [
+            {
+                "code": "invalid_request_error",
+                "message": "Line 5 is not valid JSON",
+                "line": 5,
+                "param": None,
+            }
+        ],
+    }
+    store.create(
+        batch_id="batch_f",
+        project_id="proj_a",
+        endpoint="/v1/chat/completions",
+        input_file_id="file-x",
+        completion_window="24h",
+        metadata={},
+        status=lifecycle.FAILED,
+        created_at=T0,
+        expires_at=T0 + WINDOW_S,
+        errors=errors,
+        timestamps={"failed_at": T0},
+    )
     api = store.get("proj_a", "batch_f").to_api()  # type: ignore[union-attr]
     assert api["status"] == "failed"
     assert api["errors"] == errors
@@ -135,8 +174,9 @@ def test_transition_moves_from_a_listed_source_and_sets_its_timestamp() -> None:
 def test_transition_from_the_wrong_source_changes_nothing_and_says_the_status() -> None:
     store = make_store()
     make_batch(store, batch_id="batch_1")
-    moved, status = store.transition("batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED,
-                                     fields={"output_file_id": "file-o"})
+    moved, status = store.transition(
+        "batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED, fields={"output_file_id": "file-o"}
+    )
     assert (moved, status) == (False, "in_progress")
     batch = store.get_any("batch_1")
     assert batch is not None
@@ -148,7 +188,9 @@ def test_transition_from_the_wrong_source_changes_nothing_and_says_the_status() 
 def test_transition_of_a_missing_batch_does_not_create_it() -> None:
     store = make_store()
     assert store.transition("batch_nope", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING) == (
-        False, "")
+        False,
+        "",
+    )
     assert store.get_any("batch_nope") is None
 
 
@@ -161,8 +203,12 @@ def test_a_terminal_transition_sets_fields_and_leaves_the_active_index() -> None
     assert store.r.zscore(ACTIVE_INDEX, "batch_1") is not None
     clock.advance(10)
     # When it completes with its file ids
-    moved, _ = store.transition("batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED,
-                                fields={"output_file_id": "file-o", "error_file_id": ""})
+    moved, _ = store.transition(
+        "batch_1",
+        [lifecycle.FINALIZING],
+        lifecycle.COMPLETED,
+        fields={"output_file_id": "file-o", "error_file_id": ""},
+    )
     # Then
     assert moved
     batch = store.get_any("batch_1")
@@ -175,7 +221,9 @@ def test_a_terminal_transition_sets_fields_and_leaves_the_active_index() -> None
     assert "batch_1" not in store.active_ids()
     # and nothing leaves a terminal state
     assert store.transition("batch_1", [lifecycle.FINALIZING], lifecycle.COMPLETED) == (
-        False, "completed")
+        False,
+        "completed",
+    )
 
 
 def test_transition_refuses_sources_with_different_timestamps_or_unknown_pairs() -> None:
@@ -186,8 +234,9 @@ def test_transition_refuses_sources_with_different_timestamps_or_unknown_pairs()
     with pytest.raises(ValueError):
         store.transition("batch_1", [], lifecycle.CANCELLING)
     # two sources that set the same stamp are fine
-    assert store.transition("batch_1", [lifecycle.VALIDATING, lifecycle.IN_PROGRESS],
-                            lifecycle.CANCELLING) == (True, "cancelling")
+    assert store.transition(
+        "batch_1", [lifecycle.VALIDATING, lifecycle.IN_PROGRESS], lifecycle.CANCELLING
+    ) == (True, "cancelling")
 
 
 # -- line records --------------------------------------------------------------------------------
@@ -257,8 +306,12 @@ def test_iter_records_yields_input_order_with_none_for_missing_lines_across_chun
     store = make_store()
     make_batch(store, batch_id="batch_1", total=7)
     for index in (6, 0, 3, 4):
-        store.record_line("batch_1", index, index % 2 == 0,
-                          (ok_result if index % 2 == 0 else err_result)("batch_1", index))
+        store.record_line(
+            "batch_1",
+            index,
+            index % 2 == 0,
+            (ok_result if index % 2 == 0 else err_result)("batch_1", index),
+        )
     rows = list(store.iter_records("batch_1", 7, chunk=3))
     assert [r[0] for r in rows] == list(range(7))
     assert [r[1] for r in rows] == [OK, None, None, ERR, OK, None, OK]
@@ -331,7 +384,8 @@ def test_short_circuit_works_in_chunks_over_many_lines() -> None:
 
     store._short_circuit = counting  # type: ignore[method-assign]
     outcome = store.short_circuit(
-        "batch_1", ((i, err_result("batch_1", i)) for i in range(total)), chunk=500)
+        "batch_1", ((i, err_result("batch_1", i)) for i in range(total)), chunk=500
+    )
     assert calls == [500, 500, 234]
     assert outcome == RecordOutcome(True, total - 1, total)
     batch = store.get_any("batch_1")
@@ -401,7 +455,10 @@ def test_to_api_parses_as_the_openai_sdks_batch_for_running_and_failed_batches()
     failed = make_batch(store, batch_id="batch_f", total=0, status=lifecycle.FAILED)
     parsed = Batch.model_validate(running.to_api())
     assert (parsed.status, parsed.request_counts.total, parsed.metadata) == (  # type: ignore[union-attr]
-        "in_progress", 2, {"job": "nightly"})
+        "in_progress",
+        2,
+        {"job": "nightly"},
+    )
     assert Batch.model_validate(failed.to_api()).status == "failed"
 
 

@@ -10,9 +10,19 @@ from benchmarks.b5_polling import percentile_ms, server_times
 
 def _logged(path: str, status: int, micros: int, request_id: str) -> str:
     # The line gunicorn writes for ``batchsvc web``'s format.
-    atoms = {"h": "127.0.0.1", "l": "-", "u": "-", "t": "[29/Nov/2026:00:01:02 +0000]",
-             "r": f"GET {path} HTTP/1.1", "s": status, "b": "812", "f": "-", "a": "bench",
-             "D": micros, "{x-request-id}o": request_id}
+    atoms = {
+        "h": "127.0.0.1",
+        "l": "-",
+        "u": "-",
+        "t": "[29/Nov/2026:00:01:02 +0000]",
+        "r": f"GET {path} HTTP/1.1",
+        "s": status,
+        "b": "812",
+        "f": "-",
+        "a": "bench",
+        "D": micros,
+        "{x-request-id}o": request_id,
+    }
     return ACCESS_LOG_FORMAT % atoms
 
 
@@ -20,12 +30,18 @@ def test_server_times_reads_the_polled_path_after_the_offset(tmp_path: Path) -> 
     # Given a log with a line before the window, then the window's lines and other requests
     log = tmp_path / "web.log"
     before = _logged("/v1/batches/batch_a", 200, 999_000, "req_0") + "\n"
-    log.write_text(before + "\n".join([
-        _logged("/v1/batches/batch_a", 200, 1_500, "req_1"),
-        "[INFO] batchsvc.api something else",
-        _logged("/v1/batches/batch_b", 200, 7_000, "req_2"),
-        _logged("/v1/batches/batch_a", 404, 2_500, "req_3"),
-    ]) + "\n")
+    log.write_text(
+        before
+        + "\n".join(
+            [
+                _logged("/v1/batches/batch_a", 200, 1_500, "req_1"),
+                "[INFO] batchsvc.api something else",
+                _logged("/v1/batches/batch_b", 200, 7_000, "req_2"),
+                _logged("/v1/batches/batch_a", 404, 2_500, "req_3"),
+            ]
+        )
+        + "\n"
+    )
     # When the window's times of batch_a are read
     times = server_times(log, len(before), "/v1/batches/batch_a")
     # Then only those, in seconds

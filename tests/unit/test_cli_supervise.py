@@ -33,8 +33,9 @@ def test_a_crashed_worker_is_restarted_and_sigterm_stops_both(tmp_path: Path) ->
     # Given a worker that crashes on its first run
     marker, running = tmp_path / "crashed", tmp_path / "running"
     child = CHILD.format(marker=str(marker), running=str(running))
-    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, child],
-                                  stderr=subprocess.PIPE, text=True)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, child], stderr=subprocess.PIPE, text=True
+    )
     try:
         # When it crashes, Then it is started again
         deadline = time.monotonic() + 20
@@ -49,8 +50,9 @@ def test_a_crashed_worker_is_restarted_and_sigterm_stops_both(tmp_path: Path) ->
         if supervisor.poll() is None:
             supervisor.kill()
     assert marker.read_text() == "crashed once"
-    assert "exited with 3; starting it again" in (supervisor.stderr.read() if
-                                                  supervisor.stderr else "")
+    assert "exited with 3; starting it again" in (
+        supervisor.stderr.read() if supervisor.stderr else ""
+    )
 
 
 NICE_SUPERVISOR = """
@@ -63,8 +65,10 @@ sys.exit(cli._supervise([sys.executable, "-c", sys.argv[1]], "redis://unused", n
 def test_the_supervised_worker_runs_at_the_added_niceness(tmp_path: Path) -> None:
     # Batch work yields the CPU to the API on a shared host (BATCHSVC_BATCH_NICE)
     out = tmp_path / "nice"
-    child = (f"import os, pathlib, time; pathlib.Path({str(out)!r}).write_text(str(os.nice(0)));"
-             " time.sleep(60)")
+    child = (
+        f"import os, pathlib, time; pathlib.Path({str(out)!r}).write_text(str(os.nice(0)));"
+        " time.sleep(60)"
+    )
     base = os.nice(0)
     supervisor = subprocess.Popen([sys.executable, "-c", NICE_SUPERVISOR, child])
     try:
@@ -127,5 +131,8 @@ def test_inference_node_names_are_numbered_only_when_there_are_several() -> None
     from batchsvc.cli import inference_nodes
 
     assert inference_nodes(42, 1, "h") == ["inference-42@h"]
-    assert inference_nodes(42, 3, "h") == ["inference-42.1@h", "inference-42.2@h",
-                                           "inference-42.3@h"]
+    assert inference_nodes(42, 3, "h") == [
+        "inference-42.1@h",
+        "inference-42.2@h",
+        "inference-42.3@h",
+    ]

@@ -72,7 +72,11 @@ def test_domain_modules_load_neither_flask_nor_celery() -> None:
     # When a fresh interpreter imports them all
     result = subprocess.run(
         [sys.executable, "-c", _PROBE, *modules],
-        capture_output=True, text=True, cwd=root, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=60,
+        check=False,
     )
     # Then neither flask nor celery was loaded
     assert result.returncode == 0, result.stderr

@@ -110,15 +110,18 @@ def test_a_port_file_of_zero_means_a_new_port(settings: Settings) -> None:
 
 
 @pytest.mark.parametrize("content", ["70000\n", "-1\n"])
-def test_an_out_of_range_port_in_the_file_means_a_new_port(settings: Settings,
-                                                            content: str) -> None:
+def test_an_out_of_range_port_in_the_file_means_a_new_port(
+    settings: Settings, content: str
+) -> None:
     write_port(settings, content)
     _, port = prepare(settings)
     assert 0 < port < 65536
 
 
 def test_the_port_file_is_replaced_atomically(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, listener: int,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    listener: int,
 ) -> None:
     # Given a previous port file (its port taken, so a new one is written)
     write_port(settings, f"{listener}\n")
@@ -147,7 +150,9 @@ def test_the_port_file_is_replaced_atomically(
 
 
 def test_a_failed_rename_leaves_the_previous_port_file_intact(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, listener: int,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    listener: int,
 ) -> None:
     write_port(settings, f"{listener}\n")
 

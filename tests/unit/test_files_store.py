@@ -18,12 +18,23 @@ def make_store(clock: FakeClock | None = None) -> FileStore:
     return FileStore(fake_redis(), retention_s=RETENTION_S, clock=clock or FakeClock())
 
 
-def add(store: FileStore, project_id: str = PROJECT, purpose: str = "batch",
-        file_id: str | None = None, **kwargs: Any) -> FileRecord:
+def add(
+    store: FileStore,
+    project_id: str = PROJECT,
+    purpose: str = "batch",
+    file_id: str | None = None,
+    **kwargs: Any,
+) -> FileRecord:
     fid = file_id or new_file_id()
-    return store.create(file_id=fid, project_id=project_id, size=kwargs.pop("size", 10),
-                        filename=kwargs.pop("filename", "input.jsonl"), purpose=purpose,
-                        storage_key=upload_key(fid), **kwargs)
+    return store.create(
+        file_id=fid,
+        project_id=project_id,
+        size=kwargs.pop("size", 10),
+        filename=kwargs.pop("filename", "input.jsonl"),
+        purpose=purpose,
+        storage_key=upload_key(fid),
+        **kwargs,
+    )
 
 
 def ids(records: list[FileRecord]) -> list[str]:
@@ -98,8 +109,9 @@ def test_list_pages_in_both_orders_across_files_made_in_the_same_second() -> Non
         after: str | None = None
         pages = 0
         while True:
-            page, has_more = store.list(PROJECT, purpose=None, after=after, limit=10,
-                                        descending=descending)
+            page, has_more = store.list(
+                PROJECT, purpose=None, after=after, limit=10, descending=descending
+            )
             pages += 1
             seen += ids(page)
             if not has_more:
@@ -115,8 +127,7 @@ def test_has_more_is_false_on_an_exactly_full_last_page() -> None:
     created = [add(store).id for _ in range(4)]
     page, has_more = store.list(PROJECT, purpose=None, after=None, limit=2, descending=False)
     assert (ids(page), has_more) == (created[:2], True)
-    page, has_more = store.list(PROJECT, purpose=None, after=created[1], limit=2,
-                                descending=False)
+    page, has_more = store.list(PROJECT, purpose=None, after=created[1], limit=2, descending=False)
     assert (ids(page), has_more) == (created[2:], False)
 
 
@@ -127,8 +138,7 @@ def test_purpose_filter_returns_only_that_purpose_and_error_files_among_outputs(
     errors = add(store, purpose="batch_output", is_error=True)
     add(store, project_id=OTHER, purpose="batch_output")
     batch_files, _ = store.list(PROJECT, purpose="batch", after=None, limit=10, descending=False)
-    outputs, _ = store.list(PROJECT, purpose="batch_output", after=None, limit=10,
-                            descending=False)
+    outputs, _ = store.list(PROJECT, purpose="batch_output", after=None, limit=10, descending=False)
     everything, _ = store.list(PROJECT, purpose=None, after=None, limit=10, descending=False)
     assert ids(batch_files) == [upload.id]
     assert ids(outputs) == [output.id, errors.id]
@@ -142,8 +152,7 @@ def test_an_unknown_or_foreign_or_deleted_after_gives_an_empty_page() -> None:
     foreign = add(store, project_id=OTHER)
     store.mark_deleted(mine[0])
     for after in ("file-unknown", foreign.id, mine[0].id):
-        page, has_more = store.list(PROJECT, purpose=None, after=after, limit=10,
-                                    descending=True)
+        page, has_more = store.list(PROJECT, purpose=None, after=after, limit=10, descending=True)
         assert (page, has_more) == ([], False)
 
 
@@ -240,4 +249,7 @@ def test_to_api_parses_as_the_openai_sdks_file_object() -> None:
     for record in (add(store), add(store, purpose="batch_output", is_error=True)):
         parsed = FileObject.model_validate(record.to_api())
         assert (parsed.id, parsed.status, parsed.expires_at) == (
-            record.id, "processed", T0 + RETENTION_S)
+            record.id,
+            "processed",
+            T0 + RETENTION_S,
+        )

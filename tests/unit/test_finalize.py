@@ -84,14 +84,24 @@ def test_a_fully_recorded_batch_completes_with_both_files_in_input_order(tmp_pat
     err_file = d.files.get("proj_a", err_id)
     assert out_file is not None and err_file is not None
     assert out_file.to_api() == {
-        "id": out_id, "object": "file", "bytes": len(read_file(d.storage, out_id)),
-        "created_at": T0 + 60, "filename": f"{out_id}.jsonl", "purpose": "batch_output",
-        "status": "processed", "expires_at": T0 + 60 + RETENTION_S,
+        "id": out_id,
+        "object": "file",
+        "bytes": len(read_file(d.storage, out_id)),
+        "created_at": T0 + 60,
+        "filename": f"{out_id}.jsonl",
+        "purpose": "batch_output",
+        "status": "processed",
+        "expires_at": T0 + 60 + RETENTION_S,
     }
     assert err_file.to_api() == {
-        "id": err_id, "object": "file", "bytes": len(read_file(d.storage, err_id)),
-        "created_at": T0 + 60, "filename": f"{batch.id}_errors.jsonl",
-        "purpose": "batch_output", "status": "processed", "expires_at": T0 + 60 + RETENTION_S,
+        "id": err_id,
+        "object": "file",
+        "bytes": len(read_file(d.storage, err_id)),
+        "created_at": T0 + 60,
+        "filename": f"{batch.id}_errors.jsonl",
+        "purpose": "batch_output",
+        "status": "processed",
+        "expires_at": T0 + 60 + RETENTION_S,
         "is_error": True,
     }
     assert out_file.storage_key == upload_key(out_id)
@@ -99,8 +109,7 @@ def test_a_fully_recorded_batch_completes_with_both_files_in_input_order(tmp_pat
     # and the per-line records and the input copy are gone; no temp file is left
     assert not d.redis.exists(lines_key(batch.id))
     assert not d.storage.exists(batch_input_key(batch.id))
-    assert storage_files(d.storage.root) == sorted(
-        [upload_key(out_id), upload_key(err_id)])
+    assert storage_files(d.storage.root) == sorted([upload_key(out_id), upload_key(err_id)])
     assert batch.id not in d.batches.active_ids()
 
 
@@ -278,7 +287,11 @@ def test_short_circuit_on_cancel_records_unstarted_lines_from_the_input_copy(
     assert [e["custom_id"] for e in errors] == ["q-1", "q-2", "q-3", "q-4"]
     assert [e["id"] for e in errors] == [line_record_id(batch.id, i) for i in range(1, 5)]
     assert [e["error"]["code"] for e in errors] == [
-        "internal_error", "batch_cancelled", "batch_cancelled", "batch_cancelled"]
+        "internal_error",
+        "batch_cancelled",
+        "batch_cancelled",
+        "batch_cancelled",
+    ]
     assert errors[1] == {
         "id": line_record_id(batch.id, 2),
         "custom_id": "q-2",
@@ -286,7 +299,7 @@ def test_short_circuit_on_cancel_records_unstarted_lines_from_the_input_copy(
         "error": {
             "code": "batch_cancelled",
             "message": "[legacy:batch_cancelled] Batch was cancelled before this line was "
-                       "dispatched",
+            "dispatched",
             "param": None,
         },
     }
@@ -374,9 +387,10 @@ def _lock_key(batch_id: str) -> str:
 def _bulk_record(d: Domain, batch: BatchRecord) -> None:
     """Every line of ``batch`` recorded ok, written straight into the hash (fast for big
     batches), with the counters to match."""
-    d.redis.hset(lines_key(batch.id), mapping={
-        str(i): "o" + ok_result(batch.id, i) for i in range(batch.total)
-    })
+    d.redis.hset(
+        lines_key(batch.id),
+        mapping={str(i): "o" + ok_result(batch.id, i) for i in range(batch.total)},
+    )
     d.batches.set_fields(batch.id, completed=batch.total)
 
 
@@ -513,8 +527,9 @@ def test_a_finalize_whose_lock_was_taken_over_stops_without_publishing(tmp_path:
     _bulk_record(d, batch)
     real_iter = d.batches.iter_records
 
-    def iter_records(batch_id: str, total: int,
-                     chunk: int = 1000) -> Iterator[tuple[int, str | None, str]]:
+    def iter_records(
+        batch_id: str, total: int, chunk: int = 1000
+    ) -> Iterator[tuple[int, str | None, str]]:
         for row in real_iter(batch_id, total, chunk):
             if row[0] == 1500:
                 d.redis.set(_lock_key(batch_id), "another-finalize", px=60_000)

@@ -27,16 +27,30 @@ def test_cancel_outcome_for_every_status(status: str, outcome: str) -> None:
 
 def test_every_status_has_a_cancel_outcome() -> None:
     assert {lifecycle.cancel_outcome(s) for s in lifecycle.STATUSES} == {
-        "cancel", "noop", "conflict"}
+        "cancel",
+        "noop",
+        "conflict",
+    }
 
 
 def test_the_terminal_set_is_exactly_the_spec_one() -> None:
     assert lifecycle.TERMINAL == {"completed", "failed", "expired", "cancelled"}
     assert [s for s in lifecycle.STATUSES if lifecycle.is_terminal(s)] == [
-        "completed", "failed", "expired", "cancelled"]
+        "completed",
+        "failed",
+        "expired",
+        "cancelled",
+    ]
     assert set(lifecycle.STATUSES) == {
-        "validating", "in_progress", "finalizing", "completed", "failed", "expired",
-        "cancelling", "cancelled"}
+        "validating",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "failed",
+        "expired",
+        "cancelling",
+        "cancelled",
+    }
     assert not lifecycle.RUNNING & lifecycle.TERMINAL
 
 
@@ -70,10 +84,10 @@ def test_the_transition_table_is_exactly_spec_6_2() -> None:
         ("expired", "completed"),
         ("failed", "in_progress"),
         ("in_progress", "completed"),  # must pass through finalizing
-        ("cancelling", "completed"),   # cancelling always ends cancelled
+        ("cancelling", "completed"),  # cancelling always ends cancelled
         ("cancelling", "expired"),
-        ("finalizing", "expired"),     # finalizing always ends completed
-        ("in_progress", "failed"),     # failed is only a validation outcome
+        ("finalizing", "expired"),  # finalizing always ends completed
+        ("in_progress", "failed"),  # failed is only a validation outcome
         ("in_progress", "in_progress"),
     ],
 )
@@ -88,5 +102,11 @@ def test_no_transition_leaves_a_terminal_status() -> None:
 
 def test_timestamp_fields_are_the_batch_objects_nullable_stamps() -> None:
     assert lifecycle.TIMESTAMP_FIELDS == (
-        "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-        "cancelling_at", "cancelled_at")
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    )

@@ -42,25 +42,40 @@ def test_an_echo_model_gets_every_default() -> None:
 
 
 def test_an_openai_model_with_every_key() -> None:
-    spec = one({
-        "backend": "openai", "base_url": "http://gpu-1:8000/v1/", "upstream_model": "Qwen/Q-7B",
-        "api_key_env": "VLLM_KEY", "max_tokens": 32768, "error_on_max_token": False,
-        "encoding": "o200k_base", "kind": "classification", "timeout_s": 30, "max_attempts": 1,
-    }, model_id="qwen")
+    spec = one(
+        {
+            "backend": "openai",
+            "base_url": "http://gpu-1:8000/v1/",
+            "upstream_model": "Qwen/Q-7B",
+            "api_key_env": "VLLM_KEY",
+            "max_tokens": 32768,
+            "error_on_max_token": False,
+            "encoding": "o200k_base",
+            "kind": "classification",
+            "timeout_s": 30,
+            "max_attempts": 1,
+        },
+        model_id="qwen",
+    )
     assert spec.base_url == "http://gpu-1:8000/v1"  # trailing slash dropped
     assert spec.upstream_name == "Qwen/Q-7B"
     assert spec.api_key_env == "VLLM_KEY"
     assert (spec.max_tokens, spec.error_on_max_token) == (32768, False)
     assert (spec.encoding, spec.kind, spec.timeout_s, spec.max_attempts) == (
-        "o200k_base", "classification", 30.0, 1)
+        "o200k_base",
+        "classification",
+        30.0,
+        1,
+    )
     public = spec.public_dict()
     assert public["queue"] == "batchsvc.model.qwen"
     assert public["api_key_env"] == "VLLM_KEY"
     assert "api_key" not in public
 
 
-@pytest.mark.parametrize("model_id", ["meta-llama/Llama-3.1-8B", "qwen2.5:7b", "gpt-4.1.mini",
-                                      "org/model:tag.v2"])
+@pytest.mark.parametrize(
+    "model_id", ["meta-llama/Llama-3.1-8B", "qwen2.5:7b", "gpt-4.1.mini", "org/model:tag.v2"]
+)
 def test_ids_with_slash_colon_and_dot_work_and_derive_their_queues(model_id: str) -> None:
     reg = registry(**{model_id: {"backend": "echo", "max_tokens": 10}})
     spec = reg.get(model_id)
@@ -82,8 +97,10 @@ def test_ids_with_slash_colon_and_dot_work_and_derive_their_queues(model_id: str
         ({"backend": "echo", "max_tokens": 0}, "max_tokens must be a positive integer"),
         ({"backend": "echo", "max_tokens": True}, "max_tokens must be a positive integer"),
         ({"backend": "echo", "max_tokens": 10.5}, "max_tokens must be a positive integer"),
-        ({"backend": "echo", "max_tokens": 10, "error_on_max_token": "yes"},
-         "error_on_max_token must be a boolean"),
+        (
+            {"backend": "echo", "max_tokens": 10, "error_on_max_token": "yes"},
+            "error_on_max_token must be a boolean",
+        ),
         ({"backend": "echo", "max_tokens": 10, "encoding": "p50k_base"}, "encoding must be"),
         ({"backend": "echo", "max_tokens": 10, "kind": "embedding"}, "kind must be"),
         ({"backend": "echo", "max_tokens": 10, "timeout_s": 0}, "timeout_s must be"),
@@ -133,8 +150,10 @@ def test_load_the_shipped_default_config() -> None:
 
 def test_load_a_toml_file_with_dotted_ids(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
-    path.write_text('[models."org/m:1.5"]\nbackend = "openai"\nbase_url = "http://x/v1"\n'
-                    "max_tokens = 4096\n", encoding="utf-8")
+    path.write_text(
+        '[models."org/m:1.5"]\nbackend = "openai"\nbase_url = "http://x/v1"\nmax_tokens = 4096\n',
+        encoding="utf-8",
+    )
     reg = load_registry(path)
     assert reg.ids() == ["org/m:1.5"]
 

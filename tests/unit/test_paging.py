@@ -38,15 +38,15 @@ def test_has_more_is_exact_at_the_boundary() -> None:
     assert page_ids(client, KEY, after=None, limit=4, descending=False) == Page(members, False)
     assert page_ids(client, KEY, after=None, limit=3, descending=False) == Page(members[:3], True)
     assert page_ids(client, KEY, after=members[2], limit=1, descending=False) == Page(
-        members[3:], False)
+        members[3:], False
+    )
     assert page_ids(client, KEY, after=members[3], limit=5, descending=False) == Page([], False)
 
 
 def test_after_starts_strictly_after_the_cursor_in_the_chosen_order() -> None:
     client, members = filled(5)
     assert page_ids(client, KEY, after="id-02", limit=10, descending=False).ids == members[3:]
-    assert page_ids(client, KEY, after="id-02", limit=10, descending=True).ids == [
-        "id-01", "id-00"]
+    assert page_ids(client, KEY, after="id-02", limit=10, descending=True).ids == ["id-01", "id-00"]
 
 
 def test_an_unknown_after_gives_an_empty_page() -> None:

@@ -40,8 +40,12 @@ def test_the_plaintext_key_is_stored_nowhere_only_its_hash() -> None:
     # When
     dump = list(redis_dump(store.r))
     # Then no key or value holds a plaintext key, and the hashes are there
-    secret_parts = [key.api_key.encode(), second.api_key.encode(),
-                    key.api_key[KEY_PREFIX_LEN:].encode(), second.api_key[KEY_PREFIX_LEN:].encode()]
+    secret_parts = [
+        key.api_key.encode(),
+        second.api_key.encode(),
+        key.api_key[KEY_PREFIX_LEN:].encode(),
+        second.api_key[KEY_PREFIX_LEN:].encode(),
+    ]
     for stored_key, value in dump:
         for secret in secret_parts:
             assert secret not in stored_key

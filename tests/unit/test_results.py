@@ -44,8 +44,7 @@ def test_output_line_keeps_non_ascii_text_verbatim() -> None:
 
 
 def test_error_line_has_exactly_the_spec_shape() -> None:
-    error = LineError("invalid_request_error", "http_400", "request body is invalid",
-                      param="model")
+    error = LineError("invalid_request_error", "http_400", "request body is invalid", param="model")
     line = error_line(BATCH, 5, "request-5", error)
     assert json.loads(line) == {
         "id": line_record_id(BATCH, 5),
@@ -71,7 +70,7 @@ def test_the_never_ran_codes() -> None:
     assert expired == {
         "code": "batch_expired",
         "message": "[legacy:batch_expired] The 24h completion window elapsed before this line "
-                   "was dispatched",
+        "was dispatched",
         "param": None,
     }
 
@@ -92,8 +91,11 @@ def test_model_not_found_of_a_non_string_model_still_reads_well() -> None:
 
 
 def test_internal_error_and_context_length_lines_start_with_the_legacy_prefix() -> None:
-    retries = json.loads(error_line(
-        BATCH, 0, "a", internal_error("Line failed after 4 attempts", "retries_exhausted")))
+    retries = json.loads(
+        error_line(
+            BATCH, 0, "a", internal_error("Line failed after 4 attempts", "retries_exhausted")
+        )
+    )
     assert retries["error"]["code"] == "internal_error"
     assert retries["error"]["message"] == "[legacy:retries_exhausted] Line failed after 4 attempts"
     ctx = json.loads(error_line(BATCH, 0, "a", ContextLengthExceeded(9120, 8192)))["error"]

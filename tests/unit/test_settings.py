@@ -88,22 +88,45 @@ def test_a_relative_data_dir_and_home_are_made_absolute() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("1", True), ("true", True), ("YES", True), (" on ", True),
-     ("0", False), ("False", False), ("no", False), ("OFF", False)],
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        (" on ", True),
+        ("0", False),
+        ("False", False),
+        ("no", False),
+        ("OFF", False),
+    ],
 )
 def test_booleans(raw: str, expected: bool) -> None:
-    assert Settings.from_env(
-        {"BATCHSVC_REQUIRE_PROJECT_HEADER": raw}).require_project_header is expected
+    assert (
+        Settings.from_env({"BATCHSVC_REQUIRE_PROJECT_HEADER": raw}).require_project_header
+        is expected
+    )
 
 
 @pytest.mark.parametrize(
     "name",
-    ["REDIS_URL", "BATCHSVC_DATA_DIR", "BATCHSVC_CONFIG", "PORT", "BATCHSVC_HOST", "MODELS",
-     "CONCURRENCY", "WORKER_PROCESSES", "BATCHSVC_BATCH_NICE",
-     "BATCHSVC_REQUIRE_PROJECT_HEADER",
-     "BATCHSVC_VISIBILITY_TIMEOUT_S",
-     "BATCHSVC_LEASE_TTL_S", "BATCHSVC_SWEEP_INTERVAL_S", "BATCHSVC_STUCK_AFTER_S",
-     "BATCHSVC_COMPLETION_WINDOW_S", "BATCHSVC_FILE_RETENTION_S", "BATCHSVC_STORAGE"],
+    [
+        "REDIS_URL",
+        "BATCHSVC_DATA_DIR",
+        "BATCHSVC_CONFIG",
+        "PORT",
+        "BATCHSVC_HOST",
+        "MODELS",
+        "CONCURRENCY",
+        "WORKER_PROCESSES",
+        "BATCHSVC_BATCH_NICE",
+        "BATCHSVC_REQUIRE_PROJECT_HEADER",
+        "BATCHSVC_VISIBILITY_TIMEOUT_S",
+        "BATCHSVC_LEASE_TTL_S",
+        "BATCHSVC_SWEEP_INTERVAL_S",
+        "BATCHSVC_STUCK_AFTER_S",
+        "BATCHSVC_COMPLETION_WINDOW_S",
+        "BATCHSVC_FILE_RETENTION_S",
+        "BATCHSVC_STORAGE",
+    ],
 )
 def test_a_blank_variable_means_its_default(name: str) -> None:
     # ``NAME=`` in a .env file must not mean "false" or "0" or an error: it is unset

@@ -69,6 +69,9 @@ def sweep() -> None:
         ),
         # Past this, a message of the batch is neither queued, nor redelivered after a
         # worker's death (visibility timeout), nor running (a lease lapses within its TTL).
-        stall_after_s=(ctx.settings.visibility_timeout_s + ctx.settings.lease_ttl_s
-                       + ctx.settings.stuck_after_s),
+        stall_after_s=(
+            ctx.settings.visibility_timeout_s
+            + ctx.settings.lease_ttl_s
+            + ctx.settings.stuck_after_s
+        ),
     )

@@ -19,8 +19,10 @@ def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[s
     # Returns nothing: the Redis chord join sends every header result to the callback at once.
     lines = context().lines
     token = secrets.token_hex(8)  # one run, however often Redis makes us retry it
-    retry_redis(lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
-                lines.redis_patience_s)
+    retry_redis(
+        lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
+        lines.redis_patience_s,
+    )
 
 
 @shared_task(name=RUN_SYNC, acks_late=False, ignore_result=False)

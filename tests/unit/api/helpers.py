@@ -178,8 +178,12 @@ def good_jsonl(n: int = 3) -> bytes:
 
 
 def upload(
-    env: ApiEnv, data: bytes | None = None, *, filename: str = "input.jsonl",
-    purpose: str | None = "batch", tenant: Tenant | None = None,
+    env: ApiEnv,
+    data: bytes | None = None,
+    *,
+    filename: str = "input.jsonl",
+    purpose: str | None = "batch",
+    tenant: Tenant | None = None,
 ) -> TestResponse:
     """Upload through the test client's multipart encoder (``data=None``: a good 3-line file)."""
     form: dict[str, Any] = {}
@@ -187,7 +191,9 @@ def upload(
         form["purpose"] = purpose
     form["file"] = (io.BytesIO(good_jsonl() if data is None else data), filename)
     return env.client.post(
-        "/v1/files", data=form, headers=(tenant or env.a).headers,
+        "/v1/files",
+        data=form,
+        headers=(tenant or env.a).headers,
         content_type="multipart/form-data",
     )
 
@@ -195,8 +201,7 @@ def upload(
 BOUNDARY = "testboundary7MA4YWxk"
 
 
-def multipart(*parts: tuple[bytes, bytes], boundary: str = BOUNDARY,
-              close: bool = True) -> bytes:
+def multipart(*parts: tuple[bytes, bytes], boundary: str = BOUNDARY, close: bool = True) -> bytes:
     """A raw multipart body from ``(header_block, payload)`` pairs, built by hand."""
     out = b""
     for headers, payload in parts:
@@ -217,13 +222,17 @@ def file_part(payload: bytes, filename: bytes | None = b"input.jsonl") -> tuple[
     return disposition + b"\r\nContent-Type: application/jsonl", payload
 
 
-def post_raw(env: ApiEnv, body: bytes, content_type: str | None = None,
-             tenant: Tenant | None = None) -> TestResponse:
+def post_raw(
+    env: ApiEnv, body: bytes, content_type: str | None = None, tenant: Tenant | None = None
+) -> TestResponse:
     """POST ``body`` byte for byte (the test client would re-encode an empty multipart body)."""
     ctype = f"multipart/form-data; boundary={BOUNDARY}" if content_type is None else content_type
     return env.client.post(
-        "/v1/files", input_stream=io.BytesIO(body), content_length=len(body),
-        content_type=ctype, headers=(tenant or env.a).headers,
+        "/v1/files",
+        input_stream=io.BytesIO(body),
+        content_length=len(body),
+        content_type=ctype,
+        headers=(tenant or env.a).headers,
     )
 
 
@@ -254,8 +263,9 @@ def new_batch(
     return response.get_json()  # type: ignore[no-any-return]
 
 
-def store_batch(env: ApiEnv, status: str, *, tenant: Tenant | None = None,
-                total: int = 2, **timestamps: int) -> BatchRecord:
+def store_batch(
+    env: ApiEnv, status: str, *, tenant: Tenant | None = None, total: int = 2, **timestamps: int
+) -> BatchRecord:
     """A batch record written straight into the store, in any status."""
     from batchsvc.ids import new_batch_id
 
@@ -279,16 +289,23 @@ def store_batch(env: ApiEnv, status: str, *, tenant: Tenant | None = None,
 
 
 def assert_error(
-    response: TestResponse, status: int, message: str, *, type_: str = "invalid_request_error",
-    code: str | None = _MISSING, param: str | None = _MISSING, line: int | None = NO_LINE,
+    response: TestResponse,
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    code: str | None = _MISSING,
+    param: str | None = _MISSING,
+    line: int | None = NO_LINE,
 ) -> dict[str, Any]:
     """The response is an error envelope with exactly these keys and values; returns it."""
     assert response.status_code == status, (response.status_code, response.get_data(as_text=True))
     body = response.get_json()
     assert isinstance(body, dict) and list(body) == ["error"], body
     error = body["error"]
-    expected_keys = {"message", "type", "code", "param"} | ({"line"} if line is not NO_LINE
-                                                           else set())
+    expected_keys = {"message", "type", "code", "param"} | (
+        {"line"} if line is not NO_LINE else set()
+    )
     assert set(error) == expected_keys, error
     assert error["message"] == message
     assert error["type"] == type_
@@ -339,8 +356,14 @@ def make_worker_env(tmp_path: Path, *, models: list[str] | None = None) -> Worke
     )
 
 
-def make_worker_batch(env: WorkerEnv, data: bytes, *, total: int | None = None,
-                      status: str = "in_progress", **timestamps: int) -> BatchRecord:
+def make_worker_batch(
+    env: WorkerEnv,
+    data: bytes,
+    *,
+    total: int | None = None,
+    status: str = "in_progress",
+    **timestamps: int,
+) -> BatchRecord:
     """An in_progress batch whose private input copy holds ``data`` (a validated file)."""
     from batchsvc.ids import new_batch_id
     from batchsvc.jsonl import validate_jsonl

@@ -26,14 +26,21 @@ def assert_403(response) -> None:  # type: ignore[no-untyped-def]
     assert_error(response, 403, INVALID, type_="authentication_error", code=None, param=None)
 
 
-@pytest.mark.parametrize("path,method", [
-    ("/v1/files", "get"), ("/v1/files", "post"), ("/v1/files/file-x", "get"),
-    ("/v1/files/file-x/content", "get"), ("/v1/files/file-x", "delete"),
-    ("/v1/batches", "get"), ("/v1/batches", "post"), ("/v1/batches/batch_x", "get"),
-    ("/v1/batches/batch_x/cancel", "post"),
-])
-def test_no_headers_at_all_is_401_on_every_endpoint(tmp_path: Path, path: str,
-                                                      method: str) -> None:
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/v1/files", "get"),
+        ("/v1/files", "post"),
+        ("/v1/files/file-x", "get"),
+        ("/v1/files/file-x/content", "get"),
+        ("/v1/files/file-x", "delete"),
+        ("/v1/batches", "get"),
+        ("/v1/batches", "post"),
+        ("/v1/batches/batch_x", "get"),
+        ("/v1/batches/batch_x/cancel", "post"),
+    ],
+)
+def test_no_headers_at_all_is_401_on_every_endpoint(tmp_path: Path, path: str, method: str) -> None:
     # Given an app, When a request carries no credentials, Then 401 with the exact envelope
     env = make_env(tmp_path)
     assert_401(getattr(env.client, method)(path))
@@ -160,26 +167,36 @@ def test_bearer_garbage_alone_is_403(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", ["Bearer", "Bearer   ", "Basic abc", "garbage"])
-def test_authorization_without_a_bearer_token_counts_as_missing(tmp_path: Path,
-                                                                value: str) -> None:
+def test_authorization_without_a_bearer_token_counts_as_missing(tmp_path: Path, value: str) -> None:
     env = make_env(tmp_path)
     assert_401(env.client.get("/v1/files", headers={"Authorization": value}))
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/files", "/v1/files/file-abc", "/v1/files/file-abc/content", "/v1/batches",
-    "/v1/batches/batch_abc", "/v1/batches/batch_abc/cancel", "/v1/chat/completions",
-    "/v1/anything/else",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/files",
+        "/v1/files/file-abc",
+        "/v1/files/file-abc/content",
+        "/v1/batches",
+        "/v1/batches/batch_abc",
+        "/v1/batches/batch_abc/cancel",
+        "/v1/chat/completions",
+        "/v1/anything/else",
+    ],
+)
 def test_options_preflight_is_204_without_auth_or_body(tmp_path: Path, path: str) -> None:
     # Given no credentials at all
     env = make_env(tmp_path)
     # When a CORS preflight arrives
-    response = env.client.options(path, headers={
-        "Origin": "https://example.com",
-        "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "x-api-key, x-project-id, content-type",
-    })
+    response = env.client.options(
+        path,
+        headers={
+            "Origin": "https://example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key, x-project-id, content-type",
+        },
+    )
     # Then 204, no body, CORS headers, and a request id
     assert response.status_code == 204
     assert response.get_data() == b""

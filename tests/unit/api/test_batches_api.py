@@ -28,10 +28,26 @@ from tests.unit.api.helpers import (
 )
 
 BATCH_KEYS = [
-    "id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status",
-    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at",
-    "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
-    "request_counts", "metadata",
+    "id",
+    "object",
+    "endpoint",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "metadata",
 ]
 
 
@@ -51,8 +67,9 @@ def cancel(env: ApiEnv, batch_id: str, tenant: Any = None) -> Any:
     return env.client.post(f"/v1/batches/{batch_id}/cancel", headers=(tenant or env.a).headers)
 
 
-def store_raw_file(env: ApiEnv, data: bytes | None = None, *, size: int | None = None,
-                   purpose: str = "batch") -> str:
+def store_raw_file(
+    env: ApiEnv, data: bytes | None = None, *, size: int | None = None, purpose: str = "batch"
+) -> str:
     """A File written straight into storage and the FileStore (bypassing the upload limit).
     With ``size`` the file is sparse: truncated to that size, costing no time or disk."""
     file_id = new_file_id()
@@ -63,9 +80,14 @@ def store_raw_file(env: ApiEnv, data: bytes | None = None, *, size: int | None =
     if size is not None:
         with open(env.storage.root / key, "r+b") as handle:
             handle.truncate(size)
-    env.files.create(file_id=file_id, project_id=env.a.project_id,
-                     size=env.storage.size(key), filename="big.jsonl", purpose=purpose,
-                     storage_key=key)
+    env.files.create(
+        file_id=file_id,
+        project_id=env.a.project_id,
+        size=env.storage.size(key),
+        filename="big.jsonl",
+        purpose=purpose,
+        storage_key=key,
+    )
     return file_id
 
 
@@ -80,14 +102,15 @@ def assert_no_batch(env: ApiEnv) -> None:
     ]
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'"a string"', b"null", b"", b"42",
-                                 b"{broken"])
+@pytest.mark.parametrize(
+    "raw", [b"not json", b"[1, 2]", b'"a string"', b"null", b"", b"42", b"{broken"]
+)
 def test_body_that_is_not_a_json_object_is_400(tmp_path: Path, raw: bytes) -> None:
     env = make_env(tmp_path)
-    response = env.client.post("/v1/batches", data=raw, headers=env.a.headers,
-                               content_type="application/json")
-    assert_error(response, 400, "Request body must be a JSON object",
-                 type_="invalid_request_error")
+    response = env.client.post(
+        "/v1/batches", data=raw, headers=env.a.headers, content_type="application/json"
+    )
+    assert_error(response, 400, "Request body must be a JSON object", type_="invalid_request_error")
     assert_no_batch(env)
 
 
@@ -95,8 +118,10 @@ def test_json_object_without_json_content_type_is_still_read(tmp_path: Path) -> 
     env = make_env(tmp_path)
     file_id = upload_id(env)
     response = env.client.post(
-        "/v1/batches", data=json.dumps({"input_file_id": file_id, "endpoint": URL}),
-        headers=env.a.headers, content_type="text/plain",
+        "/v1/batches",
+        data=json.dumps({"input_file_id": file_id, "endpoint": URL}),
+        headers=env.a.headers,
+        content_type="text/plain",
     )
     assert response.status_code == 200
 
@@ -105,8 +130,13 @@ def test_json_object_without_json_content_type_is_still_read(tmp_path: Path) -> 
 def test_missing_input_file_id_is_400(tmp_path: Path, value: Any) -> None:
     env = make_env(tmp_path)
     response = create_batch(env, input_file_id=value)
-    assert_error(response, 400, "input_file_id is required", code="invalid_request_error",
-                 param="input_file_id")
+    assert_error(
+        response,
+        400,
+        "input_file_id is required",
+        code="invalid_request_error",
+        param="input_file_id",
+    )
     assert_no_batch(env)
 
 
@@ -115,8 +145,9 @@ def test_missing_endpoint_is_400(tmp_path: Path, value: Any) -> None:
     env = make_env(tmp_path)
     file_id = upload_id(env)
     response = create_batch(env, file_id, endpoint=value)
-    assert_error(response, 400, "endpoint is required", code="invalid_request_error",
-                 param="endpoint")
+    assert_error(
+        response, 400, "endpoint is required", code="invalid_request_error", param="endpoint"
+    )
     assert_no_batch(env)
 
 
@@ -125,8 +156,13 @@ def test_completion_window_other_than_24h_is_400(tmp_path: Path, window: Any) ->
     env = make_env(tmp_path)
     file_id = upload_id(env)
     response = create_batch(env, file_id, completion_window=window)
-    assert_error(response, 400, 'completion_window must be "24h"', code="invalid_request_error",
-                 param="completion_window")
+    assert_error(
+        response,
+        400,
+        'completion_window must be "24h"',
+        code="invalid_request_error",
+        param="completion_window",
+    )
     assert_no_batch(env)
 
 
@@ -144,12 +180,18 @@ def test_completion_window_defaults_to_24h(tmp_path: Path) -> None:
     assert response.get_json()["completion_window"] == "24h"
 
 
-@pytest.mark.parametrize("metadata,expected", [
-    (missing(), {}), (None, {}), ({}, {}),
-    ({"job": "nightly", "n": 1, "nested": {"a": [1, None]}}, None),
-])
-def test_metadata_is_echoed_and_defaults_to_empty(tmp_path: Path, metadata: Any,
-                                                  expected: Any) -> None:
+@pytest.mark.parametrize(
+    "metadata,expected",
+    [
+        (missing(), {}),
+        (None, {}),
+        ({}, {}),
+        ({"job": "nightly", "n": 1, "nested": {"a": [1, None]}}, None),
+    ],
+)
+def test_metadata_is_echoed_and_defaults_to_empty(
+    tmp_path: Path, metadata: Any, expected: Any
+) -> None:
     env = make_env(tmp_path)
     response = create_batch(env, upload_id(env), metadata=metadata)
     assert response.status_code == 200, response.get_json()
@@ -221,27 +263,50 @@ BIG_LINE = json.dumps(request_line("big", body={"model": MODEL, "pad": "x" * 1_0
 
 JSONL_CASES: list[tuple[str, bytes, str, int | None]] = [
     ("rule1-whitespace-only", b"\n   \n\t\n", "Input file contains no JSONL lines", None),
-    ("rule4-line-too-long", jsonl(GOOD, BIG_LINE.encode()),
-     "Line 2 exceeds maximum size of 1048576 bytes", 2),
+    (
+        "rule4-line-too-long",
+        jsonl(GOOD, BIG_LINE.encode()),
+        "Line 2 exceeds maximum size of 1048576 bytes",
+        2,
+    ),
     ("rule5-not-json", jsonl(GOOD, b"{not json"), "Line 2 is not valid JSON", 2),
     ("rule5-not-utf8", jsonl(b'{"custom_id": "\xff"}'), "Line 1 is not valid JSON", 1),
     ("rule6-array", jsonl(GOOD, b"[1, 2]"), "Line 2 must be a JSON object", 2),
     ("rule6-primitive", jsonl(b"42"), "Line 1 must be a JSON object", 1),
-    ("rule7-missing-custom-id", jsonl(GOOD, request_line(missing())),
-     "Line 2 is missing custom_id", 2),
+    (
+        "rule7-missing-custom-id",
+        jsonl(GOOD, request_line(missing())),
+        "Line 2 is missing custom_id",
+        2,
+    ),
     ("rule7-empty-custom-id", jsonl(request_line("")), "Line 1 is missing custom_id", 1),
-    ("rule8-duplicate", jsonl(GOOD, request_line("x"), request_line("ok-1")),
-     'Line 3 duplicates custom_id "ok-1"', 3),
-    ("rule9-method", jsonl(GOOD, request_line("m", method="GET")),
-     'Line 2 method must be "POST"', 2),
+    (
+        "rule8-duplicate",
+        jsonl(GOOD, request_line("x"), request_line("ok-1")),
+        'Line 3 duplicates custom_id "ok-1"',
+        3,
+    ),
+    (
+        "rule9-method",
+        jsonl(GOOD, request_line("m", method="GET")),
+        'Line 2 method must be "POST"',
+        2,
+    ),
     ("rule10-missing-url", jsonl(request_line("u", url=missing())), "Line 1 is missing url", 1),
-    ("rule11-url-not-allowed", jsonl(GOOD, request_line("u", url="/v1/embeddings")),
-     'Line 2 url "/v1/embeddings" is not an allowed batch endpoint', 2),
-    ("rule13-missing-body", jsonl(request_line("b", body=missing())),
-     "Line 1 is missing body", 1),
+    (
+        "rule11-url-not-allowed",
+        jsonl(GOOD, request_line("u", url="/v1/embeddings")),
+        'Line 2 url "/v1/embeddings" is not an allowed batch endpoint',
+        2,
+    ),
+    ("rule13-missing-body", jsonl(request_line("b", body=missing())), "Line 1 is missing body", 1),
     ("rule13-empty-body", jsonl(GOOD, request_line("b", body={})), "Line 2 is missing body", 2),
-    ("rule14-stream", jsonl(request_line("s", body={"model": MODEL, "stream": True})),
-     "Line 1 has stream=true; streaming is not supported in batch mode", 1),
+    (
+        "rule14-stream",
+        jsonl(request_line("s", body={"model": MODEL, "stream": True})),
+        "Line 1 has stream=true; streaming is not supported in batch mode",
+        1,
+    ),
     ("blank-lines-are-counted", b"\n\n" + jsonl(b"nope"), "Line 3 is not valid JSON", 3),
 ]
 
@@ -256,15 +321,15 @@ def assert_failed_batch(env: ApiEnv, message: str, line: int | None) -> dict[str
     assert batch["status"] == "failed"
     assert batch["errors"] == {
         "object": "list",
-        "data": [{"code": "invalid_request_error", "message": message, "line": line,
-                  "param": None}],
+        "data": [
+            {"code": "invalid_request_error", "message": message, "line": line, "param": None}
+        ],
     }
     assert batch["failed_at"] == T0
     assert batch["in_progress_at"] is None
     assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert batch["output_file_id"] is None and batch["error_file_id"] is None
-    for name in ("finalizing_at", "completed_at", "expired_at", "cancelling_at",
-                 "cancelled_at"):
+    for name in ("finalizing_at", "completed_at", "expired_at", "cancelling_at", "cancelled_at"):
         assert batch[name] is None
     assert batch["expires_at"] == batch["created_at"] + 86_400
     assert env.dispatcher.started == []
@@ -286,8 +351,7 @@ def test_jsonl_rule_failure_is_400_with_line_and_leaves_a_failed_batch(
     if line is None:
         assert_error(response, 400, message, code="invalid_request_error", param=None)
     else:
-        assert_error(response, 400, message, code="invalid_request_error", param=None,
-                     line=line)
+        assert_error(response, 400, message, code="invalid_request_error", param=None, line=line)
     # And a failed batch is stored with the same error
     batch = assert_failed_batch(env, message, line)
     assert batch["metadata"] == {"k": "v"}
@@ -319,8 +383,9 @@ def test_rule1_zero_byte_file_fails_as_a_whole_file_error(tmp_path: Path) -> Non
 def test_rule3_more_than_50000_lines_fails_as_a_whole_file_error(tmp_path: Path) -> None:
     # Given 50,001 valid request lines
     env = make_env(tmp_path)
-    template = ('{"custom_id":"%d","method":"POST","url":"/v1/chat/completions",'
-                '"body":{"model":"m"}}\n')
+    template = (
+        '{"custom_id":"%d","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}\n'
+    )
     data = "".join(template % i for i in range(50_001)).encode()
     file_id = store_raw_file(env, data)
     # When a batch is created, Then 400 without a line, and a failed batch
@@ -334,8 +399,10 @@ def test_rule15_endpoint_mismatch_is_a_whole_file_error(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     file_id = upload_id(env)
     response = create_batch(env, file_id, endpoint="/v1/completions")
-    message = ('endpoint "/v1/completions" does not match the url "/v1/chat/completions" '
-               "used by the input file")
+    message = (
+        'endpoint "/v1/completions" does not match the url "/v1/chat/completions" '
+        "used by the input file"
+    )
     assert_error(response, 400, message, code="invalid_request_error", param=None)
     assert_failed_batch(env, message, None)
 
@@ -374,8 +441,14 @@ def test_good_file_creates_an_in_progress_batch_and_dispatches_it(tmp_path: Path
     assert batch["created_at"] == T0 + 5
     assert batch["in_progress_at"] == T0 + 5
     assert batch["expires_at"] == batch["created_at"] + 86_400
-    for name in ("finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
-                 "cancelled_at"):
+    for name in (
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    ):
         assert batch[name] is None
     assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
     assert batch["metadata"] == {"job": "x"}
@@ -440,13 +513,14 @@ def test_another_projects_batch_is_404_everywhere(tmp_path: Path) -> None:
     # When project A retrieves or cancels it, Then 404 like a missing one
     response = env.client.get(f"/v1/batches/{foreign}", headers=env.a.headers)
     assert_error(response, 404, f"Batch not found: {foreign}", code=None, param=None)
-    assert_error(cancel(env, foreign), 404, f"Batch not found: {foreign}", code=None,
-                 param=None)
+    assert_error(cancel(env, foreign), 404, f"Batch not found: {foreign}", code=None, param=None)
     assert list_batches(env)["data"] == []
     # And B's batch was not cancelled
     assert env.dispatcher.cancelled == []
-    assert env.client.get(f"/v1/batches/{foreign}",
-                          headers=env.b.headers).get_json()["status"] == "in_progress"
+    assert (
+        env.client.get(f"/v1/batches/{foreign}", headers=env.b.headers).get_json()["status"]
+        == "in_progress"
+    )
 
 
 def test_list_is_newest_first_with_cursor_paging(tmp_path: Path) -> None:
@@ -475,8 +549,13 @@ def test_list_is_newest_first_with_cursor_paging(tmp_path: Path) -> None:
 
 def test_empty_list(tmp_path: Path) -> None:
     env = make_env(tmp_path)
-    assert list_batches(env) == {"object": "list", "data": [], "first_id": None,
-                                 "last_id": None, "has_more": False}
+    assert list_batches(env) == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
 
 
 def test_list_elements_are_full_batch_objects(tmp_path: Path) -> None:
@@ -485,8 +564,9 @@ def test_list_elements_are_full_batch_objects(tmp_path: Path) -> None:
     assert list_batches(env)["data"] == [batch]
 
 
-@pytest.mark.parametrize("limit,expected", [("0", 1), ("-3", 1), ("500", 100), ("100", 100),
-                                            ("7", 7)])
+@pytest.mark.parametrize(
+    "limit,expected", [("0", 1), ("-3", 1), ("500", 100), ("100", 100), ("7", 7)]
+)
 def test_list_limit_is_clamped(tmp_path: Path, limit: str, expected: int) -> None:
     env = make_env(tmp_path)
     for _ in range(101):
@@ -507,10 +587,10 @@ def test_list_default_limit_is_20(tmp_path: Path) -> None:
 @pytest.mark.parametrize("limit", ["abc", "1.5", "ten"])
 def test_list_non_integer_limit_is_400(tmp_path: Path, limit: str) -> None:
     env = make_env(tmp_path)
-    response = env.client.get("/v1/batches", headers=env.a.headers,
-                              query_string={"limit": limit})
-    error = assert_error(response, 400, response.get_json()["error"]["message"],
-                         code="invalid_limit", param="limit")
+    response = env.client.get("/v1/batches", headers=env.a.headers, query_string={"limit": limit})
+    error = assert_error(
+        response, 400, response.get_json()["error"]["message"], code="invalid_limit", param="limit"
+    )
     assert error["message"]
 
 
@@ -520,7 +600,11 @@ def test_list_unknown_after_is_an_empty_page(tmp_path: Path) -> None:
     foreign = new_batch(env, tenant=env.b)["id"]
     for after in ("batch_unknown", foreign):
         assert list_batches(env, after=after) == {
-            "object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False,
+            "object": "list",
+            "data": [],
+            "first_id": None,
+            "last_id": None,
+            "has_more": False,
         }
 
 
@@ -535,13 +619,13 @@ def test_list_shows_failed_and_good_batches_of_the_project_only(tmp_path: Path) 
     assert page["data"][1]["id"] == good
 
 
-@pytest.mark.parametrize("method,path", [("get", "/v1/batches/"),
-                                         ("post", "/v1/batches//cancel")])
+@pytest.mark.parametrize("method,path", [("get", "/v1/batches/"), ("post", "/v1/batches//cancel")])
 def test_missing_batch_id_is_400(tmp_path: Path, method: str, path: str) -> None:
     env = make_env(tmp_path)
     response = getattr(env.client, method)(path, headers=env.a.headers)
-    error = assert_error(response, 400, response.get_json()["error"]["message"],
-                         type_="invalid_request_error")
+    error = assert_error(
+        response, 400, response.get_json()["error"]["message"], type_="invalid_request_error"
+    )
     assert error["message"]
 
 
@@ -607,8 +691,13 @@ def test_cancel_a_finished_batch_is_409(tmp_path: Path, status: str) -> None:
     # When it is cancelled
     response = cancel(env, record.id)
     # Then 409 batch_not_cancellable, told not to retry, and nothing changes
-    assert_error(response, 409, f'Cannot cancel a batch with status "{status}"',
-                 code="batch_not_cancellable", param=None)
+    assert_error(
+        response,
+        409,
+        f'Cannot cancel a batch with status "{status}"',
+        code="batch_not_cancellable",
+        param=None,
+    )
     assert response.headers["x-should-retry"] == "false"
     assert get_batch(env, record.id)["status"] == status
     assert env.dispatcher.cancelled == []
@@ -616,8 +705,9 @@ def test_cancel_a_finished_batch_is_409(tmp_path: Path, status: str) -> None:
 
 def test_cancel_unknown_batch_is_404(tmp_path: Path) -> None:
     env = make_env(tmp_path)
-    assert_error(cancel(env, "batch_nope"), 404, "Batch not found: batch_nope", code=None,
-                 param=None)
+    assert_error(
+        cancel(env, "batch_nope"), 404, "Batch not found: batch_nope", code=None, param=None
+    )
 
 
 def test_cancel_a_validation_failed_batch_is_409(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ def test_success_carries_a_request_id(tmp_path: Path) -> None:
 
 def test_request_ids_differ_between_requests(tmp_path: Path) -> None:
     env = make_env(tmp_path)
-    ids = {env.client.get("/v1/files", headers=env.a.headers).headers["x-request-id"]
-           for _ in range(5)}
+    ids = {
+        env.client.get("/v1/files", headers=env.a.headers).headers["x-request-id"] for _ in range(5)
+    }
     assert len(ids) == 5
 
 
@@ -52,10 +53,16 @@ def test_unknown_route_outside_v1_is_a_404_envelope_without_auth(tmp_path: Path)
     assert response.headers["x-request-id"].startswith("req_")
 
 
-@pytest.mark.parametrize("method,path", [
-    ("put", "/v1/files"), ("patch", "/v1/batches"), ("delete", "/v1/batches/batch_x"),
-    ("get", "/v1/batches/batch_x/cancel"), ("post", "/v1/files/file-x"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("put", "/v1/files"),
+        ("patch", "/v1/batches"),
+        ("delete", "/v1/batches/batch_x"),
+        ("get", "/v1/batches/batch_x/cancel"),
+        ("post", "/v1/files/file-x"),
+    ],
+)
 def test_wrong_method_is_a_405_envelope(tmp_path: Path, method: str, path: str) -> None:
     env = make_env(tmp_path)
     response = getattr(env.client, method)(path, headers=env.a.headers)
@@ -71,12 +78,19 @@ def test_wrong_method_is_a_405_envelope(tmp_path: Path, method: str, path: str) 
 def test_auth_errors_carry_a_request_id(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     response = env.client.get("/v1/batches")
-    assert_error(response, 401, "Missing authentication headers", type_="authentication_error",
-                 code=None, param=None)
+    assert_error(
+        response,
+        401,
+        "Missing authentication headers",
+        type_="authentication_error",
+        code=None,
+        param=None,
+    )
 
 
-def test_an_unexpected_exception_is_a_500_envelope(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unexpected_exception_is_a_500_envelope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a store that blows up
     env = make_env(tmp_path)
 
@@ -86,8 +100,9 @@ def test_an_unexpected_exception_is_a_500_envelope(tmp_path: Path,
     monkeypatch.setattr(env.files, "list", boom)
     # When listing, Then 500 internal_error with the envelope and no leaked detail
     response = env.client.get("/v1/files", headers=env.a.headers)
-    error = assert_error(response, 500, "Internal server error", type_="internal_error",
-                         code=None, param=None)
+    error = assert_error(
+        response, 500, "Internal server error", type_="internal_error", code=None, param=None
+    )
     assert "secret" not in error["message"]
 
 

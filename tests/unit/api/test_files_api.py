@@ -46,9 +46,15 @@ def add_output_file(env: ApiEnv, *, is_error: bool) -> str:
     env.extra[file_id] = True
     with env.storage.open_writer(upload_key(file_id)) as out:
         out.write(b'{"id":"batch_req_1"}\n')
-    env.files.create(file_id=file_id, project_id=env.a.project_id, size=21,
-                     filename=f"{file_id}.jsonl", purpose="batch_output",
-                     storage_key=upload_key(file_id), is_error=is_error)
+    env.files.create(
+        file_id=file_id,
+        project_id=env.a.project_id,
+        size=21,
+        filename=f"{file_id}.jsonl",
+        purpose="batch_output",
+        storage_key=upload_key(file_id),
+        is_error=is_error,
+    )
     return file_id
 
 
@@ -58,7 +64,11 @@ def add_output_file(env: ApiEnv, *, is_error: bool) -> str:
 def test_empty_list(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     assert list_files(env) == {
-        "object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False,
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
     }
 
 
@@ -149,14 +159,14 @@ def test_list_rejects_an_unknown_purpose(tmp_path: Path) -> None:
 def test_bad_limit_is_400_invalid_limit(tmp_path: Path, limit: str) -> None:
     env = make_env(tmp_path)
     upload_id(env)
-    response = env.client.get("/v1/files", headers=env.a.headers,
-                              query_string={"limit": limit})
+    response = env.client.get("/v1/files", headers=env.a.headers, query_string={"limit": limit})
     if limit == "":
         # an empty value is the default
         assert response.status_code == 200
         return
-    error = assert_error(response, 400, response.get_json()["error"]["message"],
-                         code="invalid_limit", param="limit")
+    error = assert_error(
+        response, 400, response.get_json()["error"]["message"], code="invalid_limit", param="limit"
+    )
     assert error["message"]
 
 
@@ -165,7 +175,11 @@ def test_unknown_after_is_an_empty_page(tmp_path: Path) -> None:
     make_files(env, 2)
     for after in ("file-doesnotexist", "garbage"):
         assert list_files(env, after=after) == {
-            "object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False,
+            "object": "list",
+            "data": [],
+            "first_id": None,
+            "last_id": None,
+            "has_more": False,
         }
 
 
@@ -237,8 +251,7 @@ def test_missing_file_is_404_everywhere(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     file_id = "file-nosuchfile0000000000"
     assert_file_404(env.client.get(f"/v1/files/{file_id}", headers=env.a.headers), file_id)
-    assert_file_404(env.client.get(f"/v1/files/{file_id}/content", headers=env.a.headers),
-                    file_id)
+    assert_file_404(env.client.get(f"/v1/files/{file_id}/content", headers=env.a.headers), file_id)
     assert_file_404(env.client.delete(f"/v1/files/{file_id}", headers=env.a.headers), file_id)
 
 
@@ -257,8 +270,7 @@ def test_delete_then_everything_404s(tmp_path: Path) -> None:
     assert response.headers["x-request-id"].startswith("req_")
     # And retrieve, content and a second delete answer 404 file_not_found, list omits it
     assert_file_404(env.client.get(f"/v1/files/{file_id}", headers=env.a.headers), file_id)
-    assert_file_404(env.client.get(f"/v1/files/{file_id}/content", headers=env.a.headers),
-                    file_id)
+    assert_file_404(env.client.get(f"/v1/files/{file_id}/content", headers=env.a.headers), file_id)
     assert_file_404(env.client.delete(f"/v1/files/{file_id}", headers=env.a.headers), file_id)
     assert list_files(env)["data"] == []
     assert list_files(env, purpose="batch")["data"] == []

@@ -33,8 +33,10 @@ from tests.unit.api.helpers import (
 )
 
 KEY = "key-7f3a"
-REUSED = ("This Idempotency-Key was already used with a different request body; "
-          "use a new key for a different request")
+REUSED = (
+    "This Idempotency-Key was already used with a different request body; "
+    "use a new key for a different request"
+)
 IN_USE = "A request with this Idempotency-Key is still being processed; retry later"
 
 
@@ -42,12 +44,19 @@ def headers(tenant: Tenant, key: str | None = KEY) -> dict[str, str]:
     return {**tenant.headers, **({"Idempotency-Key": key} if key is not None else {})}
 
 
-def post_batch(env: ApiEnv, body: dict[str, Any] | None = None, *, key: str | None = KEY,
-               tenant: Tenant | None = None, raw: bytes | None = None) -> TestResponse:
+def post_batch(
+    env: ApiEnv,
+    body: dict[str, Any] | None = None,
+    *,
+    key: str | None = KEY,
+    tenant: Tenant | None = None,
+    raw: bytes | None = None,
+) -> TestResponse:
     tenant = tenant or env.a
     if raw is not None:
-        return env.client.post("/v1/batches", data=raw, content_type="application/json",
-                               headers=headers(tenant, key))
+        return env.client.post(
+            "/v1/batches", data=raw, content_type="application/json", headers=headers(tenant, key)
+        )
     return env.client.post("/v1/batches", json=body, headers=headers(tenant, key))
 
 
@@ -55,14 +64,24 @@ def batch_body(file_id: str, **extra: Any) -> dict[str, Any]:
     return {"input_file_id": file_id, "endpoint": URL, "completion_window": "24h", **extra}
 
 
-def post_file(env: ApiEnv, data: bytes, *, key: str | None = KEY, filename: str = "input.jsonl",
-              purpose: str = "batch", tenant: Tenant | None = None,
-              boundary: str = "boundaryAAAA") -> TestResponse:
+def post_file(
+    env: ApiEnv,
+    data: bytes,
+    *,
+    key: str | None = KEY,
+    filename: str = "input.jsonl",
+    purpose: str = "batch",
+    tenant: Tenant | None = None,
+    boundary: str = "boundaryAAAA",
+) -> TestResponse:
     """A hand-built multipart upload, so the boundary is ours to choose."""
-    body = multipart(purpose_part(purpose.encode()), file_part(data, filename.encode()),
-                     boundary=boundary)
+    body = multipart(
+        purpose_part(purpose.encode()), file_part(data, filename.encode()), boundary=boundary
+    )
     return env.client.post(
-        "/v1/files", input_stream=io.BytesIO(body), content_length=len(body),
+        "/v1/files",
+        input_stream=io.BytesIO(body),
+        content_length=len(body),
         content_type=f"multipart/form-data; boundary={boundary}",
         headers=headers(tenant or env.a, key),
     )
@@ -111,8 +130,9 @@ def test_the_replay_is_the_first_answer_even_after_the_batch_moved_on(tmp_path: 
     env = make_env(tmp_path)
     first = post_batch(env, batch_body(upload_id(env)))
     batch_id = first.get_json()["id"]
-    assert env.client.post(f"/v1/batches/{batch_id}/cancel",
-                           headers=env.a.headers).status_code == 200
+    assert (
+        env.client.post(f"/v1/batches/{batch_id}/cancel", headers=env.a.headers).status_code == 200
+    )
     again = post_batch(env, batch_body(first.get_json()["input_file_id"]))
     assert again.get_json()["status"] == "in_progress"
     assert_replay(first, again)
@@ -121,10 +141,16 @@ def test_the_replay_is_the_first_answer_even_after_the_batch_moved_on(tmp_path: 
 def test_the_body_fingerprint_ignores_key_order_and_whitespace(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     file_id = upload_id(env)
-    first = post_batch(env, raw=b'{"input_file_id": "%s", "endpoint": "%s", "metadata": '
-                                b'{"a": 1, "b": [1, 2]}}' % (file_id.encode(), URL.encode()))
-    again = post_batch(env, raw=b'{"metadata":{"b":[1,2],"a":1},"endpoint":"%s",'
-                                b'"input_file_id":"%s"}' % (URL.encode(), file_id.encode()))
+    first = post_batch(
+        env,
+        raw=b'{"input_file_id": "%s", "endpoint": "%s", "metadata": '
+        b'{"a": 1, "b": [1, 2]}}' % (file_id.encode(), URL.encode()),
+    )
+    again = post_batch(
+        env,
+        raw=b'{"metadata":{"b":[1,2],"a":1},"endpoint":"%s",'
+        b'"input_file_id":"%s"}' % (URL.encode(), file_id.encode()),
+    )
     assert first.status_code == 200
     assert_replay(first, again)
     assert len(batch_ids(env)) == 1
@@ -181,8 +207,9 @@ def test_a_jsonl_validation_400_is_kept_and_leaves_one_failed_batch(tmp_path: Pa
     env = make_env(tmp_path)
     file_id = upload_id(env, jsonl(request_line("a"), b"not json"))
     first = post_batch(env, batch_body(file_id))
-    assert_error(first, 400, "Line 2 is not valid JSON", code="invalid_request_error",
-                 param=None, line=2)
+    assert_error(
+        first, 400, "Line 2 is not valid JSON", code="invalid_request_error", param=None, line=2
+    )
     # When it is repeated with the same key
     again = post_batch(env, batch_body(file_id))
     # Then the same 400 comes back and no second failed batch appears
@@ -208,8 +235,9 @@ def test_a_body_that_is_not_json_is_fingerprinted_raw(tmp_path: Path) -> None:
     assert_error(other, 409, REUSED, code="idempotency_key_reused")
 
 
-def test_a_5xx_releases_the_key_so_a_retry_runs(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_5xx_releases_the_key_so_a_retry_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given the first create crashes before committing anything
     env = make_env(tmp_path)
     file_id = upload_id(env)
@@ -278,8 +306,13 @@ def test_without_the_header_nothing_changes(tmp_path: Path) -> None:
 def test_a_key_that_is_empty_or_too_long_is_400(tmp_path: Path, key: str) -> None:
     env = make_env(tmp_path)
     response = post_batch(env, batch_body(upload_id(env)), key=key)
-    assert_error(response, 400, "Idempotency-Key must be between 1 and 255 characters",
-                 code="invalid_request_error", param="Idempotency-Key")
+    assert_error(
+        response,
+        400,
+        "Idempotency-Key must be between 1 and 255 characters",
+        code="invalid_request_error",
+        param="Idempotency-Key",
+    )
     assert batch_ids(env) == [] and idem_keys(env) == []
 
 
@@ -476,8 +509,12 @@ def test_an_upload_rejected_while_parsing_does_not_use_the_key(tmp_path: Path) -
 def test_an_upload_key_that_is_too_long_is_400_and_stores_nothing(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     response = post_file(env, good_jsonl(), key="k" * 256)
-    assert_error(response, 400, "Idempotency-Key must be between 1 and 255 characters",
-                 param="Idempotency-Key")
+    assert_error(
+        response,
+        400,
+        "Idempotency-Key must be between 1 and 255 characters",
+        param="Idempotency-Key",
+    )
     assert stored_files(env) == [] and file_ids(env) == []
 
 

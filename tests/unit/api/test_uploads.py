@@ -99,12 +99,18 @@ def test_empty_filename_defaults_to_file_id(tmp_path: Path) -> None:
     assert obj["filename"] == f"{obj['id']}.jsonl"
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("../../x", "x"), ("../../../../tmp/evil.jsonl", "evil.jsonl"),
-    ("/etc/passwd", "passwd"), ("dir/sub/in.jsonl", "in.jsonl"),
-])
-def test_path_traversal_filename_keeps_only_the_base_name(tmp_path: Path, raw: str,
-                                                          expected: str) -> None:
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("../../x", "x"),
+        ("../../../../tmp/evil.jsonl", "evil.jsonl"),
+        ("/etc/passwd", "passwd"),
+        ("dir/sub/in.jsonl", "in.jsonl"),
+    ],
+)
+def test_path_traversal_filename_keeps_only_the_base_name(
+    tmp_path: Path, raw: str, expected: str
+) -> None:
     # Given a storage root inside tmp_path
     env = make_env(tmp_path)
     # When a filename with directory parts is uploaded
@@ -198,11 +204,16 @@ def test_extra_form_fields_are_ignored(tmp_path: Path) -> None:
 # -- errors ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type", [
-    "application/json", "text/plain", "application/x-www-form-urlencoded", "",
-])
-def test_wrong_content_type_is_400_invalid_content_type(tmp_path: Path,
-                                                        content_type: str) -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "",
+    ],
+)
+def test_wrong_content_type_is_400_invalid_content_type(tmp_path: Path, content_type: str) -> None:
     env = make_env(tmp_path)
     body = multipart(purpose_part(), file_part(b"data\n"))
     response = post_raw(env, body, content_type=content_type)
@@ -216,23 +227,33 @@ def test_json_body_is_400_invalid_content_type(tmp_path: Path) -> None:
     assert_code(response, 400, "invalid_content_type")
 
 
-@pytest.mark.parametrize("body,content_type", [
-    # the body uses another boundary than the header announces
-    (multipart(purpose_part(), file_part(b"data\n"), boundary="otherboundary"), None),
-    # truncated: the closing boundary never comes
-    (multipart(purpose_part(), file_part(b"data\n"), close=False)[:-10], None),
-    # cut inside the part headers
-    (multipart(purpose_part(), file_part(b"data\n"))[:60], None),
-    # no body at all
-    (b"", None),
-    # no boundary parameter
-    (multipart(purpose_part(), file_part(b"data\n")), "multipart/form-data"),
-    # a part without Content-Disposition
-    (b"--" + BOUNDARY.encode() + b"\r\nX-Foo: 1\r\n\r\nabc\r\n--" + BOUNDARY.encode()
-     + b"--\r\n", None),
-])
-def test_malformed_multipart_is_400_invalid_multipart(tmp_path: Path, body: bytes,
-                                                      content_type: str | None) -> None:
+@pytest.mark.parametrize(
+    "body,content_type",
+    [
+        # the body uses another boundary than the header announces
+        (multipart(purpose_part(), file_part(b"data\n"), boundary="otherboundary"), None),
+        # truncated: the closing boundary never comes
+        (multipart(purpose_part(), file_part(b"data\n"), close=False)[:-10], None),
+        # cut inside the part headers
+        (multipart(purpose_part(), file_part(b"data\n"))[:60], None),
+        # no body at all
+        (b"", None),
+        # no boundary parameter
+        (multipart(purpose_part(), file_part(b"data\n")), "multipart/form-data"),
+        # a part without Content-Disposition
+        (
+            b"--"
+            + BOUNDARY.encode()
+            + b"\r\nX-Foo: 1\r\n\r\nabc\r\n--"
+            + BOUNDARY.encode()
+            + b"--\r\n",
+            None,
+        ),
+    ],
+)
+def test_malformed_multipart_is_400_invalid_multipart(
+    tmp_path: Path, body: bytes, content_type: str | None
+) -> None:
     env = make_env(tmp_path)
     response = post_raw(env, body, content_type=content_type)
     assert_code(response, 400, "invalid_multipart")
@@ -256,8 +277,12 @@ def test_other_purposes_are_400_invalid_purpose(tmp_path: Path, purpose: str) ->
 
 def test_missing_file_is_400_missing_file(tmp_path: Path) -> None:
     env = make_env(tmp_path)
-    response = env.client.post("/v1/files", data={"purpose": "batch"}, headers=env.a.headers,
-                               content_type="multipart/form-data")
+    response = env.client.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        headers=env.a.headers,
+        content_type="multipart/form-data",
+    )
     error = assert_code(response, 400, "missing_file", "file")
     assert error["type"] == "invalid_request_error"
     assert_nothing_stored(env)
@@ -266,8 +291,10 @@ def test_missing_file_is_400_missing_file(tmp_path: Path) -> None:
 def test_file_under_another_field_name_is_missing_file(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     response = env.client.post(
-        "/v1/files", data={"purpose": "batch", "upload": (io.BytesIO(b"x\n"), "a.jsonl")},
-        headers=env.a.headers, content_type="multipart/form-data",
+        "/v1/files",
+        data={"purpose": "batch", "upload": (io.BytesIO(b"x\n"), "a.jsonl")},
+        headers=env.a.headers,
+        content_type="multipart/form-data",
     )
     assert_code(response, 400, "missing_file", "file")
     assert_nothing_stored(env)
@@ -298,8 +325,9 @@ def test_over_the_upload_limit_is_413_and_nothing_is_stored(
     assert_nothing_stored(env)
 
 
-def test_exactly_the_upload_limit_is_accepted(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exactly_the_upload_limit_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = make_env(tmp_path)
     monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 10)
     response = upload(env, b"x" * 10)
@@ -311,8 +339,9 @@ def test_default_upload_limit_is_100_mib() -> None:
     assert uploads.MAX_UPLOAD_BYTES == 104_857_600
 
 
-def test_over_limit_spanning_many_chunks_is_413(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_over_limit_spanning_many_chunks_is_413(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = make_env(tmp_path)
     monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", uploads.CHUNK + 100)
     response = upload(env, b"y" * (3 * uploads.CHUNK))
@@ -330,8 +359,9 @@ def test_failed_uploads_do_not_appear_in_the_list(tmp_path: Path) -> None:
     assert [f["id"] for f in listed] == [ok.get_json()["id"]]
 
 
-def test_a_storage_failure_is_500_storage_error(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_storage_failure_is_500_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a backing store whose disk is full
     env = make_env(tmp_path)
 

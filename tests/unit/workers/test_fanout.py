@@ -25,10 +25,12 @@ from workers import fanout
 from workers.fanout import start_batch
 
 OTHER = "other-model"  # configured, but not enabled for the test project
-REGISTRY = ModelRegistry({
-    MODEL: ModelSpec(id=MODEL, backend="echo", max_tokens=8192),
-    OTHER: ModelSpec(id=OTHER, backend="echo", max_tokens=8192),
-})
+REGISTRY = ModelRegistry(
+    {
+        MODEL: ModelSpec(id=MODEL, backend="echo", max_tokens=8192),
+        OTHER: ModelSpec(id=OTHER, backend="echo", max_tokens=8192),
+    }
+)
 
 
 class RecordingPublisher:
@@ -43,8 +45,9 @@ class RecordingPublisher:
     def begin(self, batch_id: str, size: int) -> None:
         self.begun.append((batch_id, size))
 
-    def publish(self, batch_id: str, index: int, custom_id: str, model: str,
-                body: dict[str, Any]) -> None:
+    def publish(
+        self, batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]
+    ) -> None:
         self.published.append((batch_id, index, custom_id, model, body))
         if self.on_publish is not None:
             self.on_publish(len(self.published))
@@ -80,8 +83,9 @@ def line_with_model(custom_id: str, model: Any) -> dict[str, Any]:
 _NO_MODEL = object()
 
 
-def run(env: WorkerEnv, batch_id: str, publisher: RecordingPublisher,
-        finalize: Finalizes | None = None) -> int:
+def run(
+    env: WorkerEnv, batch_id: str, publisher: RecordingPublisher, finalize: Finalizes | None = None
+) -> int:
     return start_batch(
         batch_id=batch_id,
         batches=env.batches,
@@ -94,8 +98,9 @@ def run(env: WorkerEnv, batch_id: str, publisher: RecordingPublisher,
 
 
 def not_found_message(model: str) -> str:
-    return (f'[legacy:http_404] The model "{model}" does not exist or is not enabled for '
-            "this project")
+    return (
+        f'[legacy:http_404] The model "{model}" does not exist or is not enabled for this project'
+    )
 
 
 def test_unservable_lines_are_recorded_at_once_and_not_published(tmp_path: Path) -> None:
@@ -124,16 +129,23 @@ def test_unservable_lines_are_recorded_at_once_and_not_published(tmp_path: Path)
     # And the others are already recorded as not_found_error error lines
     records = line_records(env, batch.id)
     assert sorted(records) == [1, 2, 3, 4]
-    for index, custom_id, shown in ((1, "unknown", "no-such-model"), (2, "not-enabled", OTHER),
-                                    (3, "non-string", "5"), (4, "no-model", "null")):
+    for index, custom_id, shown in (
+        (1, "unknown", "no-such-model"),
+        (2, "not-enabled", OTHER),
+        (3, "non-string", "5"),
+        (4, "no-model", "null"),
+    ):
         kind, line = records[index]
         assert kind == "e"
         assert line == {
             "id": line_record_id(batch.id, index),
             "custom_id": custom_id,
             "response": None,
-            "error": {"code": "not_found_error", "message": not_found_message(shown),
-                      "param": "model"},
+            "error": {
+                "code": "not_found_error",
+                "message": not_found_message(shown),
+                "param": "model",
+            },
         }
     after = env.batches.get_any(batch.id)
     assert after is not None
@@ -169,8 +181,12 @@ def test_all_unknown_requests_finalize_and_publishes_nothing(tmp_path: Path) -> 
 
 def test_blank_lines_do_not_shift_indices(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path, models=[MODEL])
-    data = b"\n" + jsonl(line_with_model("a", MODEL)) + b"\n\n" + jsonl(
-        line_with_model("b", "nope"), line_with_model("c", MODEL))
+    data = (
+        b"\n"
+        + jsonl(line_with_model("a", MODEL))
+        + b"\n\n"
+        + jsonl(line_with_model("b", "nope"), line_with_model("c", MODEL))
+    )
     batch = make_worker_batch(env, data)
     publisher = RecordingPublisher()
     run(env, batch.id, publisher)
@@ -193,8 +209,9 @@ def test_resume_skips_lines_already_published(tmp_path: Path) -> None:
     assert publisher.begun == [(batch.id, 5)]
 
 
-def test_progress_marks_allow_resume_after_a_crash(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_marks_allow_resume_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a window of 2 and a publisher that dies on the 3rd line
     env = make_worker_env(tmp_path, models=[MODEL])
     monkeypatch.setattr(fanout, "WINDOW", 2)

@@ -76,8 +76,7 @@ def test_an_unheld_lease_lapses_within_its_ttl(env: WorkerEnv) -> None:
     assert env.redis.exists(lease_key(0)) == 0
 
 
-def test_released_on_exit_even_when_the_body_raises(env: WorkerEnv,
-                                                    keeper: LeaseKeeper) -> None:
+def test_released_on_exit_even_when_the_body_raises(env: WorkerEnv, keeper: LeaseKeeper) -> None:
     with pytest.raises(ValueError), keeper.hold(BATCH, 0, "tok"):
         raise ValueError("line failed")
     assert env.redis.exists(lease_key(0)) == 0
@@ -86,8 +85,9 @@ def test_released_on_exit_even_when_the_body_raises(env: WorkerEnv,
         assert held
 
 
-def test_exit_never_releases_a_lease_that_changed_hands(env: WorkerEnv,
-                                                       keeper: LeaseKeeper) -> None:
+def test_exit_never_releases_a_lease_that_changed_hands(
+    env: WorkerEnv, keeper: LeaseKeeper
+) -> None:
     # Given our lease lapsed and another worker took the line
     with keeper.hold(BATCH, 0, "mine") as held:
         assert held

@@ -29,8 +29,7 @@ from workers.line_runner import LineContext, execute_request, run_batch_line
 
 SPEC = ModelSpec(id=MODEL, backend="echo", max_tokens=8192, upstream_model="upstream-name")
 SMALL_ERR = ModelSpec(id="small-err", backend="echo", max_tokens=40, error_on_max_token=True)
-SMALL_TRUNC = ModelSpec(id="small-trunc", backend="echo", max_tokens=40,
-                        error_on_max_token=False)
+SMALL_TRUNC = ModelSpec(id="small-trunc", backend="echo", max_tokens=40, error_on_max_token=False)
 REGISTRY = ModelRegistry({s.id: s for s in (SPEC, SMALL_ERR, SMALL_TRUNC)})
 LONG_TEXT = "tell me about the weather in Paris today please " * 40
 
@@ -47,8 +46,9 @@ class CountingBackend:
         self.error = error
         self.echo = EchoBackend(sleep=lambda _s: None)
 
-    def complete(self, spec: ModelSpec, body: dict[str, Any],
-                 prompt_tokens: int) -> BackendResponse:
+    def complete(
+        self, spec: ModelSpec, body: dict[str, Any], prompt_tokens: int
+    ) -> BackendResponse:
         self.calls += 1
         if self.error is not None:
             raise self.error
@@ -69,10 +69,17 @@ class Harness:
             request_finalize=self.finalized.append,
         )
 
-    def run(self, batch_id: str, index: int = 0, body: dict[str, Any] | None = None,
-            model: str = MODEL, custom_id: str = "req-1") -> str:
-        return run_batch_line(self.ctx, batch_id, index, custom_id, model,
-                              chat() if body is None else body)
+    def run(
+        self,
+        batch_id: str,
+        index: int = 0,
+        body: dict[str, Any] | None = None,
+        model: str = MODEL,
+        custom_id: str = "req-1",
+    ) -> str:
+        return run_batch_line(
+            self.ctx, batch_id, index, custom_id, model, chat() if body is None else body
+        )
 
 
 @pytest.fixture()
@@ -158,8 +165,11 @@ def test_success_records_an_output_line(world: tuple[WorkerEnv, Harness]) -> Non
     assert body["object"] == "chat.completion"
     assert body["model"] == MODEL  # the public id, not the upstream name
     assert body["system_fingerprint"] is None
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Paris?",
-                                             "annotations": []}
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Paris?",
+        "annotations": [],
+    }
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert counts(env, batch_id) == (1, 0)
@@ -230,7 +240,8 @@ def test_an_expiring_batch_short_circuits_as_batch_expired(
 
 @pytest.mark.parametrize("how", ["cancel", "expire"])
 def test_a_redelivered_copy_never_overrides_a_line_still_running_elsewhere(
-    world: tuple[WorkerEnv, Harness], how: str,
+    world: tuple[WorkerEnv, Harness],
+    how: str,
 ) -> None:
     # Given line 0 running on another worker (live lease) when the batch is cancelled/expires
     env, h = world
@@ -256,8 +267,9 @@ def test_the_last_running_line_of_a_cancelling_batch_requests_finalize(
     env, h = world
     batch_id = two_line_batch(env)
 
-    def cancel_then_answer(spec: ModelSpec, body: dict[str, Any],
-                           prompt_tokens: int) -> BackendResponse:
+    def cancel_then_answer(
+        spec: ModelSpec, body: dict[str, Any], prompt_tokens: int
+    ) -> BackendResponse:
         env.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
         h.run(batch_id, 1, custom_id="req-2")
         return EchoBackend().complete(spec, body, prompt_tokens)
@@ -276,9 +288,11 @@ def test_a_backend_line_error_becomes_an_error_line(tmp_path: Path) -> None:
     h = Harness(env, CountingBackend(error))
     batch_id = two_line_batch(env)
     assert h.run(batch_id, 0) == "done"
-    assert only_error(env, batch_id) == {"code": "rate_limit_exceeded",
-                                         "message": "[legacy:http_429] slow down",
-                                         "param": None}
+    assert only_error(env, batch_id) == {
+        "code": "rate_limit_exceeded",
+        "message": "[legacy:http_429] slow down",
+        "param": None,
+    }
     assert counts(env, batch_id) == (0, 1)
     h.leases.stop()
 
@@ -318,10 +332,13 @@ def test_over_the_limit_on_a_truncating_model_succeeds_within_the_limit(
 ) -> None:
     env, h = world
     batch_id = two_line_batch(env)
-    body = {"model": SMALL_TRUNC.id, "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": LONG_TEXT},
-    ]}
+    body = {
+        "model": SMALL_TRUNC.id,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": LONG_TEXT},
+        ],
+    }
     assert h.run(batch_id, 0, body, model=SMALL_TRUNC.id) == "done"
     kind, line = line_records(env, batch_id)[0]
     assert kind == "o"

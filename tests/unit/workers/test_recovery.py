@@ -41,11 +41,13 @@ from workers.sweeps import SweepReport, sweep
 
 SECOND = "second-model"  # enabled for the project, with its own queue
 OTHER = "other-model"  # configured, but not enabled for the project
-REGISTRY = ModelRegistry({
-    MODEL: ModelSpec(id=MODEL, backend="echo", max_tokens=8192),
-    SECOND: ModelSpec(id=SECOND, backend="echo", max_tokens=8192),
-    OTHER: ModelSpec(id=OTHER, backend="echo", max_tokens=8192),
-})
+REGISTRY = ModelRegistry(
+    {
+        MODEL: ModelSpec(id=MODEL, backend="echo", max_tokens=8192),
+        SECOND: ModelSpec(id=SECOND, backend="echo", max_tokens=8192),
+        OTHER: ModelSpec(id=OTHER, backend="echo", max_tokens=8192),
+    }
+)
 
 
 class AttachingPublisher(RecordingPublisher):
@@ -71,8 +73,12 @@ class QueueLengths:
         return self.by_queue.get(queue, 0)
 
 
-def redispatch(env: WorkerEnv, batch_id: str, publisher: AttachingPublisher,
-               queue_length: QueueLengths | None = None) -> int:
+def redispatch(
+    env: WorkerEnv,
+    batch_id: str,
+    publisher: AttachingPublisher,
+    queue_length: QueueLengths | None = None,
+) -> int:
     return redispatch_missing(
         batch_id=batch_id,
         batches=env.batches,
@@ -90,9 +96,15 @@ def started_batch(env: WorkerEnv, *models: str) -> tuple[str, AttachingPublisher
     data = jsonl(*(line_with_model(f"r{i}", model) for i, model in enumerate(models)))
     batch = make_worker_batch(env, data)
     first = AttachingPublisher()
-    start_batch(batch_id=batch.id, batches=env.batches, projects=env.projects,
-                registry=REGISTRY, storage=env.storage, publisher=first,
-                request_finalize=Finalizes())
+    start_batch(
+        batch_id=batch.id,
+        batches=env.batches,
+        projects=env.projects,
+        registry=REGISTRY,
+        storage=env.storage,
+        publisher=first,
+        request_finalize=Finalizes(),
+    )
     return batch.id, first
 
 
@@ -105,8 +117,9 @@ def test_only_lines_without_record_or_lease_on_an_idle_queue_are_published_again
     # Given a dispatched batch: line 0 recorded, line 1 running under a lease, line 2 of an
     # unknown model (recorded by the fan-out), lines 3 and 6 of a busy model, 4 and 5 lost
     env = make_worker_env(tmp_path, models=[MODEL, SECOND])
-    batch_id, first = started_batch(env, MODEL, MODEL, "no-such-model", SECOND, MODEL, MODEL,
-                                    SECOND)
+    batch_id, first = started_batch(
+        env, MODEL, MODEL, "no-such-model", SECOND, MODEL, MODEL, SECOND
+    )
     assert first.indices == [0, 1, 3, 4, 5, 6]
     record_ok(env, batch_id, 0, "r0")
     assert env.batches.acquire_lease(batch_id, 1, "running-elsewhere", 30)
@@ -153,8 +166,9 @@ def test_the_same_lines_are_published_again_once_the_queue_empties(tmp_path: Pat
     assert publisher.published == first.published
 
 
-@pytest.mark.parametrize("status", ["cancelling", "finalizing", "completed", "cancelled",
-                                    "expired", "failed"])
+@pytest.mark.parametrize(
+    "status", ["cancelling", "finalizing", "completed", "cancelled", "expired", "failed"]
+)
 def test_a_batch_not_in_progress_is_never_redispatched(tmp_path: Path, status: str) -> None:
     env = make_worker_env(tmp_path, models=[MODEL])
     batch = make_worker_batch(env, jsonl(line_with_model("a", MODEL)), status=status)
@@ -188,8 +202,9 @@ def test_lines_of_unservable_models_are_never_republished(tmp_path: Path) -> Non
     env = make_worker_env(tmp_path, models=[MODEL])
     batch_id, first = started_batch(env, "nope", OTHER, MODEL)
     assert sorted(line_records(env, batch_id)) == [0, 1]
-    data = jsonl(line_with_model("x", "nope"), line_with_model("y", OTHER),
-                 line_with_model("z", MODEL))
+    data = jsonl(
+        line_with_model("x", "nope"), line_with_model("y", OTHER), line_with_model("z", MODEL)
+    )
     raw = make_worker_batch(env, data)
     env.batches.set_fields(raw.id, dispatch_state="done", published=3)
     for batch in (batch_id, raw.id):
@@ -226,8 +241,13 @@ class Redispatches:
         return self.returns
 
 
-def reconcile(env: WorkerEnv, now: int, redispatch_fn: Any = None, start: Starts | None = None,
-              stall_after_s: float | None = STALL_AFTER) -> SweepReport:
+def reconcile(
+    env: WorkerEnv,
+    now: int,
+    redispatch_fn: Any = None,
+    start: Starts | None = None,
+    stall_after_s: float | None = STALL_AFTER,
+) -> SweepReport:
     return sweep(
         batches=env.batches,
         files=env.files,
@@ -341,7 +361,9 @@ def test_publishing_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
     ids=["neither", "no-stall_after_s", "no-redispatch"],
 )
 def test_without_redispatch_and_stall_after_the_reconciler_is_off(
-    tmp_path: Path, redispatch_given: bool, stall_after_s: float | None,
+    tmp_path: Path,
+    redispatch_given: bool,
+    stall_after_s: float | None,
 ) -> None:
     env = make_worker_env(tmp_path)
     done = dispatched(env, state="done")
@@ -421,14 +443,14 @@ def test_the_sweep_with_the_real_redispatch_publishes_a_lost_line(tmp_path: Path
 class MustNotRun:
     """A backend whose use fails the test (BaseException: the line runner cannot catch it)."""
 
-    def complete(self, spec: ModelSpec, body: dict[str, Any],
-                 prompt_tokens: int) -> BackendResponse:
+    def complete(
+        self, spec: ModelSpec, body: dict[str, Any], prompt_tokens: int
+    ) -> BackendResponse:
         pytest.fail("the backend must not be called for a poison line")
 
 
 class Lines:
-    def __init__(self, env: WorkerEnv, backend: Any, batches: Any = None,
-                 **options: Any) -> None:
+    def __init__(self, env: WorkerEnv, backend: Any, batches: Any = None, **options: Any) -> None:
         self.env = env
         self.backend = backend
         self.finalized: list[str] = []
@@ -443,8 +465,9 @@ class Lines:
             **options,
         )
 
-    def run(self, batch_id: str, index: int = 0, custom_id: str = "req-1",
-            token: str | None = None) -> str:
+    def run(
+        self, batch_id: str, index: int = 0, custom_id: str = "req-1", token: str | None = None
+    ) -> str:
         return run_batch_line(self.ctx, batch_id, index, custom_id, MODEL, chat(), token)
 
 
@@ -476,7 +499,9 @@ POISONED = ("short_circuited", "done")
 
 @pytest.mark.parametrize("earlier_runs", [0, 1])
 def test_the_first_and_second_runs_call_the_backend(
-    env: WorkerEnv, runners: list[Lines], earlier_runs: int,
+    env: WorkerEnv,
+    runners: list[Lines],
+    earlier_runs: int,
 ) -> None:
     batch_id = two_lines(env)
     for _ in range(earlier_runs):
@@ -491,7 +516,9 @@ def test_the_first_and_second_runs_call_the_backend(
 
 @pytest.mark.parametrize("earlier_runs", [2, 7])
 def test_a_run_past_max_deliveries_is_a_poison_line(
-    env: WorkerEnv, runners: list[Lines], earlier_runs: int,
+    env: WorkerEnv,
+    runners: list[Lines],
+    earlier_runs: int,
 ) -> None:
     # Given a line whose earlier runs all died with their worker
     batch_id = two_lines(env)
@@ -520,7 +547,8 @@ def test_a_run_past_max_deliveries_is_a_poison_line(
 
 
 def test_three_runs_in_a_row_end_with_the_third_poisoned(
-    env: WorkerEnv, runners: list[Lines],
+    env: WorkerEnv,
+    runners: list[Lines],
 ) -> None:
     # Runs that die with their worker (BaseException out of the backend), whose lease then
     # lapses
@@ -540,11 +568,13 @@ def test_three_runs_in_a_row_end_with_the_third_poisoned(
     runners.append(poisoned)
     assert poisoned.run(batch_id) in POISONED
     assert line_records(env, batch_id)[0][1]["error"]["message"].startswith(
-        "[legacy:dlq_exhausted] ")
+        "[legacy:dlq_exhausted] "
+    )
 
 
 def test_a_line_leased_elsewhere_is_not_counted_as_a_delivery(
-    env: WorkerEnv, runners: list[Lines],
+    env: WorkerEnv,
+    runners: list[Lines],
 ) -> None:
     batch_id = two_lines(env)
     assert env.batches.acquire_lease(batch_id, 0, "elsewhere", 30)
@@ -566,8 +596,14 @@ class FlakyStore:
     ``error`` (Redis restarting), then works; ``applied=True`` runs the command before raising
     (the reply was lost: a socket timeout). Everything else goes straight through."""
 
-    def __init__(self, inner: BatchStore, names: tuple[str, ...], failures: int,
-                 error: type[Exception] = redis.ConnectionError, applied: bool = False) -> None:
+    def __init__(
+        self,
+        inner: BatchStore,
+        names: tuple[str, ...],
+        failures: int,
+        error: type[Exception] = redis.ConnectionError,
+        applied: bool = False,
+    ) -> None:
         self.inner = inner
         self.names = names
         self.failures = failures
@@ -596,13 +632,16 @@ class FlakyStore:
 def recorded_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The line runner's retry_redis, with its pauses recorded instead of slept."""
     sleeps: list[float] = []
-    monkeypatch.setattr(line_runner, "retry_redis",
-                        functools.partial(redis_retry.retry_redis, sleep=sleeps.append))
+    monkeypatch.setattr(
+        line_runner, "retry_redis", functools.partial(redis_retry.retry_redis, sleep=sleeps.append)
+    )
     return sleeps
 
 
 def test_a_redis_blip_while_recording_is_retried_without_asking_the_model_again(
-    env: WorkerEnv, runners: list[Lines], recorded_sleeps: list[float],
+    env: WorkerEnv,
+    runners: list[Lines],
+    recorded_sleeps: list[float],
 ) -> None:
     # Given Redis refusing the first attempt to record the answer
     batch_id = two_lines(env)
@@ -622,7 +661,9 @@ def test_a_redis_blip_while_recording_is_retried_without_asking_the_model_again(
 
 
 def test_a_poison_line_record_is_retried_too(
-    env: WorkerEnv, runners: list[Lines], recorded_sleeps: list[float],
+    env: WorkerEnv,
+    runners: list[Lines],
+    recorded_sleeps: list[float],
 ) -> None:
     batch_id = two_lines(env)
     for _ in range(3):
@@ -633,11 +674,14 @@ def test_a_poison_line_record_is_retried_too(
     assert lines.run(batch_id) in POISONED
     assert recorded_sleeps == [0.2, 0.4]
     assert line_records(env, batch_id)[0][1]["error"]["message"].startswith(
-        "[legacy:dlq_exhausted] ")
+        "[legacy:dlq_exhausted] "
+    )
 
 
 def test_redis_down_past_the_patience_propagates_after_one_model_call(
-    env: WorkerEnv, runners: list[Lines], recorded_sleeps: list[float],
+    env: WorkerEnv,
+    runners: list[Lines],
+    recorded_sleeps: list[float],
 ) -> None:
     batch_id = two_lines(env)
     store = FlakyStore(env.batches, RECORDING_STEPS, failures=1000)
@@ -652,18 +696,19 @@ def test_redis_down_past_the_patience_propagates_after_one_model_call(
 
 
 def test_a_lost_reply_while_taking_the_lease_does_not_lose_the_line_on_the_task_retry(
-    env: WorkerEnv, runners: list[Lines],
+    env: WorkerEnv,
+    runners: list[Lines],
 ) -> None:
     # Given Redis applying the lease of line 0 but the reply timing out
     batch_id = two_lines(env)
-    store = FlakyStore(env.batches, LEASE_STEPS, failures=1, error=redis.TimeoutError,
-                       applied=True)
+    store = FlakyStore(env.batches, LEASE_STEPS, failures=1, error=redis.TimeoutError, applied=True)
     lines = Lines(env, CountingBackend(), batches=store)
     runners.append(lines)
     # When the task runs the line the way workers.tasks.lines.run_line does (one token for
     # every retry of the run)
-    outcome = redis_retry.retry_redis(lambda: lines.run(batch_id, token="run-1"), 60,
-                                      sleep=lambda _s: None)
+    outcome = redis_retry.retry_redis(
+        lambda: lines.run(batch_id, token="run-1"), 60, sleep=lambda _s: None
+    )
     # Then the line ran and was recorded on the retry
     assert store.calls == 2
     assert outcome == "done"

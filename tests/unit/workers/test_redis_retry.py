@@ -87,8 +87,13 @@ def test_each_transient_error_is_retried_until_the_step_works(
 
 
 def test_mixed_transient_errors_are_all_retried(clock: FakeTime) -> None:
-    step = Flaky([redis.ConnectionError("refused"), redis.BusyLoadingError("loading"),
-                  redis.TimeoutError("timeout")])
+    step = Flaky(
+        [
+            redis.ConnectionError("refused"),
+            redis.BusyLoadingError("loading"),
+            redis.TimeoutError("timeout"),
+        ]
+    )
     assert retry_redis(step, 60, sleep=clock.sleep) == "ok"
     assert step.calls == 4
 

@@ -52,8 +52,9 @@ def three_lines() -> bytes:
 
 def record_ok(env: WorkerEnv, batch_id: str, index: int, custom_id: str) -> None:
     body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m"}
-    env.batches.record_line(batch_id, index, True,
-                            output_line(batch_id, index, custom_id, body, "req_1"))
+    env.batches.record_line(
+        batch_id, index, True, output_line(batch_id, index, custom_id, body, "req_1")
+    )
 
 
 def read_file(env: WorkerEnv, file_id: str) -> list[dict[str, Any]]:
@@ -171,17 +172,19 @@ def test_a_batch_past_expires_at_expires(tmp_path: Path) -> None:
     assert (done.completed, done.failed) == (2, 1)
     assert done.output_file_id and done.error_file_id
     errors = read_file(env, done.error_file_id)
-    assert errors == [{
-        "id": line_record_id(batch.id, 2),
-        "custom_id": "c",
-        "response": None,
-        "error": {
-            "code": "batch_expired",
-            "message": "[legacy:batch_expired] The 24h completion window elapsed before this "
-                       "line was dispatched",
-            "param": None,
-        },
-    }]
+    assert errors == [
+        {
+            "id": line_record_id(batch.id, 2),
+            "custom_id": "c",
+            "response": None,
+            "error": {
+                "code": "batch_expired",
+                "message": "[legacy:batch_expired] The 24h completion window elapsed before this "
+                "line was dispatched",
+                "param": None,
+            },
+        }
+    ]
     assert [line["custom_id"] for line in read_file(env, done.output_file_id)] == ["a", "b"]
 
 
@@ -272,9 +275,15 @@ def test_expired_file_bytes_are_removed_and_the_file_404s(tmp_path: Path) -> Non
     fresh = upload_id(env)
     env.clock.advance(10)
     svc = env.services
-    worker = WorkerEnv(redis=env.redis, storage=env.storage, clock=env.clock,
-                       batches=svc.batches, files=svc.files, projects=svc.projects,
-                       project_id=env.a.project_id)
+    worker = WorkerEnv(
+        redis=env.redis,
+        storage=env.storage,
+        clock=env.clock,
+        batches=svc.batches,
+        files=svc.files,
+        projects=svc.projects,
+        project_id=env.a.project_id,
+    )
     # When the sweep runs
     report = run_sweep(worker, Starts())
     # Then the old file's bytes are gone and it 404s everywhere; the fresh one is kept
@@ -304,9 +313,15 @@ def test_odd_retention_entries_leave_the_index_and_never_block_the_sweep(
     env.redis.zadd(EXPIRY_INDEX, {"file-ghost": 1})
     env.clock.advance(2_592_000 + 1)
     svc = env.services
-    worker = WorkerEnv(redis=env.redis, storage=env.storage, clock=env.clock,
-                       batches=svc.batches, files=svc.files, projects=svc.projects,
-                       project_id=env.a.project_id)
+    worker = WorkerEnv(
+        redis=env.redis,
+        storage=env.storage,
+        clock=env.clock,
+        batches=svc.batches,
+        files=svc.files,
+        projects=svc.projects,
+        project_id=env.a.project_id,
+    )
     # When the sweep runs, Then all three leave the expiry index and the normal one is removed
     run_sweep(worker, Starts())
     assert env.redis.zcard(EXPIRY_INDEX) == 0
