@@ -28,6 +28,30 @@ from batchsvc.storage.local import LocalStorage
 
 CHAT_URL = "/v1/chat/completions"
 DEMO_MODEL = "demo-echo"
+
+#: The Batch object's fields, in the order spec section 4 lists them (and the API answers).
+SPEC_BATCH_FIELDS = [
+    "id",
+    "object",
+    "endpoint",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "metadata",
+]
 #: A fixed, realistic "now" (2025-01-07), so timestamps in assertions are readable.
 T0 = 1_736_290_000
 RETENTION_S = 2_592_000

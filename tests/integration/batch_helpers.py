@@ -11,29 +11,9 @@ from typing import Any
 from openai import OpenAI
 from openai.types import Batch, FileObject
 
+from tests.factories import SPEC_BATCH_FIELDS
+
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-BATCH_FIELDS = {
-    "id",
-    "object",
-    "endpoint",
-    "errors",
-    "input_file_id",
-    "completion_window",
-    "status",
-    "output_file_id",
-    "error_file_id",
-    "created_at",
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-    "request_counts",
-    "metadata",
-}
 
 
 def line(
@@ -108,7 +88,7 @@ def check_error_line(record: dict[str, Any]) -> None:
 
 
 def check_batch_json(raw: dict[str, Any]) -> None:
-    assert set(raw) == BATCH_FIELDS
+    assert set(raw) == set(SPEC_BATCH_FIELDS)
     Batch.model_validate(raw)
 
 

@@ -10,6 +10,7 @@ import pytest
 from batchsvc import lifecycle
 from batchsvc.batches import ACTIVE_INDEX, ERR, OK, BatchStore, RecordOutcome, lines_key
 from tests.factories import (
+    SPEC_BATCH_FIELDS,
     T0,
     WINDOW_S,
     FakeClock,
@@ -18,29 +19,6 @@ from tests.factories import (
     make_batch,
     ok_result,
 )
-
-SPEC_FIELDS = [
-    "id",
-    "object",
-    "endpoint",
-    "errors",
-    "input_file_id",
-    "completion_window",
-    "status",
-    "output_file_id",
-    "error_file_id",
-    "created_at",
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-    "request_counts",
-    "metadata",
-]
 
 
 def make_store(clock: FakeClock | None = None) -> BatchStore:
@@ -70,7 +48,7 @@ def test_to_api_has_every_spec_field_in_order_with_nulls() -> None:
     store = make_store()
     batch = make_batch(store, batch_id="batch_1", total=3)
     api = batch.to_api()
-    assert list(api) == SPEC_FIELDS
+    assert list(api) == SPEC_BATCH_FIELDS
     assert api["object"] == "batch"
     assert api["errors"] is None
     assert api["output_file_id"] is None and api["error_file_id"] is None

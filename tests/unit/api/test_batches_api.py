@@ -10,6 +10,7 @@ import pytest
 
 from batchsvc.ids import new_file_id
 from batchsvc.storage import batch_input_key, upload_key
+from tests.factories import SPEC_BATCH_FIELDS
 from tests.unit.api.helpers import (
     MODEL,
     T0,
@@ -26,29 +27,6 @@ from tests.unit.api.helpers import (
     store_batch,
     upload_id,
 )
-
-BATCH_KEYS = [
-    "id",
-    "object",
-    "endpoint",
-    "errors",
-    "input_file_id",
-    "completion_window",
-    "status",
-    "output_file_id",
-    "error_file_id",
-    "created_at",
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-    "request_counts",
-    "metadata",
-]
 
 
 def list_batches(env: ApiEnv, **params: Any) -> dict[str, Any]:
@@ -317,7 +295,7 @@ def assert_failed_batch(env: ApiEnv, message: str, line: int | None) -> dict[str
     assert len(listed) == 1
     batch = get_batch(env, listed[0]["id"])
     assert batch == listed[0]
-    assert list(batch) == BATCH_KEYS
+    assert list(batch) == SPEC_BATCH_FIELDS
     assert batch["status"] == "failed"
     assert batch["errors"] == {
         "object": "list",
@@ -429,7 +407,7 @@ def test_good_file_creates_an_in_progress_batch_and_dispatches_it(tmp_path: Path
     assert response.status_code == 200, response.get_json()
     assert response.headers["x-request-id"].startswith("req_")
     batch = response.get_json()
-    assert list(batch) == BATCH_KEYS
+    assert list(batch) == SPEC_BATCH_FIELDS
     assert batch["id"].startswith("batch_")
     assert batch["object"] == "batch"
     assert batch["endpoint"] == URL
@@ -642,7 +620,7 @@ def test_cancel_in_progress_moves_to_cancelling_and_hands_off_the_drain(tmp_path
     # Then 200 cancelling with cancelling_at, and the dispatcher is asked to drain it
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
-    assert list(body) == BATCH_KEYS
+    assert list(body) == SPEC_BATCH_FIELDS
     assert body["status"] == "cancelling"
     assert body["cancelling_at"] == T0 + 10
     assert body["cancelled_at"] is None
