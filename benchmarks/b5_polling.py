@@ -87,8 +87,8 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 def server_times(log: Path, offset: int, path: str) -> list[float]:
     """How long the API took (seconds) for each ``GET path`` it logged after byte ``offset``
     of its log: the access log's microseconds field, from the parsed request to the last byte
-    written. Set beside the client's latency, it tells time spent serving from time spent
-    waiting for a core (the client's and the server's)."""
+    written. Set beside the client's latency, it tells time inside the API (a stalled core
+    included) from time before and after it (accept queues, the client's own scheduling)."""
     pattern = re.compile(rf'"GET {re.escape(path)} HTTP/1\.1" \d+ \S+ .* (\d+)us ')
     with open(log, "rb") as handle:
         handle.seek(offset)
@@ -315,6 +315,6 @@ def run(opts: Options) -> list[Section]:
         "kept-alive connection (connects are not timed); every client has one "
         "connection and sends once a second, the clients spread over the second; "
         "server-side time = the API's own access-log figure for the same requests "
-        "(waiting for a gunicorn thread or a core is in the first, not the second)"
+        "(waiting to be read by gunicorn is in the first only)"
     )
     return [section]
