@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from batchsvc.devtools import launcher
 from batchsvc.queues import model_queue
 from benchmarks import publish, raw_celery
 from benchmarks.common import Options
@@ -109,6 +110,27 @@ def _raw_chord(stack: BenchStack, size: int, body: dict[str, Any], max_s: float)
         app.close()
 
 
+def _start_raw_workers(stack: BenchStack, suffix: str = "", **env: str) -> list[launcher.Proc]:
+    """The raw floor's line and control workers, with the flags and thread counts of
+    batchsvc's own; ``env`` goes to both (the tuned run sets its switch there)."""
+    return [
+        stack.start_celery(
+            f"raw-lines{suffix}",
+            "benchmarks.raw_celery",
+            [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
+            CONCURRENCY,
+            **env,
+        ),
+        stack.start_celery(
+            f"raw-control{suffix}",
+            "benchmarks.raw_celery",
+            [raw_celery.CONTROL_QUEUE],
+            CONTROL_CONCURRENCY,
+            **env,
+        ),
+    ]
+
+
 def _measured_raw_chord(
     stack: BenchStack, size: int, body: dict[str, Any], max_s: float
 ) -> dict[str, Any]:
@@ -142,20 +164,7 @@ def run(opts: Options) -> list[Section]:
         # -- raw Celery floor, same Redis, same worker flags, run before *and* after the
         # batchsvc batch: this VM's hypervisor steal drifts over minutes, and one raw run on
         # one side measured the weather as much as the code (RESULTS.md, session 2).
-        raw_procs = [
-            stack.start_celery(
-                "raw-lines",
-                "benchmarks.raw_celery",
-                [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
-                CONCURRENCY,
-            ),
-            stack.start_celery(
-                "raw-control",
-                "benchmarks.raw_celery",
-                [raw_celery.CONTROL_QUEUE],
-                CONTROL_CONCURRENCY,
-            ),
-        ]
+        raw_procs = _start_raw_workers(stack)
         _raw_chord(stack, 40, body, 120)  # warm-up, as for batchsvc
         raw_before = _measured_raw_chord(stack, n, body, max_s)
         # The raw run leaves a dozen small keys (its tasks ignore results), yet Redis's
@@ -210,21 +219,7 @@ def run(opts: Options) -> list[Section]:
         # -- the same, with batchsvc's worker tuning (informative; smaller in a full run).
         for proc in raw_procs:
             stack.stop(proc)
-        tuned_env = {raw_celery.TUNED_ENV: "1"}
-        stack.start_celery(
-            "raw-lines-tuned",
-            "benchmarks.raw_celery",
-            [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
-            CONCURRENCY,
-            **tuned_env,
-        )
-        stack.start_celery(
-            "raw-control-tuned",
-            "benchmarks.raw_celery",
-            [raw_celery.CONTROL_QUEUE],
-            CONTROL_CONCURRENCY,
-            **tuned_env,
-        )
+        _start_raw_workers(stack, "-tuned", **{raw_celery.TUNED_ENV: "1"})
         _raw_chord(stack, 40, body, 120)
         n_tuned = min(n, 10_000)
         tuned = _measured_raw_chord(stack, n_tuned, body, max_s)

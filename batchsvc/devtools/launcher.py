@@ -225,25 +225,27 @@ class Stack:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def _wait_answers(self, proc: Proc, url: str, timeout: float, what: str) -> None:
-        def up() -> bool:
-            if not proc.alive():  # fail now, with its log, not after the timeout
-                raise RuntimeError(f"{what} exited:\n{proc.tail()}")
-            return answers(url)
+    @staticmethod
+    def _wait_ready(
+        proc: Proc, ready: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+    ) -> None:
+        """Wait until ``ready()``; if ``proc`` exits first, fail at once with its log rather
+        than after the timeout."""
 
-        wait_until(up, timeout, what)
+        def up() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.tail()}")
+            return ready()
+
+        wait_until(up, timeout, what, interval)
 
     def start_redis(self) -> Proc:
         """The embedded redis-server on the data dir (again on its old port after a restart)."""
         proc = self.spawn("redis", [str(BIN / "batchsvc"), "redis-server"])
         port_file = self.data_dir / "redis" / "redis.port"
-
-        def up() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"redis exited:\n{proc.tail()}")
-            return port_file.exists() and self._ping()
-
-        wait_until(up, self.timeouts.redis, "redis")
+        self._wait_ready(
+            proc, lambda: port_file.exists() and self._ping(), self.timeouts.redis, "redis"
+        )
         return proc
 
     def redis_url(self) -> str:
@@ -262,7 +264,8 @@ class Stack:
         (a restart)."""
         self.port = port or free_port()
         proc = self.spawn("web", [str(BIN / "batchsvc"), "web"], PORT=str(self.port), **env)
-        self._wait_answers(proc, f"http://{HOST}:{self.port}/healthz", self.timeouts.api, "API")
+        healthz = f"http://{HOST}:{self.port}/healthz"
+        self._wait_ready(proc, lambda: answers(healthz), self.timeouts.api, "the API")
         return proc
 
     def start_control(self, **env: str) -> Proc:
@@ -310,9 +313,8 @@ class Stack:
         if api_key:
             argv += ["--api-key", api_key]
         proc = self.spawn("upstream", argv)
-        self._wait_answers(
-            proc, self.upstream_url("/health"), self.timeouts.upstream, "fake upstream"
-        )
+        health = self.upstream_url("/health")
+        self._wait_ready(proc, lambda: answers(health), self.timeouts.upstream, "fake upstream")
         return self.upstream_url("/v1")
 
     def upstream_url(self, path: str) -> str:
@@ -332,8 +334,6 @@ class Stack:
         app = self.celery()
 
         def answered() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
             try:
                 replies = app.control.ping(destination=[node], timeout=0.5) or []
             except (OSError, kombu.exceptions.KombuError, redis.RedisError):
@@ -341,8 +341,8 @@ class Stack:
             return any(node in reply for reply in replies)
 
         try:
-            wait_until(
-                answered, timeout or self.timeouts.node, f"{node} to answer ping", interval=0.2
+            self._wait_ready(
+                proc, answered, timeout or self.timeouts.node, f"{node} to answer ping", 0.2
             )
         finally:
             app.close()
