@@ -15,6 +15,7 @@ from pathlib import Path
 import redis
 
 from batchsvc import embedded_redis
+from batchsvc.cpu_priority import lower_cpu_priority
 from batchsvc.errors import BatchsvcError, ConfigError
 from batchsvc.models_config import load_registry
 from batchsvc.projects import ProjectStore
@@ -167,15 +168,15 @@ def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
     Redis restarts). Under honcho one exited process stops every other one, so the launcher
     stays up as the workers' supervisor: SIGTERM and SIGINT are passed on to every worker and
     end the launcher once all have exited; any other exit of a worker is a crash, followed by
-    its restart. ``nice`` is added to the scheduling niceness of the supervisor, which every
-    worker it starts inherits. Returns the first non-zero exit status of the last runs, or 0.
+    its restart. ``nice`` lowers the CPU priority of the supervisor, which every worker it
+    starts inherits (:func:`batchsvc.cpu_priority.lower_cpu_priority`). Returns the first
+    non-zero exit status of the last runs, or 0.
     """
     import signal
     import subprocess
     import time
 
-    if nice:
-        os.nice(nice)
+    lower_cpu_priority(nice)
 
     base_env = dict(os.environ, REDIS_URL=redis_url)
     stopping = False

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from batchsvc.cpu_priority import autogroup_nice
+
 SUPERVISOR = """
 import sys
 from batchsvc import cli
@@ -63,20 +65,26 @@ sys.exit(cli._supervise([sys.executable, "-c", sys.argv[1]], "redis://unused", n
 
 
 def test_the_supervised_worker_runs_at_the_added_niceness(tmp_path: Path) -> None:
-    # Batch work yields the CPU to the API on a shared host (BATCHSVC_BATCH_NICE)
+    # Batch work yields the CPU to the API on a shared host (BATCHSVC_BATCH_NICE); a process
+    # manager starts the supervisor in a session of its own, so its autogroup is lowered too
     out = tmp_path / "nice"
     child = (
-        f"import os, pathlib, time; pathlib.Path({str(out)!r}).write_text(str(os.nice(0)));"
+        "import os, pathlib, time; from batchsvc.cpu_priority import autogroup_nice;"
+        f" pathlib.Path({str(out)!r}).write_text(f'{{os.nice(0)}} {{autogroup_nice()}}');"
         " time.sleep(60)"
     )
-    base = os.nice(0)
-    supervisor = subprocess.Popen([sys.executable, "-c", NICE_SUPERVISOR, child])
+    base, base_group = os.nice(0), autogroup_nice()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", NICE_SUPERVISOR, child], start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 20
         while not out.exists() or not out.read_text():
             assert time.monotonic() < deadline, "the worker did not start"
             time.sleep(0.05)
-        assert int(out.read_text()) == min(19, base + 7)
+        nice, group = out.read_text().split()
+        assert int(nice) == min(19, base + 7)
+        assert group == str(None if base_group is None else min(19, base_group + 7))
     finally:
         supervisor.send_signal(signal.SIGTERM)
         supervisor.wait(timeout=20)
