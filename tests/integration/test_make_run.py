@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -47,6 +48,25 @@ def _demo_env(data_dir: Path) -> dict[str, str]:
         name, _, value = row.removeprefix("export ").partition("=")
         values[name] = value
     return values
+
+
+def _autogroup_nices(proc: subprocess.Popen[bytes]) -> dict[str, set[int]]:
+    """The scheduling-group nices under `make run`: of the API's gunicorn processes, and of
+    `batchsvc control` / `batchsvc worker` with the Celery processes they start."""
+    nices: dict[str, set[int]] = {}
+
+    def group_nice(process: psutil.Process) -> int:
+        return int(Path(f"/proc/{process.pid}/autogroup").read_text().split()[-1])
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError):
+            argv = [Path(arg).name for arg in child.cmdline()]
+            if argv[1:2] == ["gunicorn"]:
+                nices.setdefault("web", set()).add(group_nice(child))
+            elif argv[1:2] == ["batchsvc"] and argv[2] in ("control", "worker"):
+                for process in [child, *child.children(recursive=True)]:
+                    nices.setdefault(argv[2], set()).add(group_nice(process))
+    return nices
 
 
 @contextlib.contextmanager
@@ -95,7 +115,7 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
     first.mkdir()
     second.mkdir()
     port = _ports()
-    with make_run(first, port):
+    with make_run(first, port) as proc:
         # The banner's promise: the demo key is kept in a private file under the data dir.
         demo = _demo_env(first / "var")
         assert demo["BATCHSVC_BASE_URL"] == f"http://127.0.0.1:{port}/v1"
@@ -153,6 +173,12 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
             "Flower to show line tasks",
         )
         assert tasks
+
+        # The batch processes yield the CPU to the API (README): each leads its own session under
+        # honcho, and lowers that session's scheduling group, where the kernel has autogroups.
+        if Path("/proc/self/autogroup").exists():
+            nices = _autogroup_nices(proc)
+            assert nices == {"web": {0}, "control": {10}, "worker": {10}}, nices
 
         # A second installation next to the first: its own port, data dir and Redis.
         other_port = _ports()
