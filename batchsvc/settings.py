@@ -99,6 +99,9 @@ class Settings:
     #: How long a batch whose lines are all recorded may wait for its chord before the sweep
     #: finalizes it.
     stuck_after_s: float = 60.0
+    #: A write's temporary file unchanged this long lost its writer to a crash; the sweep
+    #: deletes it. Every live writer changes its file far more often.
+    abandoned_part_after_s: float = 3600.0
     #: The completion window. Clients always see 24 h; operators may shorten it for testing.
     completion_window_s: int = 86_400
     #: Retention of uploaded and result files (spec: 30 days).
@@ -185,6 +188,11 @@ class Settings:
             ),
             stuck_after_s=_number(
                 "BATCHSVC_STUCK_AFTER_S", get("BATCHSVC_STUCK_AFTER_S", "60"), minimum=0
+            ),
+            abandoned_part_after_s=_number(
+                "BATCHSVC_ABANDONED_PART_AFTER_S",
+                get("BATCHSVC_ABANDONED_PART_AFTER_S", "3600"),
+                minimum=1,
             ),
             completion_window_s=_int(
                 "BATCHSVC_COMPLETION_WINDOW_S",

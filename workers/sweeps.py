@@ -6,7 +6,8 @@ batch stays unfinished forever:
   ``batch_expired``, and it ends ``expired`` once in-flight lines are done (spec open point 16);
 - a cancelling batch is drained again (a line whose lease lapsed with a killed worker);
 - a batch whose lines are all recorded but whose chord callback never ran is finalized;
-- files past their retention lose their bytes and behave as deleted.
+- files past their retention lose their bytes and behave as deleted;
+- temporary files of writes killed midway (an upload, an assembly) are deleted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from batchsvc import lifecycle
 from batchsvc.batches import BatchRecord, BatchStore
@@ -22,7 +24,13 @@ from batchsvc.finalize import Finalizer
 from batchsvc.results import batch_cancelled, batch_expired
 from batchsvc.storage import Storage
 
+if TYPE_CHECKING:
+    import redis
+
 log = logging.getLogger("batchsvc.sweep")
+
+#: Present while a storage scan for abandoned parts is recent (set by whichever sweep ran it).
+STORAGE_SCAN_MARK = "bs:sweep:storage-scanned"
 
 
 @dataclass(frozen=True)
@@ -127,3 +135,21 @@ def _stalled(batches: BatchStore, batch: BatchRecord, now: int, stall_after_s: f
     # Act, then give what we did a full period before acting again.
     batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
     return True
+
+
+def remove_abandoned_parts(
+    storage: Storage, redis_client: redis.Redis, *, now: float, after_s: float
+) -> int:
+    """Delete temporary files no write has changed for ``after_s``; returns how many.
+
+    Walking the storage tree costs far more than the rest of a sweep, and an abandoned part
+    only wastes disk, so one sweep in every quarter of ``after_s`` does it, whichever control
+    worker claims the turn first.
+    """
+    claimed = redis_client.set(STORAGE_SCAN_MARK, int(now), nx=True, ex=max(1, int(after_s / 4)))
+    if not claimed:
+        return 0
+    removed = storage.remove_abandoned_parts(untouched_since=now - after_s)
+    if removed:
+        log.warning("deleted %d temporary file(s) left by writes killed midway", removed)
+    return removed

@@ -40,6 +40,11 @@ class Storage(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
 
+    def remove_abandoned_parts(self, untouched_since: float) -> int:
+        """Delete the temporary parts of writes that have not changed since ``untouched_since``
+        (epoch seconds): what a writer killed mid-write (SIGKILL, power loss) leaves behind.
+        A live writer changes its part with every write. Returns how many were deleted."""
+
 
 def upload_key(file_id: str) -> str:
     return f"files/{file_id}"

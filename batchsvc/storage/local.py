@@ -9,7 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from batchsvc.errors import StorageError
 from batchsvc.storage import StorageMissing
+
+#: Names of the temporary files writes go through; keys are built from ids, so no key has it.
+TEMP_PREFIX = ".tmp-"
 
 
 class LocalStorage:
@@ -27,13 +31,19 @@ class LocalStorage:
     def open_writer(self, key: str) -> Iterator[BinaryIO]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as handle:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"the write of {key} stalled for longer than a write may (its temporary "
+                    "file was deleted as abandoned, BATCHSVC_ABANDONED_PART_AFTER_S)"
+                ) from None
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -67,7 +77,7 @@ class LocalStorage:
     def copy(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+        tmp = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{target.name}.part")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         try:
@@ -85,3 +95,18 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+    def remove_abandoned_parts(self, untouched_since: float) -> int:
+        removed = 0
+        for directory, _subdirs, names in os.walk(self.root):
+            for name in names:
+                if not name.startswith(TEMP_PREFIX):
+                    continue
+                part = os.path.join(directory, name)
+                # ctime, not mtime: a write changes both, and so does the hard link copy()
+                # makes, whose mtime is the (possibly old) source's.
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(part).st_ctime < untouched_since:
+                        os.unlink(part)
+                        removed += 1
+        return removed

@@ -32,6 +32,7 @@ class Stack(launcher.Stack):
         "BATCHSVC_LEASE_TTL_S": "3",
         "BATCHSVC_SWEEP_INTERVAL_S": "1",
         "BATCHSVC_STUCK_AFTER_S": "5",
+        "BATCHSVC_ABANDONED_PART_AFTER_S": "8",
     }
     timeouts = Timeouts(redis=20, api=30, upstream=20, node=40, stop=10)
 

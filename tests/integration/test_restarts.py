@@ -1,19 +1,25 @@
 """Restarts of real processes mid-batch: the API killed and started again on the same port loses
-nothing, and a line that runs longer than the broker's visibility timeout (so the broker hands
-its message out again) still reaches the model exactly once, thanks to the per-line lease."""
+nothing (an upload it was cut off in leaves no file and, after the sweep, no temporary part),
+and a line that runs longer than the broker's visibility timeout (so the broker hands its
+message out again) still reaches the model exactly once, thanks to the per-line lease."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import requests
 
+from batchsvc.storage.local import TEMP_PREFIX
 from tests.integration.batch_helpers import (
     TERMINAL,
     check_output_line,
@@ -40,6 +46,28 @@ def _api_answers(stack: Stack, port: int) -> bool:
         return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
     except requests.RequestException:
         return False
+
+
+@contextlib.contextmanager
+def _api_down(stack: Stack) -> Iterator[None]:
+    """SIGKILL the API (gunicorn master and workers); start it again on its port on leaving,
+    whatever happened inside, so the session stack stays whole for the other tests."""
+    port = stack.port
+    web = _live_api(stack)
+    try:
+        web.kill()
+        assert not web.alive()
+        wait_until(lambda: not _api_answers(stack, port), 10, "the API to stop answering")
+        yield
+    finally:
+        if not any(p.name == "web" and p.alive() for p in stack.procs):
+            stack.start_api(port=port)
+    assert stack.port == port and _api_answers(stack, port)
+
+
+def _parts(root: Path) -> set[Path]:
+    """The temporary files of writes under the storage ``root``."""
+    return set(root.rglob(f"{TEMP_PREFIX}*"))
 
 
 class Poller(threading.Thread):
@@ -136,18 +164,8 @@ def test_the_api_restarted_mid_batch_loses_nothing(stack: Stack) -> None:
     poller.start()
 
     # When the API (gunicorn master and workers) is SIGKILLed and started again on its port
-    port = stack.port
-    web = _live_api(stack)
-    try:
-        web.kill()
-        assert not web.alive()
-        wait_until(lambda: not _api_answers(stack, port), 10, "the API to stop answering")
+    with _api_down(stack):
         wait_until(lambda: poller.connection_errors > 0, 10, "the poller to see the API down")
-        stack.start_api(port=port)
-    finally:
-        if not any(p.name == "web" and p.alive() for p in stack.procs):
-            stack.start_api(port=port)  # leave the session stack whole for the other tests
-    assert stack.port == port and _api_answers(stack, port)
 
     # Then the client, still polling the same base URL, sees the batch complete
     poller.join(timeout=160)
@@ -174,6 +192,44 @@ def test_the_api_restarted_mid_batch_loses_nothing(stack: Stack) -> None:
     assert client.files.content(input_file.id).read() == data
     assert client.files.content(spare.id).read() == spare_data
     assert batch.id in {b.id for b in client.batches.list(limit=100)}
+
+
+def test_an_upload_cut_off_by_a_killed_api_leaves_no_file_and_no_part(stack: Stack) -> None:
+    # Given an upload the API is writing to storage: the client has sent half of its body
+    creds = stack.create_project("cut-upload")
+    data = jsonl([line(f"c{i}", content="x" * 200) for i in range(4000)])
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cut.jsonl"'
+            "\r\nContent-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {
+        **stack.headers(creds),
+        "Host": f"127.0.0.1:{stack.port}",
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(body)),
+    }
+    head = "POST /v1/files HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    storage = stack.data_dir / "files"
+    earlier = _parts(storage)
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body[: len(body) // 2])
+        cut = wait_until(lambda: _parts(storage) - earlier, 20, "the API to write the upload")
+
+        # When the API is SIGKILLed in the middle of it (and started again)
+        with _api_down(stack):
+            pass
+
+    # Then no file came of it
+    assert list(stack.client(creds).files.list()) == []
+    # And the sweep deletes the half-written part once no write has touched it for
+    # BATCHSVC_ABANDONED_PART_AFTER_S (8 s in the test stack)
+    wait_until(lambda: not cut & _parts(storage), 60, "the sweep to delete the abandoned part")
 
 
 def test_a_line_outliving_the_visibility_timeout_reaches_the_model_once(stack: Stack) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from batchsvc.errors import StorageError
 from batchsvc.storage import (
     Storage,
     StorageMissing,
     batch_input_key,
     upload_key,
 )
-from batchsvc.storage.local import LocalStorage
+from batchsvc.storage.local import TEMP_PREFIX, LocalStorage
 from tests.factories import storage_files
 
 
@@ -187,3 +192,70 @@ def test_local_storage_satisfies_the_protocol(tmp_path: Path) -> None:
     assert storage is not None
     assert upload_key("file-a") == "files/file-a"
     assert batch_input_key("batch_1") == "batches/batch_1/input.jsonl"
+
+
+# A writer that is killed (SIGKILL: no exception handler runs) halfway through its write.
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from batchsvc.storage.local import LocalStorage
+with LocalStorage(Path(sys.argv[1])).open_writer("files/upload") as out:
+    out.write(b"half of an upload")
+    out.flush()
+    print("written", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_part_left_by_a_killed_writer_is_removed_once_abandoned(tmp_path: Path) -> None:
+    # Given a writer killed mid-write, next to a stored key
+    storage = make(tmp_path)
+    put(storage, "files/kept", b"whole")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(storage.root)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+    writer.kill()
+    writer.wait()
+    [part] = [name for name in storage_files(storage.root) if name != "files/kept"]
+    assert part.startswith("files/.tmp-") and not storage.exists("files/upload")
+
+    # When the parts untouched for a minute are removed, Then a fresh one stays
+    assert storage.remove_abandoned_parts(untouched_since=time.time() - 60) == 0
+    # And once it is older than the threshold, it goes, and only it
+    assert storage.remove_abandoned_parts(untouched_since=time.time() + 1) == 1
+    assert storage_files(storage.root) == ["files/kept"]
+
+
+def test_a_write_in_progress_keeps_its_part(tmp_path: Path) -> None:
+    storage = make(tmp_path)
+    with storage.open_writer("k") as out:
+        out.write(b"first half")
+        out.flush()
+        assert storage.remove_abandoned_parts(untouched_since=time.time() - 60) == 0
+        out.write(b", second half")
+    assert read(storage, "k") == b"first half, second half"
+
+
+def test_a_write_stalled_past_the_threshold_fails_cleanly(tmp_path: Path) -> None:
+    # A writer that stopped writing for longer than the threshold lost its part to the sweep:
+    # it ends with a StorageError (the API's error envelope), not an unexplained crash
+    storage = make(tmp_path)
+    with pytest.raises(StorageError, match="stalled"):
+        with storage.open_writer("k") as out:
+            out.write(b"then nothing for an hour")
+            storage.remove_abandoned_parts(untouched_since=time.time() + 1)
+    assert not storage.exists("k") and storage_files(storage.root) == []
+
+
+def test_the_link_a_killed_copy_leaves_is_a_part_too(tmp_path: Path) -> None:
+    # copy() hard-links the source under a temporary name, then renames it: killed between
+    # the two, it leaves a link named like this, whose ctime is when it was made.
+    storage = make(tmp_path)
+    put(storage, "a", b"bytes")
+    os.link(storage.root / "a", storage.root / f"{TEMP_PREFIX}{os.getpid()}-b.part")
+    assert storage.remove_abandoned_parts(untouched_since=time.time() - 60) == 0
+    assert storage.remove_abandoned_parts(untouched_since=time.time() + 1) == 1
+    assert storage_files(storage.root) == ["a"] and read(storage, "a") == b"bytes"

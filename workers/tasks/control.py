@@ -75,3 +75,6 @@ def sweep() -> None:
             + ctx.settings.stuck_after_s
         ),
     )
+    sweeps.remove_abandoned_parts(
+        ctx.storage, ctx.redis, now=time.time(), after_s=ctx.settings.abandoned_part_after_s
+    )

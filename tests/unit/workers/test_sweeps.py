@@ -3,6 +3,7 @@ drains and file retention (spec 3, open point 15)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tests.unit.api.helpers import (
     request_line,
     upload_id,
 )
-from workers.sweeps import SweepReport, sweep
+from workers.sweeps import SweepReport, remove_abandoned_parts, sweep
 
 STUCK_AFTER = 60
 
@@ -327,3 +328,22 @@ def test_odd_retention_entries_leave_the_index_and_never_block_the_sweep(
     assert env.redis.zcard(EXPIRY_INDEX) == 0
     assert not env.storage.exists(upload_key(normal))
     assert not env.storage.exists(upload_key(half))
+
+
+def test_abandoned_parts_are_removed_by_one_sweep_per_quarter_of_their_age(
+    tmp_path: Path,
+) -> None:
+    # Given a part a killed write left behind, and sweeps 10 s later with a 5 s threshold
+    env = make_worker_env(tmp_path)
+    part = env.storage.root / "files" / ".tmp-killed.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"half")
+    later = time.time() + 10
+
+    # When two sweeps run within a quarter of the threshold (any control workers)
+    first = remove_abandoned_parts(env.storage, env.redis, now=later, after_s=5)
+    part.write_bytes(b"left again")
+    second = remove_abandoned_parts(env.storage, env.redis, now=later, after_s=5)
+
+    # Then the first removed it, and the second did not walk the storage tree at all
+    assert (first, second) == (1, 0) and part.exists()
