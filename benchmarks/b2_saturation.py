@@ -27,7 +27,7 @@ from benchmarks.harness import (
 )
 from benchmarks.inputs import write_jsonl
 from benchmarks.profiling import profiled, summarize
-from benchmarks.report import Section, fmt_rate, fmt_s, line_chart
+from benchmarks.report import Section, fmt_rate, fmt_s, line_chart, stolen_note
 
 MODEL = "bench-upstream"
 LATENCY_S = 0.25
@@ -116,7 +116,8 @@ def run(opts: Options) -> list[Section]:
                     steady = (hi.recorded - lo.recorded) / (hi.t - lo.t)
             section.check(
                 f"{label}: lines/s (create -> all recorded)",
-                f"{fmt_rate(rate)} = {rate / ideal:.0%} of ideal {ideal:.0f}",
+                f"{fmt_rate(rate)} = {rate / ideal:.0%} of ideal {ideal:.0f}"
+                f"{stolen_note(meter.machine_stolen)}",
                 f">= {TARGET_SHARE:.0%} of {ideal:.0f}",
                 rate >= TARGET_SHARE * ideal,
             )

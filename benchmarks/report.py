@@ -196,6 +196,20 @@ def fmt_mib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / (1 << 20):,.1f} MiB"
 
 
+#: Hypervisor steal (cores) from which a verdict names it: below, the window was quiet.
+STEAL_WORTH_NAMING = 0.05
+
+
+def stolen_note(cores: float) -> str:
+    """``" (x.xx of the cores stolen by the hypervisor)"`` when there was steal, else "".
+
+    Set beside a verdict, so that a miss and the stalls behind it are read together: on this VM
+    a tenth of a core stolen is enough to move a p99 (see RESULTS.md, session 4)."""
+    if cores < STEAL_WORTH_NAMING:
+        return ""
+    return f" ({cores:.2f} cores stolen by the hypervisor)"
+
+
 def line_chart(
     path: Path,
     title: str,

@@ -30,3 +30,9 @@ def test_the_header_names_the_revision_and_load_of_the_start_not_of_the_first_re
     assert "load average at start: 3.00, 2.00, 1.00" in text
     assert "bbb2222" not in text
     assert "| batch | 10 lines |" in text
+
+
+def test_a_verdict_names_the_steal_only_when_there_was_some() -> None:
+    assert report.stolen_note(0.0) == ""
+    assert report.stolen_note(0.04) == ""
+    assert report.stolen_note(0.83) == " (0.83 cores stolen by the hypervisor)"
