@@ -177,8 +177,9 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
         # The batch processes yield the CPU to the API (README): each leads its own session under
         # honcho, and lowers that session's scheduling group, where the kernel has autogroups.
         if Path("/proc/self/autogroup").exists():
+            nice = min(19, int(os.environ.get("BATCHSVC_BATCH_NICE", "10")))
             nices = _autogroup_nices(proc)
-            assert nices == {"web": {0}, "control": {10}, "worker": {10}}, nices
+            assert nices == {"web": {0}, "control": {nice}, "worker": {nice}}, nices
 
         # A second installation next to the first: its own port, data dir and Redis.
         other_port = _ports()
