@@ -17,6 +17,7 @@ import psutil
 import pytest
 import requests
 
+from batchsvc.cpu_priority import AUTOGROUP, autogroup_nice
 from tests.integration.stack import BIN, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,13 +51,13 @@ def _demo_env(data_dir: Path) -> dict[str, str]:
     return values
 
 
-def _autogroup_nices(proc: subprocess.Popen[bytes]) -> dict[str, set[int]]:
+def _autogroup_nices(proc: subprocess.Popen[bytes]) -> dict[str, set[int | None]]:
     """The scheduling-group nices under `make run`: of the API's gunicorn processes, and of
     `batchsvc control` / `batchsvc worker` with the Celery processes they start."""
-    nices: dict[str, set[int]] = {}
+    nices: dict[str, set[int | None]] = {}
 
-    def group_nice(process: psutil.Process) -> int:
-        return int(Path(f"/proc/{process.pid}/autogroup").read_text().split()[-1])
+    def group_nice(process: psutil.Process) -> int | None:
+        return autogroup_nice(Path(f"/proc/{process.pid}/autogroup"))
 
     for child in psutil.Process(proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error, OSError):
@@ -176,7 +177,7 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
 
         # The batch processes yield the CPU to the API (README): each leads its own session under
         # honcho, and lowers that session's scheduling group, where the kernel has autogroups.
-        if Path("/proc/self/autogroup").exists():
+        if AUTOGROUP.exists():
             nice = min(19, int(os.environ.get("BATCHSVC_BATCH_NICE", "10")))
             nices = _autogroup_nices(proc)
             assert nices == {"web": {0}, "control": {nice}, "worker": {nice}}, nices

@@ -14,6 +14,7 @@ from batchsvc.results import output_line
 from batchsvc.storage import upload_key
 from tests.unit.api.helpers import (
     T0,
+    ApiEnv,
     WorkerEnv,
     jsonl,
     make_env,
@@ -44,6 +45,20 @@ def run_sweep(env: WorkerEnv, start: Starts, now: int | None = None) -> SweepRep
         start=start,
         now=int(env.clock()) if now is None else now,
         stuck_after_s=STUCK_AFTER,
+    )
+
+
+def worker_view(env: ApiEnv) -> WorkerEnv:
+    """The stores behind an API test env (``make_env``), as the workers see them."""
+    svc = env.services
+    return WorkerEnv(
+        redis=env.redis,
+        storage=env.storage,
+        clock=env.clock,
+        batches=svc.batches,
+        files=svc.files,
+        projects=svc.projects,
+        project_id=env.a.project_id,
     )
 
 
@@ -275,16 +290,7 @@ def test_expired_file_bytes_are_removed_and_the_file_404s(tmp_path: Path) -> Non
     env.clock.advance(2_592_000 - 10)
     fresh = upload_id(env)
     env.clock.advance(10)
-    svc = env.services
-    worker = WorkerEnv(
-        redis=env.redis,
-        storage=env.storage,
-        clock=env.clock,
-        batches=svc.batches,
-        files=svc.files,
-        projects=svc.projects,
-        project_id=env.a.project_id,
-    )
+    worker = worker_view(env)
     # When the sweep runs
     report = run_sweep(worker, Starts())
     # Then the old file's bytes are gone and it 404s everywhere; the fresh one is kept
@@ -313,16 +319,7 @@ def test_odd_retention_entries_leave_the_index_and_never_block_the_sweep(
     env.redis.hset(f"bs:file:{half}", "deleted_at", 1)
     env.redis.zadd(EXPIRY_INDEX, {"file-ghost": 1})
     env.clock.advance(2_592_000 + 1)
-    svc = env.services
-    worker = WorkerEnv(
-        redis=env.redis,
-        storage=env.storage,
-        clock=env.clock,
-        batches=svc.batches,
-        files=svc.files,
-        projects=svc.projects,
-        project_id=env.a.project_id,
-    )
+    worker = worker_view(env)
     # When the sweep runs, Then all three leave the expiry index and the normal one is removed
     run_sweep(worker, Starts())
     assert env.redis.zcard(EXPIRY_INDEX) == 0
