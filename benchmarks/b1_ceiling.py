@@ -168,8 +168,10 @@ def run(opts: Options) -> list[Section]:
         _raw_chord(stack, 40, body, 120)  # warm-up, as for batchsvc
         raw_before = _measured_raw_chord(stack, n, body, max_s)
         # The raw run leaves a dozen small keys (its tasks ignore results), yet Redis's
-        # used_memory stays ~13 MiB higher after 50,000 tasks: "before" is read here, just
-        # before the batch.
+        # used_memory stays ~13 MiB higher after 50,000 tasks: stock Celery's raw control
+        # worker keeps one result-channel subscription per header task it published (CLIENT
+        # LIST: sub=10040 after 10,000 + 40), freed only when it disconnects. "before" is read
+        # here, just before the batch.
         mem_before = used_memory(stack.redis)
 
         t_upload = time.monotonic()

@@ -28,8 +28,19 @@ from workers.leases import LeaseKeeper
 from workers.line_runner import LineContext
 
 
+def send_control(name: str, *args: str) -> None:
+    """Queue a control task by name, fire-and-forget.
+
+    ``send_task`` does not know the task ignores its result, so without ``ignore_result=True``
+    the Redis result backend subscribes to the result's channel. Celery skips that inside a
+    threads or prefork worker, but not under a gevent or eventlet pool: say it outright, as the
+    API's dispatcher must (``batchsvc.api.dispatch``).
+    """
+    current_app.send_task(name, args=list(args), queue=CONTROL_QUEUE, ignore_result=True)
+
+
 def request_finalize(batch_id: str) -> None:
-    current_app.send_task(FINALIZE_BATCH, args=[batch_id], queue=CONTROL_QUEUE)
+    send_control(FINALIZE_BATCH, batch_id)
 
 
 @dataclass

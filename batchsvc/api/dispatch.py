@@ -33,7 +33,10 @@ class CeleryDispatcher:
         self.app.conf.update(celery_config(settings, redis_url))
 
     def _send(self, name: str, *args: Any) -> None:
-        self.app.send_task(name, args=list(args), queue=CONTROL_QUEUE)
+        # send_task does not know the task ignores its result: without ignore_result=True the
+        # Redis result backend subscribes to the result's channel, and the replies to those
+        # subscriptions pile up unread on a pubsub connection of every web process.
+        self.app.send_task(name, args=list(args), queue=CONTROL_QUEUE, ignore_result=True)
 
     def start_batch(self, batch_id: str) -> None:
         self._send(START_BATCH, batch_id)

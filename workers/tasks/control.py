@@ -7,10 +7,10 @@ import time
 from celery import current_app, shared_task
 
 from batchsvc import lifecycle
-from batchsvc.queues import CANCEL_BATCH, CONTROL_QUEUE, FINALIZE_BATCH, START_BATCH, SWEEP
+from batchsvc.queues import CANCEL_BATCH, FINALIZE_BATCH, START_BATCH, SWEEP
 from batchsvc.results import batch_cancelled
 from workers import sweeps
-from workers.context import context, request_finalize
+from workers.context import context, request_finalize, send_control
 from workers.fanout import CeleryPublisher, redispatch_missing, start_batch
 
 
@@ -53,9 +53,7 @@ def sweep() -> None:
         files=ctx.files,
         storage=ctx.storage,
         finalizer=ctx.finalizer,
-        start=lambda batch_id: current_app.send_task(
-            START_BATCH, args=[batch_id], queue=CONTROL_QUEUE
-        ),
+        start=lambda batch_id: send_control(START_BATCH, batch_id),
         now=int(time.time()),
         stuck_after_s=ctx.settings.stuck_after_s,
         redispatch=lambda batch_id: redispatch_missing(
