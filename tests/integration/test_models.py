@@ -215,7 +215,7 @@ def test_sync_request_overtakes_a_backlog_of_batch_lines(stack: Stack) -> None:
     remaining = client.batches.retrieve(batch.id).request_counts
     assert remaining is not None and remaining.completed < 2500
     print(f"sync answer after {waited:.2f} s with {3000 - remaining.completed} lines queued")
-    assert waited < 5
+    assert waited < 15  # behind the backlog it would wait ~37 s (3,000 x 0.05 s / 4 threads)
     client.batches.cancel(batch.id)
     assert wait_terminal(client, batch.id, timeout=60).status == "cancelled"
 

@@ -258,7 +258,9 @@ def test_a_hang_past_the_timeout_ends_within_about_two_timeouts(h: Harness) -> N
     err = h.fail(timeout_s=0.3, max_attempts=2)
     elapsed = time.monotonic() - started
 
-    assert elapsed < 1.5
+    # Two timeouts are 0.6 s; waiting out the hang would take 20 s. The slack is for a stalled
+    # vCPU, not for the code.
+    assert elapsed < 5
     assert err.code == "internal_error"
     assert err.line_message == (
         "[legacy:retries_exhausted] Line failed after 2 attempts: upstream timed out after 0.3 s"
@@ -459,7 +461,7 @@ def test_no_answer_in_time_is_a_read_timeout_whether_or_not_the_headers_came(
     assert info.value.line_message == (
         "[legacy:retries_exhausted] Line failed after 2 attempts: upstream timed out after 0.3 s"
     )
-    assert elapsed < 1.5
+    assert elapsed < 5  # two timeouts of 0.3 s; the server never answers at all
     assert server.connections == 2  # a timed-out connection is never reused
 
 
@@ -508,7 +510,7 @@ def test_a_connect_timeout_says_so_and_uses_the_capped_connect_timeout(
         "[legacy:retries_exhausted] Line failed after 2 attempts: "
         "could not connect to upstream within 0.2 s"
     )
-    assert elapsed < 2.0  # two connect timeouts of 0.2 s, not two read timeouts of 5 s
+    assert elapsed < 5  # two connect timeouts of 0.2 s, not two read timeouts of 5 s
     assert openai_backend.retry_counts() == {(PUBLIC_ID, "timeout"): 1}
 
 
