@@ -8,7 +8,15 @@ import json
 import pytest
 
 from batchsvc import lifecycle
-from batchsvc.batches import ACTIVE_INDEX, ERR, OK, BatchStore, RecordOutcome, lines_key
+from batchsvc.batches import (
+    ACTIVE_INDEX,
+    ERR,
+    OK,
+    BatchStore,
+    RecordOutcome,
+    lease_prefix,
+    lines_key,
+)
 from tests.factories import (
     SPEC_BATCH_FIELDS,
     T0,
@@ -488,10 +496,13 @@ def test_unleased_sees_a_released_or_lapsed_lease_as_gone() -> None:
 
     store = make_store()
     assert store.acquire_lease("batch_1", 0, "A", 30)
-    assert store.acquire_lease("batch_1", 1, "B", 0.05)
+    assert store.acquire_lease("batch_1", 1, "B", 30)
     store.release_lease("batch_1", 0, "A")
     assert store.unleased("batch_1", [0, 1]) == [0]
-    time.sleep(0.1)  # line 1's lease lapses (its worker died)
+    # Line 1's lease lapses (its worker died): its TTL runs out now rather than after a short
+    # TTL set above, which a stalled test process could have let lapse too early
+    store.r.pexpire(lease_prefix("batch_1") + "1", 1)
+    time.sleep(0.05)
     assert store.unleased("batch_1", [0, 1]) == [0, 1]
 
 

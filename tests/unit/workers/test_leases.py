@@ -20,9 +20,14 @@ def env(tmp_path: Path) -> WorkerEnv:
     return make_worker_env(tmp_path)
 
 
+# Long enough that a stalled test process (fakeredis expires keys on the wall clock) never sees
+# a held lease lapse; renewed every second.
+TTL_S = 3.0
+
+
 @pytest.fixture()
 def keeper(env: WorkerEnv) -> Iterator[LeaseKeeper]:
-    k = LeaseKeeper(env.batches, ttl_s=0.3)
+    k = LeaseKeeper(env.batches, ttl_s=TTL_S)
     yield k
     k.stop()
 
@@ -35,7 +40,7 @@ def test_hold_acquires_and_releases(env: WorkerEnv, keeper: LeaseKeeper) -> None
     with keeper.hold(BATCH, 0, "tok-a") as held:
         assert held is True
         assert env.redis.get(lease_key(0)) == b"tok-a"
-        assert 0 < env.redis.pttl(lease_key(0)) <= 300
+        assert 0 < env.redis.pttl(lease_key(0)) <= TTL_S * 1000
     assert env.redis.exists(lease_key(0)) == 0
 
 
@@ -55,15 +60,28 @@ def test_other_lines_are_independent(env: WorkerEnv, keeper: LeaseKeeper) -> Non
         assert held is True
 
 
-def test_the_lease_is_renewed_while_held(env: WorkerEnv, keeper: LeaseKeeper) -> None:
-    # Given a 0.3 s TTL, When the lease is held for 1 s (over three TTLs)
+def test_the_lease_is_renewed_while_held(
+    env: WorkerEnv, keeper: LeaseKeeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renewals: list[tuple[str, int, str, float]] = []
+    renew = env.batches.renew_lease
+
+    def spy(batch_id: str, index: int, token: str, ttl_s: float) -> bool:
+        renewals.append((batch_id, index, token, ttl_s))
+        return renew(batch_id, index, token, ttl_s)
+
+    monkeypatch.setattr(env.batches, "renew_lease", spy)
+    # When a lease is held through two renewals
     with keeper.hold(BATCH, 0, "tok") as held:
         assert held
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            # Then it never lapses
+        deadline = time.monotonic() + 20
+        while len(renewals) < 2:
+            assert time.monotonic() < deadline, "the lease was not renewed"
+            # Then it never lapses meanwhile
             assert env.redis.get(lease_key(0)) == b"tok"
             time.sleep(0.05)
+        # And each renewal set the full TTL again, on this line with this token
+        assert set(renewals) == {(BATCH, 0, "tok", TTL_S)}
         assert env.redis.pttl(lease_key(0)) > 0
     # And it is gone once released
     assert env.redis.exists(lease_key(0)) == 0
@@ -97,10 +115,15 @@ def test_exit_never_releases_a_lease_that_changed_hands(
     assert env.redis.get(lease_key(0)) == b"theirs"
 
 
-def test_not_renewed_after_release(env: WorkerEnv, keeper: LeaseKeeper) -> None:
-    with keeper.hold(BATCH, 0, "tok"):
-        pass
-    # A lease taken later by someone else with a short TTL is not kept alive by our keeper
-    assert env.batches.acquire_lease(BATCH, 0, "tok", 0.2)
-    time.sleep(0.4)
-    assert env.redis.exists(lease_key(0)) == 0
+def test_not_renewed_after_release(env: WorkerEnv) -> None:
+    # A keeper that renews every 0.1 s (a stall here only lets the short lease lapse sooner)
+    quick = LeaseKeeper(env.batches, ttl_s=0.3)
+    try:
+        with quick.hold(BATCH, 0, "tok"):
+            pass
+        # A lease taken later by someone else with a short TTL is not kept alive by our keeper
+        assert env.batches.acquire_lease(BATCH, 0, "tok", 0.2)
+        time.sleep(0.4)
+        assert env.redis.exists(lease_key(0)) == 0
+    finally:
+        quick.stop()

@@ -6,6 +6,7 @@ in workers.line_runner.run_batch_line."""
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -630,10 +631,18 @@ class FlakyStore:
 
 @pytest.fixture()
 def recorded_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The line runner's retry_redis, with its pauses recorded instead of slept."""
+    """The line runner's retry_redis, with its pauses recorded instead of slept, on a clock that
+    only those pauses move (so a stalled test process cannot use up the patience)."""
     sleeps: list[float] = []
+    clock = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(redis_retry, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(
-        line_runner, "retry_redis", functools.partial(redis_retry.retry_redis, sleep=sleeps.append)
+        line_runner, "retry_redis", functools.partial(redis_retry.retry_redis, sleep=sleep)
     )
     return sleeps
 

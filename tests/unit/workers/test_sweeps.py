@@ -330,17 +330,18 @@ def test_odd_retention_entries_leave_the_index_and_never_block_the_sweep(
 def test_abandoned_parts_are_removed_by_one_sweep_per_quarter_of_their_age(
     tmp_path: Path,
 ) -> None:
-    # Given a part a killed write left behind, and sweeps 10 s later with a 5 s threshold
+    # Given a part a killed write left behind, and sweeps 100 s later with a 40 s threshold
+    # (its quarter, 10 s, outlasts any stall of the test process between the two sweeps)
     env = make_worker_env(tmp_path)
     part = env.storage.root / "files" / ".tmp-killed.part"
     part.parent.mkdir(parents=True, exist_ok=True)
     part.write_bytes(b"half")
-    later = time.time() + 10
+    later = time.time() + 100
 
     # When two sweeps run within a quarter of the threshold (any control workers)
-    first = remove_abandoned_parts(env.storage, env.redis, now=later, after_s=5)
+    first = remove_abandoned_parts(env.storage, env.redis, now=later, after_s=40)
     part.write_bytes(b"left again")
-    second = remove_abandoned_parts(env.storage, env.redis, now=later, after_s=5)
+    second = remove_abandoned_parts(env.storage, env.redis, now=later, after_s=40)
 
     # Then the first removed it, and the second did not walk the storage tree at all
     assert (first, second) == (1, 0) and part.exists()
