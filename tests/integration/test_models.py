@@ -165,8 +165,11 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
         batch = wait_terminal(client, create(client, upload(client, jsonl(lines)).id).id)
         assert batch.status == "completed"
 
-        # Then worker A ran exactly the route-a lines and B the route-b lines
-        time.sleep(0.5)  # let the last log lines reach the files
+        # Then worker A ran exactly the route-a lines and B the route-b lines (Celery logs a
+        # task's success after recording it, so the last lines may reach the files later)
+        wait_until(
+            lambda: len(_ran(log_a) | _ran(worker_b.log)) >= 20, 30, "every line's log entry"
+        )
         assert _ran(log_a) == {i for i in range(20) if i % 2}
         assert _ran(worker_b.log) == {i for i in range(20) if not i % 2}
     finally:
@@ -177,8 +180,9 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
 def test_a_worker_with_concurrency_32_keeps_32_requests_in_flight(stack: Stack) -> None:
     stack.start_worker(models="up-wide", concurrency=32)
     client = stack.client(stack.create_project("wide"))
-    # Each request takes 1 s upstream, so even a slow publisher feeds 32 threads in time.
-    lines = [line(f"w{i}", model="up-wide", **fake(latency_s=1.0)) for i in range(160)]
+    # Each request takes 2 s upstream, so even a slow publisher feeds 32 threads in time, and a
+    # thread's own work between requests (more under a stalled vCPU) is small beside it.
+    lines = [line(f"w{i}", model="up-wide", **fake(latency_s=2.0)) for i in range(160)]
     file_id = upload(client, jsonl(lines)).id
     stack.upstream("reset", {})
     batch = wait_terminal(client, create(client, file_id).id, timeout=120)
