@@ -133,18 +133,8 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
         assert curl.returncode == 0, curl.stderr
         assert '"custom_id":"q-1"' in curl.stdout and "capital of Germany" in curl.stdout
 
-        # The README's SDK example, with the variables demo.env exports.
-        sdk = subprocess.run(
-            [sys.executable, "-c", _readme_block("python", "OpenAI(")],
-            env={**os.environ, **demo},
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert sdk.returncode == 0, sdk.stderr
-        assert sdk.stdout.startswith("completed") and "q-1 Capital of Italy?" in sdk.stdout
-
-        # Flower (PORT + 500, loopback) lists the workers and shows the line tasks.
+        # Flower (PORT + 500, loopback) lists the workers and shows the line tasks. It only
+        # knows the tasks whose events it saw, so it must be up before the SDK example runs.
         flower = f"http://127.0.0.1:{port + 500}"
 
         def flower_workers() -> set[str]:
@@ -164,6 +154,18 @@ def test_make_run_serves_the_readme_examples_and_flower(tmp_path: Path) -> None:
             "Flower to list the workers",
         )
         assert any(name.startswith("inference-") for name in workers)
+
+        # The README's SDK example, with the variables demo.env exports.
+        sdk = subprocess.run(
+            [sys.executable, "-c", _readme_block("python", "OpenAI(")],
+            env={**os.environ, **demo},
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert sdk.returncode == 0, sdk.stderr
+        assert sdk.stdout.startswith("completed") and "q-1 Capital of Italy?" in sdk.stdout
+
         tasks = wait_until(
             lambda: [
                 t
