@@ -1097,10 +1097,12 @@ def _post_in_background(fake: FakeUpstream, n: int) -> list[threading.Thread]:
     return threads
 
 
-def _wait_for_open(fake: FakeUpstream, n: int) -> dict[str, int]:
+def _wait_for(fake: FakeUpstream, open_: int, in_flight: int) -> dict[str, int]:
+    """The fake's stats once ``open_`` requests have arrived and ``in_flight`` hold a slot (a
+    request is counted open as it arrives, a moment before it takes its slot)."""
     deadline = time.monotonic() + 20
-    while (stats := fake.stats())["open"] < n:
-        assert time.monotonic() < deadline, f"only {stats['open']} of {n} requests arrived"
+    while (stats := fake.stats())["open"] < open_ or stats["in_flight"] < in_flight:
+        assert time.monotonic() < deadline, f"still {stats} after 20 s"
         time.sleep(0.02)
     return stats
 
@@ -1113,7 +1115,7 @@ def test_fake_caps_concurrency_and_counts_the_requests_waiting() -> None:
     fake = FakeUpstream(latency_s=60, max_concurrency=2).start()
     threads = _post_in_background(fake, 5)
     try:
-        stats = _wait_for_open(fake, 5)
+        stats = _wait_for(fake, open_=5, in_flight=2)
         assert (stats["in_flight"], stats["peak_in_flight"]) == (2, 2)
         assert stats["peak_open"] == 5  # three wait for a slot
     finally:
@@ -1126,12 +1128,8 @@ def test_fake_without_a_cap_sees_every_concurrent_request() -> None:
     fake = FakeUpstream(latency_s=60).start()
     threads = _post_in_background(fake, 12)
     try:
-        _wait_for_open(fake, 12)
-        deadline = time.monotonic() + 20
-        while fake.peak_in_flight < 12:
-            assert time.monotonic() < deadline, f"peak in flight {fake.peak_in_flight} of 12"
-            time.sleep(0.02)
-        assert fake.in_flight == 12
+        stats = _wait_for(fake, open_=12, in_flight=12)
+        assert stats["peak_in_flight"] == 12
     finally:
         fake.stop()
         for thread in threads:
