@@ -201,7 +201,7 @@ STEAL_WORTH_NAMING = 0.05
 
 
 def stolen_note(cores: float) -> str:
-    """``" (x.xx of the cores stolen by the hypervisor)"`` when there was steal, else "".
+    """``" (x.xx cores stolen by the hypervisor)"`` when there was steal, else "".
 
     Set beside a verdict, so that a miss and the stalls behind it are read together: on this VM
     a tenth of a core stolen is enough to move a p99 (see RESULTS.md, session 4)."""

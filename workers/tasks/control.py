@@ -48,13 +48,14 @@ def cancel(batch_id: str) -> None:
 @shared_task(name=SWEEP, ignore_result=True)
 def sweep() -> None:
     ctx = context()
+    now = time.time()
     sweeps.sweep(
         batches=ctx.batches,
         files=ctx.files,
         storage=ctx.storage,
         finalizer=ctx.finalizer,
         start=lambda batch_id: send_control(START_BATCH, batch_id),
-        now=int(time.time()),
+        now=int(now),
         stuck_after_s=ctx.settings.stuck_after_s,
         redispatch=lambda batch_id: redispatch_missing(
             batch_id=batch_id,
@@ -74,5 +75,5 @@ def sweep() -> None:
         ),
     )
     sweeps.remove_abandoned_parts(
-        ctx.storage, ctx.redis, now=time.time(), after_s=ctx.settings.abandoned_part_after_s
+        ctx.storage, ctx.redis, now=now, after_s=ctx.settings.abandoned_part_after_s
     )
