@@ -22,7 +22,6 @@ from typing import Any
 
 import redis
 
-from batchsvc.devtools import launcher
 from batchsvc.queues import model_queue
 from benchmarks import publish, raw_celery
 from benchmarks.common import Options
@@ -41,6 +40,7 @@ from benchmarks.harness import (
 from benchmarks.inputs import write_jsonl
 from benchmarks.profiling import profiled, summarize
 from benchmarks.report import Section, fmt_mib, fmt_rate, fmt_s, line_chart
+from testsupport import launcher
 
 MODEL = "demo-echo"
 #: ``make run``'s inference worker: ``batchsvc worker`` with CONCURRENCY unset.

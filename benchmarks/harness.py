@@ -1,6 +1,6 @@
 """The benchmarks' stack and measuring tools.
 
-:class:`BenchStack` is the launcher's stack (:mod:`batchsvc.devtools.launcher`) under a
+:class:`BenchStack` is the launcher's stack (:mod:`testsupport.launcher`) under a
 temporary data dir of its own, with the embedded defaults ``make run`` uses (every
 ``BATCHSVC_*`` variable of the calling environment is dropped, so no test-only timeouts leak
 in), which also finds the Celery process each supervisor runs (what RSS, CPU and py-spy must
@@ -26,8 +26,8 @@ import psutil
 import redis
 import requests
 
-from batchsvc.devtools import launcher
-from batchsvc.devtools.launcher import BIN, HOST, auth_headers, running, wait_until
+from testsupport import launcher
+from testsupport.launcher import BIN, HOST, auth_headers, running, wait_until
 
 __all__ = [
     "BIN",

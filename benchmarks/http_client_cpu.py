@@ -40,7 +40,7 @@ def start_upstream(port: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "batchsvc.devtools.fake_upstream",
+            "testsupport.fake_upstream",
             "--host",
             HOST,
             "--port",

@@ -1,7 +1,7 @@
 """Real processes for integration tests: the embedded redis-server, the API under gunicorn, the
 control worker, inference workers and beat, each started with the same ``batchsvc`` commands
 the Procfile uses, on free ports, under one temporary data dir (see
-:mod:`batchsvc.devtools.launcher`), with the short timeouts the recovery tests need."""
+:mod:`testsupport.launcher`), with the short timeouts the recovery tests need."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import kombu.exceptions
 import redis
 import requests
 
-from batchsvc.devtools import launcher
-from batchsvc.devtools.launcher import BIN, Proc, Timeouts, free_port, running, wait_until
+from testsupport import launcher
+from testsupport.launcher import BIN, Proc, Timeouts, free_port, running, wait_until
 
 __all__ = ["BIN", "Proc", "Stack", "free_port", "running", "wait_until"]
 

@@ -1,6 +1,6 @@
 """The domain rule (STYLE point 1): batchsvc's domain modules import neither Flask nor Celery.
 
-Only the web edge (``batchsvc.api``), the CLI and the dev tools may. The check runs in a fresh
+Only the web edge (``batchsvc.api``) and the CLI may. The check runs in a fresh
 interpreter, because this test process has long since imported Flask and Celery.
 """
 
@@ -34,8 +34,8 @@ DOMAIN_MODULES = [
     "batchsvc.celery_config",
     "batchsvc.embedded_redis",
 ]
-#: Allowed to import Flask/Celery: the web edge, the CLI, and dev tools.
-EDGE = ("batchsvc.api", "batchsvc.cli", "batchsvc.devtools")
+#: Allowed to import Flask/Celery: the web edge and the CLI.
+EDGE = ("batchsvc.api", "batchsvc.cli")
 
 _PROBE = """
 import importlib, json, sys

@@ -23,9 +23,9 @@ import pytest
 import requests
 import urllib3
 
-from batchsvc.devtools.fake_upstream import FINGERPRINT, FakeUpstream
 from batchsvc.errors import ConfigError, LineError
 from batchsvc.models_config import ModelSpec
+from testsupport.fake_upstream import FINGERPRINT, FakeUpstream
 from workers.backends import BackendResponse, ChatBackend
 from workers.backends import openai as openai_backend
 from workers.backends.openai import OpenAIBackend, classification_content, parse_retry_after

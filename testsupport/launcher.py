@@ -37,6 +37,9 @@ from batchsvc.settings import Settings
 
 #: The virtualenv's scripts (``batchsvc``, ``celery``): the processes run this checkout.
 BIN = Path(sys.executable).parent
+#: The repository root: ``testsupport`` is not installed, so a child that imports it (the fake
+#: upstream) gets this on its ``PYTHONPATH``.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
 
@@ -302,7 +305,7 @@ class Stack:
         argv = [
             sys.executable,
             "-m",
-            "batchsvc.devtools.fake_upstream",
+            "testsupport.fake_upstream",
             "--host",
             HOST,
             "--port",
@@ -312,7 +315,7 @@ class Stack:
         ]
         if api_key:
             argv += ["--api-key", api_key]
-        proc = self.spawn("upstream", argv)
+        proc = self.spawn("upstream", argv, PYTHONPATH=str(REPO_ROOT))
         health = self.upstream_url("/health")
         self._wait_ready(proc, lambda: answers(health), self.timeouts.upstream, "fake upstream")
         return self.upstream_url("/v1")

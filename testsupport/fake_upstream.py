@@ -43,7 +43,7 @@ Other endpoints: ``GET /health``, ``GET /v1/models``, and for a server in anothe
 ``GET /_fake/stats``, ``POST /_fake/reset``, ``POST /_fake/faults``.
 
 Run it in the foreground with
-``python -m batchsvc.devtools.fake_upstream --port 8001 --latency 0.25 --max-concurrency 64``;
+``python -m testsupport.fake_upstream --port 8001 --latency 0.25 --max-concurrency 64``;
 it prints its base URL on stdout.
 """
 
@@ -672,7 +672,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m batchsvc.devtools.fake_upstream",
+        prog="python -m testsupport.fake_upstream",
         description="A fake OpenAI-compatible chat server for tests and benchmarks.",
     )
     parser.add_argument("--host", default="127.0.0.1")
