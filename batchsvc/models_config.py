@@ -31,6 +31,7 @@ _KEYS = {
     "kind",
     "timeout_s",
     "max_attempts",
+    "dispatch_window",
 }
 
 
@@ -49,6 +50,9 @@ class ModelSpec:
     kind: str = "chat"
     timeout_s: float = 600.0
     max_attempts: int = 4
+    #: Most lines of this model dispatched and not yet recorded, fleet-wide; ``None``: twice
+    #: the concurrency its live workers advertise (see :mod:`workers.fanout`).
+    dispatch_window: int | None = None
 
     @property
     def queue(self) -> str:
@@ -76,6 +80,7 @@ class ModelSpec:
             "kind": self.kind,
             "timeout_s": self.timeout_s,
             "max_attempts": self.max_attempts,
+            "dispatch_window": self.dispatch_window,
             "queue": self.queue,
         }
 
@@ -159,6 +164,17 @@ def parse_model(model_id: str, table: Any) -> ModelSpec:
         model_id,
         "max_attempts must be an integer >= 1",
     )
+    dispatch_window = table.get("dispatch_window")
+    _require(
+        dispatch_window is None
+        or (
+            isinstance(dispatch_window, int)
+            and not isinstance(dispatch_window, bool)
+            and dispatch_window >= 1
+        ),
+        model_id,
+        "dispatch_window must be an integer >= 1",
+    )
     return ModelSpec(
         id=model_id,
         backend=backend,
@@ -171,6 +187,7 @@ def parse_model(model_id: str, table: Any) -> ModelSpec:
         kind=kind,
         timeout_s=float(timeout_s),
         max_attempts=max_attempts,
+        dispatch_window=dispatch_window,
     )
 
 

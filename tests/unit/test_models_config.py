@@ -180,3 +180,14 @@ def test_a_model_error_inside_a_file_is_reported(tmp_path: Path) -> None:
     path.write_text('[models.x]\nbackend = "openai"\nmax_tokens = 10\n', encoding="utf-8")
     with pytest.raises(ConfigError, match='model "x": base_url is required'):
         load_registry(path)
+
+
+def test_dispatch_window_is_optional_and_a_positive_integer() -> None:
+    from batchsvc.models_config import parse_model
+
+    base = {"backend": "echo", "max_tokens": 100}
+    assert parse_model("m", base).dispatch_window is None
+    assert parse_model("m", {**base, "dispatch_window": 12}).dispatch_window == 12
+    for bad in (0, -1, 1.5, True, "8"):
+        with pytest.raises(ConfigError, match="dispatch_window must be an integer >= 1"):
+            parse_model("m", {**base, "dispatch_window": bad})
