@@ -160,3 +160,77 @@ class ContextLengthExceeded(LineError):
         )
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+
+
+class UpstreamCredentialsRejected(LineError):
+    """The model server refused the credentials batchsvc sent it (HTTP 401 or 403), or the key
+    for it is not configured (``api_key_env`` names an unset variable).
+
+    The operator's problem, never the client's: the error file still says
+    ``authentication_error`` (spec 9.3), but the synchronous endpoint answers it as a ``502``
+    that the client should not retry. ``upstream_status`` is ``None`` for a missing key.
+    """
+
+    def __init__(
+        self,
+        legacy: str,
+        detail: str,
+        *,
+        upstream_status: int | None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(
+            "authentication_error",
+            legacy,
+            detail,
+            param=param,
+            status=502,
+            type_="internal_error",
+        )
+        self.upstream_status = upstream_status
+
+
+class UpstreamTimeout(LineError):
+    """Every attempt at the model server failed and the last one timed out.
+
+    In the error file this is ``internal_error`` with ``[legacy:retries_exhausted]`` like any
+    other exhausted line (spec 9.3); the synchronous endpoint answers it as a ``504``.
+    """
+
+    def __init__(self, attempts: int, description: str) -> None:
+        super().__init__(
+            "internal_error",
+            "retries_exhausted",
+            f"Line failed after {attempts} attempts: {description}",
+            status=504,
+            type_="internal_error",
+        )
+        self.attempts = attempts
+        self.description = description
+
+
+class BackendUnavailable(BatchsvcError):
+    """One attempt at a model server failed in a way worth another try: a timeout, a dropped
+    connection, 408, 429, 5xx, or a 2xx whose body is no ``chat.completion``.
+
+    It never reaches a client: the backend's retry loop (:class:`batchsvc.retry.RetryPolicy`)
+    tries again, waiting at least ``retry_after`` seconds when the server asked for that, and
+    turns the last one into a :class:`LineError`. ``upstream_status`` is the HTTP status of the
+    answer (``None`` when there was none); ``timed_out`` says the server did not answer in time.
+    """
+
+    status = 503
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+        timed_out: bool = False,
+    ) -> None:
+        super().__init__(description)
+        self.description = description
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+        self.timed_out = timed_out

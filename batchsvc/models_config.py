@@ -7,10 +7,13 @@ clear message instead of failing lines hours later.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from batchsvc.errors import ConfigError
 from batchsvc.queues import model_queue, sync_queue
@@ -18,21 +21,6 @@ from batchsvc.queues import model_queue, sync_queue
 BACKENDS = ("echo", "openai")
 ENCODINGS = ("cl100k_base", "o200k_base")
 KINDS = ("chat", "classification")
-
-#: Every key a model table may hold; anything else is a config error.
-_KEYS = {
-    "backend",
-    "base_url",
-    "upstream_model",
-    "api_key_env",
-    "max_tokens",
-    "error_on_max_token",
-    "encoding",
-    "kind",
-    "timeout_s",
-    "max_attempts",
-    "dispatch_window",
-}
 
 
 @dataclass(frozen=True)
@@ -114,81 +102,161 @@ class ModelRegistry:
         return ModelRegistry({i: self.models[i] for i in ids})
 
 
-def _require(cond: bool, model_id: str, what: str) -> None:
-    if not cond:
-        raise ConfigError(f'model "{model_id}": {what}')
+# ---- the shape of a model table -------------------------------------------------------------
+
+
+def _checked(
+    message: str,
+    *,
+    required: str | None = None,
+    check: Callable[..., validate.Validator] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for a field whose every failure reads ``message`` (wrong type, null,
+    failed ``check``) and ``required`` when the key is absent: the registry's own wording,
+    which operators (and the tests) know, instead of marshmallow's generic texts."""
+    keys = ("invalid", "null", "too_large", "special", "invalid_utf8", "validator_failed")
+    messages = dict.fromkeys(keys, message)
+    if required is not None:
+        messages["required"] = required
+    kwargs: dict[str, Any] = {"error_messages": messages}
+    if check is not None:
+        kwargs["validate"] = check(error=message)
+    return kwargs
+
+
+class _TomlBoolean(fields.Boolean):
+    """A real boolean only: marshmallow's ``Boolean`` also reads ``"yes"``, ``"on"`` or ``1``
+    as true, and a quoted ``"false"`` in the TOML is far more likely a mistake."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+class _TomlNumber(fields.Float):
+    """A TOML integer or float only: marshmallow's ``Float`` also parses a string such as
+    ``"30"``. Booleans, NaN and infinities are refused by ``Float`` itself."""
+
+    def _validated(self, value: Any) -> float:
+        if isinstance(value, str):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
+class ModelTableSchema(Schema):
+    """One ``[models."<id>"]`` table, loaded into the keyword arguments of :class:`ModelSpec`
+    (but ``id``). Fields are declared in the order their errors are reported."""
+
+    class Meta:
+        # Unknown keys are an error: a misspelt key (``max_token``) would otherwise leave its
+        # default silently in force, and a secret pasted as ``api_key`` would sit in the file.
+        unknown = RAISE
+
+    backend = fields.String(
+        required=True,
+        **_checked(
+            f"backend must be one of {', '.join(BACKENDS)}",
+            required="backend is required",
+            check=partial(validate.OneOf, BACKENDS),
+        ),
+    )
+    max_tokens = fields.Integer(
+        strict=True,
+        required=True,
+        **_checked(
+            "max_tokens must be a positive integer",
+            required="max_tokens is required",
+            check=partial(validate.Range, min=1),
+        ),
+    )
+    base_url = fields.String(
+        allow_none=True, load_default=None, **_checked("base_url must be a string")
+    )
+    upstream_model = fields.String(
+        allow_none=True,
+        load_default=None,
+        **_checked(
+            "upstream_model must be a non-empty string", check=partial(validate.Length, min=1)
+        ),
+    )
+    api_key_env = fields.String(
+        allow_none=True,
+        load_default=None,
+        **_checked("api_key_env must be a non-empty string", check=partial(validate.Length, min=1)),
+    )
+    error_on_max_token = _TomlBoolean(
+        load_default=True, **_checked("error_on_max_token must be a boolean")
+    )
+    encoding = fields.String(
+        load_default="cl100k_base",
+        **_checked(
+            f"encoding must be one of {', '.join(ENCODINGS)}",
+            check=partial(validate.OneOf, ENCODINGS),
+        ),
+    )
+    kind = fields.String(
+        load_default="chat",
+        **_checked(f"kind must be one of {', '.join(KINDS)}", check=partial(validate.OneOf, KINDS)),
+    )
+    timeout_s = _TomlNumber(
+        load_default=600.0,
+        **_checked(
+            "timeout_s must be a positive number",
+            check=partial(validate.Range, min=0, min_inclusive=False),
+        ),
+    )
+    max_attempts = fields.Integer(
+        strict=True,
+        load_default=4,
+        **_checked("max_attempts must be an integer >= 1", check=partial(validate.Range, min=1)),
+    )
+    dispatch_window = fields.Integer(
+        strict=True,
+        allow_none=True,
+        load_default=None,
+        **_checked("dispatch_window must be an integer >= 1", check=partial(validate.Range, min=1)),
+    )
+
+    @validates_schema(pass_original=True, skip_on_field_errors=False)
+    def _openai_needs_a_base_url(self, data: dict[str, Any], original: Any, **kwargs: Any) -> None:
+        # Read from the original: a backend or base_url that failed its own field is not in
+        # ``data``. A base_url of the wrong type already has its own error.
+        if original.get("backend") == "openai" and original.get("base_url") in (None, ""):
+            raise ValidationError("base_url is required", "base_url")
+
+
+_TABLE = ModelTableSchema()
+
+
+def _problems(error: ValidationError) -> str:
+    """Every problem of a table, unknown keys first, then in the schema's field order."""
+    messages = error.normalized_messages()
+    unknown = [key for key in messages if key not in _TABLE.fields]
+    problems = [f"unknown key(s) {', '.join(sorted(unknown))}"] if unknown else []
+    for name in _TABLE.fields:
+        for message in messages.get(name, ()):
+            if message not in problems:
+                problems.append(message)
+    return "; ".join(problems)
 
 
 def parse_model(model_id: str, table: Any) -> ModelSpec:
-    """Validate one ``[models."<id>"]`` table."""
-    _require(isinstance(table, dict), model_id, "must be a table")
-    _require(bool(model_id) and model_id.strip() == model_id, model_id, "id must be non-empty")
-    unknown = sorted(set(table) - _KEYS)
-    _require(not unknown, model_id, f"unknown key(s) {', '.join(unknown)}")
-    _require("backend" in table, model_id, "backend is required")
-    backend = table["backend"]
-    _require(backend in BACKENDS, model_id, f"backend must be one of {', '.join(BACKENDS)}")
-    _require("max_tokens" in table, model_id, "max_tokens is required")
-    max_tokens = table["max_tokens"]
-    _require(
-        isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-        model_id,
-        "max_tokens must be a positive integer",
-    )
-    base_url = table.get("base_url")
-    if backend == "openai":
-        _require(isinstance(base_url, str) and bool(base_url), model_id, "base_url is required")
-    _require(base_url is None or isinstance(base_url, str), model_id, "base_url must be a string")
-    for key in ("upstream_model", "api_key_env"):
-        value = table.get(key)
-        _require(
-            value is None or (isinstance(value, str) and value),
-            model_id,
-            f"{key} must be a non-empty string",
-        )
-    error_on_max_token = table.get("error_on_max_token", True)
-    _require(isinstance(error_on_max_token, bool), model_id, "error_on_max_token must be a boolean")
-    encoding = table.get("encoding", "cl100k_base")
-    _require(encoding in ENCODINGS, model_id, f"encoding must be one of {', '.join(ENCODINGS)}")
-    kind = table.get("kind", "chat")
-    _require(kind in KINDS, model_id, f"kind must be one of {', '.join(KINDS)}")
-    timeout_s = table.get("timeout_s", 600)
-    _require(
-        isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool) and timeout_s > 0,
-        model_id,
-        "timeout_s must be a positive number",
-    )
-    max_attempts = table.get("max_attempts", 4)
-    _require(
-        isinstance(max_attempts, int) and not isinstance(max_attempts, bool) and max_attempts >= 1,
-        model_id,
-        "max_attempts must be an integer >= 1",
-    )
-    dispatch_window = table.get("dispatch_window")
-    _require(
-        dispatch_window is None
-        or (
-            isinstance(dispatch_window, int)
-            and not isinstance(dispatch_window, bool)
-            and dispatch_window >= 1
-        ),
-        model_id,
-        "dispatch_window must be an integer >= 1",
-    )
-    return ModelSpec(
-        id=model_id,
-        backend=backend,
-        max_tokens=max_tokens,
-        base_url=base_url.rstrip("/") if base_url else None,
-        upstream_model=table.get("upstream_model"),
-        api_key_env=table.get("api_key_env"),
-        error_on_max_token=error_on_max_token,
-        encoding=encoding,
-        kind=kind,
-        timeout_s=float(timeout_s),
-        max_attempts=max_attempts,
-        dispatch_window=dispatch_window,
-    )
+    """Validate one ``[models."<id>"]`` table.
+
+    Raises:
+        ConfigError: naming the model and every problem of its table.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(f'model "{model_id}": must be a table')
+    if not model_id or model_id.strip() != model_id:
+        raise ConfigError(f'model "{model_id}": id must be non-empty')
+    try:
+        values = _TABLE.load(table)
+    except ValidationError as exc:
+        raise ConfigError(f'model "{model_id}": {_problems(exc)}') from None
+    base_url = values.pop("base_url")
+    return ModelSpec(id=model_id, base_url=base_url.rstrip("/") if base_url else None, **values)
 
 
 def parse_registry(document: Mapping[str, Any]) -> ModelRegistry:

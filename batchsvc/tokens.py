@@ -52,7 +52,7 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMER_TOKENS = 3
 
-#: Roles that truncation never drops.
+#: Roles that truncation never drops (it cuts their text only as a last resort).
 KEPT_ROLES = frozenset({"system", "developer"})
 
 ENCODINGS_DIR = Path(__file__).resolve().parent / "encodings"
@@ -262,6 +262,16 @@ def _cut_content(content: Any, budget: int, encoding: str) -> Any:
     return parts
 
 
+def _cut_message(
+    message: dict[str, Any], content_tokens: int, excess: int, encoding: str
+) -> tuple[dict[str, Any], int]:
+    """A copy of ``message`` whose text is ``excess`` tokens shorter, cut from its start (all of
+    it when it has fewer), and the copy's :func:`count_message_tokens`."""
+    budget = content_tokens - excess
+    cut = {**message, "content": _cut_content(message.get("content"), budget, encoding)}
+    return cut, count_message_tokens(cut, encoding)
+
+
 def apply_token_limit(
     messages: list[dict[str, Any]],
     max_tokens: int,
@@ -272,14 +282,22 @@ def apply_token_limit(
 
     Returns ``(messages to send, their count_chat_tokens)``. Within the limit: unchanged (a new
     list holding the same message objects). Over it with ``error_on_max_token``: raise
-    :class:`ContextLengthExceeded` with the full count. Otherwise truncate: keep every system and
-    developer message and the last user message; drop the other turns oldest first (an assistant
-    message with tool calls together with the tool messages answering it); if still too long,
-    cut the last user message's text from its start, keeping its end (list content: text parts
-    from the oldest on; a text part cut away entirely is removed, non-text parts are kept). If
-    the kept messages cannot fit even with the last user message emptied, raise
-    :class:`ContextLengthExceeded`. The input list and dicts are never mutated; every message
-    encodes once (plus a few encodes of the cut text).
+    :class:`ContextLengthExceeded` with the full count. Otherwise truncate silently, each step
+    only while the messages are still over the limit:
+
+    1. drop whole turns, oldest first: any message but the system and developer messages and
+       the last user message (an assistant message with tool calls goes together with the tool
+       messages answering it);
+    2. cut the last user message's text from its start, keeping its end (list content: text
+       parts from the oldest on; a text part cut away entirely is removed, other parts stay);
+    3. cut the system and developer messages' text from the start of the oldest one on, the
+       same way (a message emptied stays, with ``""``);
+    4. if even the fixed per-message overhead of what is left (overhead, role, name, tool calls,
+       reply primer) exceeds the limit, raise :class:`ContextLengthExceeded`, before any of the
+       above.
+
+    The input list and dicts are never mutated; every message encodes once (plus a few encodes
+    of the cut text).
     """
     if not isinstance(messages, list):
         total = count_chat_tokens(messages, encoding)
@@ -298,32 +316,30 @@ def apply_token_limit(
     if error_on_max_token:
         raise ContextLengthExceeded(total, max_tokens)
 
-    keep = {i for i, m in enumerate(messages) if _role(m) in KEPT_ROLES}
+    pinned = [i for i, m in enumerate(messages) if _role(m) in KEPT_ROLES]  # oldest first
     last_user = next(
         (i for i in range(len(messages) - 1, -1, -1) if _role(messages[i]) == "user"), None
     )
-    floor = REPLY_PRIMER_TOKENS + sum(costs[i] for i in keep)
-    if last_user is not None:
-        keep.add(last_user)
-        floor += fixed[last_user]
-    if floor > max_tokens:
+    keep = set(pinned) if last_user is None else {*pinned, last_user}
+    # Step 4 first: with every kept text cut away, only this is left.
+    if REPLY_PRIMER_TOKENS + sum(fixed[i] for i in keep) > max_tokens:
         raise ContextLengthExceeded(total, max_tokens)
 
     dropped: set[int] = set()
     current = total
-    for unit in _droppable_units(messages, keep):
+    for unit in _droppable_units(messages, keep):  # step 1
         if current <= max_tokens:
             break
         dropped.update(unit)
         current -= sum(costs[i] for i in unit)
 
-    if current > max_tokens and last_user is not None:
-        # Only the kept messages remain; the floor check leaves the user text a budget >= 0.
-        message = messages[last_user]
-        budget = contents[last_user] - (current - max_tokens)
-        cut = {**message, "content": _cut_content(message.get("content"), budget, encoding)}
-        current += count_message_tokens(cut, encoding) - costs[last_user]
-        messages = [*messages[:last_user], cut, *messages[last_user + 1 :]]
-    if current > max_tokens:  # unreachable after the floor check; never send an over-limit body
+    result = list(messages)
+    cut_order = pinned if last_user is None else [last_user, *pinned]  # steps 2 and 3
+    for i in cut_order:
+        if current <= max_tokens:
+            break
+        result[i], cost = _cut_message(messages[i], contents[i], current - max_tokens, encoding)
+        current += cost - costs[i]
+    if current > max_tokens:  # unreachable after the step 4 check; never send an over-limit body
         raise ContextLengthExceeded(total, max_tokens)
-    return [m for i, m in enumerate(messages) if i not in dropped], current
+    return [m for i, m in enumerate(result) if i not in dropped], current

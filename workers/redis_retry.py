@@ -9,11 +9,17 @@ from typing import TypeVar
 
 import redis
 
+from batchsvc.retry import RetryPolicy
+
 log = logging.getLogger("batchsvc.redis")
 
 T = TypeVar("T")
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+#: 0.2 s, doubled after each failure, at most 5 s; no jitter: the steps retried here are a
+#: worker's own, and a restarting Redis is ready for all of them at the same moment anyway.
+REDIS_RETRY = RetryPolicy(base_s=0.2, cap_s=5.0, jitter="none")
 
 
 def retry_redis(
@@ -21,14 +27,11 @@ def retry_redis(
 ) -> T:
     """Run ``step`` (which must be idempotent), retrying connection failures for up to
     ``patience_s`` seconds with a growing pause; the last failure propagates."""
-    deadline = time.monotonic() + patience_s
-    pause = 0.2
-    while True:
-        try:
-            return step()
-        except TRANSIENT as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause)
-            sleep(pause)
-            pause = min(pause * 2, 5.0)
+
+    def warn(exc: BaseException, failures: int, pause: float) -> None:
+        log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause)
+
+    # time.monotonic is looked up at each call, so tests can move this module's clock.
+    return REDIS_RETRY.with_patience(patience_s).call(
+        step, retry_on=TRANSIENT, sleep=sleep, clock=time.monotonic, on_retry=warn
+    )

@@ -191,3 +191,53 @@ def test_dispatch_window_is_optional_and_a_positive_integer() -> None:
     for bad in (0, -1, 1.5, True, "8"):
         with pytest.raises(ConfigError, match="dispatch_window must be an integer >= 1"):
             parse_model("m", {**base, "dispatch_window": bad})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("timeout_s", "30", "timeout_s must be a positive number"),  # a quoted number
+        ("timeout_s", float("inf"), "timeout_s must be a positive number"),
+        ("timeout_s", float("nan"), "timeout_s must be a positive number"),
+        ("error_on_max_token", 1, "error_on_max_token must be a boolean"),
+        ("error_on_max_token", "false", "error_on_max_token must be a boolean"),
+        ("max_attempts", 2.0, "max_attempts must be an integer >= 1"),
+        ("max_tokens", "100", "max_tokens must be a positive integer"),
+        ("backend", 5, "backend must be one of echo, openai"),
+        ("encoding", None, "encoding must be one of cl100k_base, o200k_base"),
+    ],
+)
+def test_values_are_taken_as_toml_typed_them_never_coerced(
+    key: str, value: Any, fragment: str
+) -> None:
+    message = config_error({"backend": "echo", "max_tokens": 10, key: value})
+    assert message == f'model "m": {fragment}'
+
+
+def test_every_problem_of_a_table_is_reported_at_once_unknown_keys_first() -> None:
+    message = config_error(
+        {"backend": "openai", "max_tokens": 0, "kind": "embedding", "zeta": 1, "alpha": 2}
+    )
+    assert message == (
+        'model "m": unknown key(s) alpha, zeta; max_tokens must be a positive integer; '
+        "base_url is required; kind must be one of chat, classification"
+    )
+
+
+def test_a_base_url_of_the_wrong_type_is_reported_once() -> None:
+    message = config_error({"backend": "openai", "max_tokens": 10, "base_url": 5})
+    assert message == 'model "m": base_url must be a string'
+
+
+def test_none_means_absent_for_the_optional_strings() -> None:
+    spec = one(
+        {
+            "backend": "echo",
+            "max_tokens": 10,
+            "base_url": None,
+            "upstream_model": None,
+            "api_key_env": None,
+            "dispatch_window": None,
+        }
+    )
+    assert spec == ModelSpec(id="m", backend="echo", max_tokens=10)

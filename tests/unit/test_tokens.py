@@ -449,21 +449,94 @@ def test_list_content_is_cut_from_its_oldest_text_part(enc: str) -> None:
     assert messages == snapshot
 
 
+def instructions_conversation() -> list[dict[str, Any]]:
+    return [
+        {"role": "system", "content": "You are a helpful assistant."},  # 6 tokens
+        {"role": "user", "content": "First question about the weather in Paris today?"},
+        {"role": "developer", "content": "Answer in one short sentence."},  # 6 tokens
+        {"role": "assistant", "content": "It is sunny and warm in Paris today."},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+
+
+#: primer 3 + (3 + "system" 1) + (3 + "developer" 1) + (3 + "user" 1): what is left when every
+#: kept text is cut away (the same in both encodings).
+INSTRUCTIONS_FLOOR = 15
+
+
 @BOTH
-def test_system_alone_over_the_limit_raises_even_when_truncating(enc: str) -> None:
-    messages = conversation_with_history()
+def test_system_and_developer_text_is_cut_only_once_the_last_user_text_is_gone(enc: str) -> None:
+    # Given a conversation whose system and developer messages alone are 6 + 6 tokens of text
+    messages = instructions_conversation()
+    snapshot = copy.deepcopy(messages)
+    system, developer = messages[0], messages[2]
+    assert count_chat_tokens([system, developer, {"role": "user"}], enc) == INSTRUCTIONS_FLOOR + 12
+
+    # When the limit leaves room for 12 - 4 tokens of text (and none for the last user message)
+    result, count = apply_token_limit(messages, INSTRUCTIONS_FLOOR + 8, False, enc)
+
+    # Then the other turns are gone, the last user message is empty, and the oldest
+    # instruction (the system message) lost its first 4 tokens; the developer message is whole
+    assert [m["role"] for m in result] == ["system", "developer", "user"]
+    assert result[2] == {"role": "user", "content": ""}
+    assert result[1] is developer
+    assert system["content"].endswith(result[0]["content"])
+    assert n(result[0]["content"], enc) == 2
+    assert result[0]["content"] == " assistant."
+    assert count == INSTRUCTIONS_FLOOR + 8
+    check(result, count, INSTRUCTIONS_FLOOR + 8, enc)
+    assert messages == snapshot
+
+
+@BOTH
+def test_an_emptied_system_message_stays_and_the_next_instruction_is_cut(enc: str) -> None:
+    messages = instructions_conversation()
+    # Room for 3 tokens of the 12: the system text goes entirely, the developer text loses 3
+    result, count = apply_token_limit(messages, INSTRUCTIONS_FLOOR + 3, False, enc)
+    assert result[0] == {"role": "system", "content": ""}
+    assert result[1]["role"] == "developer"
+    assert n(result[1]["content"], enc) == 3
+    assert result[1]["content"] == " short sentence."
+    assert result[2] == {"role": "user", "content": ""}
+    assert count == INSTRUCTIONS_FLOOR + 3
+    check(result, count, INSTRUCTIONS_FLOOR + 3, enc)
+
+
+@BOTH
+def test_only_the_fixed_overhead_over_the_limit_fails_when_truncating(enc: str) -> None:
+    messages = instructions_conversation()
     total = count_chat_tokens(messages, enc)
-    system_only = count_chat_tokens(messages[:1], enc)
+    # At the floor every kept text is cut away, and it fits exactly
+    result, count = apply_token_limit(messages, INSTRUCTIONS_FLOOR, False, enc)
+    assert result == [
+        {"role": "system", "content": ""},
+        {"role": "developer", "content": ""},
+        {"role": "user", "content": ""},
+    ]
+    assert count == INSTRUCTIONS_FLOOR
+    check(result, count, INSTRUCTIONS_FLOOR, enc)
+    # One token below it nothing can fit: context_length_exceeded with the full count
     with pytest.raises(ContextLengthExceeded) as caught:
-        apply_token_limit(messages, system_only - 1, False, enc)
-    assert (caught.value.prompt_tokens, caught.value.limit) == (total, system_only - 1)
-    # The last user message, emptied, still costs its overhead and role.
-    floor = system_only + 3 + 1
+        apply_token_limit(messages, INSTRUCTIONS_FLOOR - 1, False, enc)
+    assert (caught.value.prompt_tokens, caught.value.limit) == (total, INSTRUCTIONS_FLOOR - 1)
+    assert caught.value.code == "context_length_exceeded"
+
+
+@BOTH
+def test_names_and_tool_calls_of_kept_messages_count_toward_the_fixed_overhead(enc: str) -> None:
+    messages = [
+        {"role": "system", "name": "rules", "content": "Be brief."},
+        {"role": "user", "content": "Hello there, how are you today?"},
+    ]
+    floor = 3 + (3 + 1 + n("rules", enc) + 1) + (3 + 1)
+    result, count = apply_token_limit(messages, floor, False, enc)
+    assert result == [
+        {"role": "system", "name": "rules", "content": ""},
+        {"role": "user", "content": ""},
+    ]
+    assert count == floor
     with pytest.raises(ContextLengthExceeded):
         apply_token_limit(messages, floor - 1, False, enc)
-    result, count = apply_token_limit(messages, floor, False, enc)
-    assert result == [messages[0], {"role": "user", "content": ""}]
-    check(result, count, floor, enc)
 
 
 @BOTH
@@ -490,12 +563,18 @@ def test_result_always_fits_and_is_counted_exactly(enc: str) -> None:
     ]
     snapshot = copy.deepcopy(messages)
     total = count_chat_tokens(messages, enc)
-    floor = count_chat_tokens([messages[0], {"role": "user"}], enc)
+    floor = count_chat_tokens([{"role": "system"}, {"role": "user"}], enc)  # fixed overhead only
+    system_whole = count_chat_tokens([messages[0], {"role": "user"}], enc)
     for limit in range(floor, total + 2):
         result, count = apply_token_limit(messages, limit, False, enc)
         check(result, count, limit, enc)
-        assert result[0] is messages[0] and result[-1]["role"] == "user"
+        assert result[0]["role"] == "system" and result[-1]["role"] == "user"
+        assert messages[0]["content"].endswith(result[0]["content"])
         assert messages[-1]["content"].endswith(result[-1]["content"])
+        # the system text is cut only once the last user text is gone
+        assert (result[0] is messages[0]) == (limit >= system_whole)
+        if limit < system_whole:
+            assert result[-1]["content"] == ""
     with pytest.raises(ContextLengthExceeded):
         apply_token_limit(messages, floor - 1, False, enc)
     assert messages == snapshot

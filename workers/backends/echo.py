@@ -4,6 +4,11 @@ No model and no network: it is the backend of the demo models and of the tests. 
 complete OpenAI ``chat.completion`` object (spec 8.2), so clients see exactly the shape a real
 model gives.
 
+A ``classification`` model answers the text as a JSON string, the way every classification
+model does (spec 8.2): text that already parses as JSON is kept as it is (so a line whose last
+user message is ``{"label":"positive"}`` gets exactly that back), any other text becomes a JSON
+string literal (``positive`` -> ``"positive"``).
+
 Demo option: a body with ``"metadata": {"echo_delay_s": <seconds>}`` sleeps that long before
 answering, to make a slow model for demos and tests (cancel, expiry, progress). The value may be a
 number or a numeric string (OpenAI's ``metadata`` values are strings); it is capped at
@@ -12,7 +17,6 @@ number or a numeric string (OpenAI's ``metadata`` values are strings); it is cap
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import time
@@ -23,16 +27,14 @@ from batchsvc.errors import LineError
 from batchsvc.models_config import ModelSpec
 from batchsvc.tokens import count_text_tokens
 from workers.backends import BackendResponse
+from workers.backends.completions import classification_content
 
 MAX_ECHO_DELAY_S = 30.0
 
 
 def _invalid_messages(message: str) -> LineError:
-    detail = json.dumps(
-        {"message": message, "type": "invalid_request_error", "param": "messages", "code": None},
-        separators=(",", ":"),
-    )
-    return LineError("invalid_request_error", "http_400", detail, param="messages")
+    # The text alone, as the openai backend reports an upstream's 400 (not its JSON envelope).
+    return LineError("invalid_request_error", "http_400", message, param="messages")
 
 
 def last_user_text(messages: list[Any]) -> str:
@@ -90,6 +92,8 @@ class EchoBackend:
         if delay:
             self._sleep(delay)
         content = last_user_text(messages)
+        if spec.kind == "classification":
+            content = classification_content(content)
         completion_tokens = count_text_tokens(content, spec.encoding)
         completion = {
             "id": "chatcmpl-" + secrets.token_hex(12),

@@ -142,13 +142,44 @@ def test_messages_that_are_not_a_list_fail_the_line(body: dict[str, Any], messag
     error = caught.value
     assert error.code == "invalid_request_error"
     assert (error.legacy, error.param) == ("http_400", "messages")
-    assert json.loads(error.detail) == {
-        "message": message,
-        "type": "invalid_request_error",
-        "param": "messages",
-        "code": None,
-    }
-    assert error.line_message.startswith("[legacy:http_400] {")
+    # the text alone, as the openai backend reports an upstream's 400
+    assert error.line_message == f"[legacy:http_400] {message}"
+
+
+SPEC_CLASSIFY = ModelSpec(
+    id="demo-classify", backend="echo", max_tokens=1000, kind="classification"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "content"),
+    [
+        ("positive", '"positive"'),  # a bare label becomes a JSON string
+        ('{"sentiment": "positive"}', '{"sentiment": "positive"}'),  # JSON already: kept
+        ("0.75", "0.75"),
+        ("", '""'),
+        ("café", '"café"'),
+    ],
+)
+def test_a_classification_model_answers_a_json_string(text: str, content: str) -> None:
+    # Given a classification model on the echo backend
+    body = body_of({"role": "user", "content": text})
+
+    # When it answers
+    response = complete(body, spec=SPEC_CLASSIFY, prompt_tokens=4)
+
+    # Then message.content is a string that parses as JSON (spec 8.2), counted as sent
+    answer = response.body["choices"][0]["message"]["content"]
+    assert answer == content
+    assert isinstance(answer, str)
+    json.loads(answer)
+    assert response.body["usage"]["completion_tokens"] == count_text_tokens(content, "cl100k_base")
+    assert response.body["model"] == "demo-classify"
+
+
+def test_a_chat_model_answers_the_text_as_it_is() -> None:
+    response = complete(body_of({"role": "user", "content": "positive"}))
+    assert response.body["choices"][0]["message"]["content"] == "positive"
 
 
 def test_echo_delay_sleeps_before_answering() -> None:

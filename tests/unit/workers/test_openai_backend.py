@@ -23,12 +23,13 @@ import pytest
 import requests
 import urllib3
 
-from batchsvc.errors import ConfigError, LineError
+from batchsvc.errors import ConfigError, LineError, UpstreamCredentialsRejected, UpstreamTimeout
 from batchsvc.models_config import ModelSpec
 from testsupport.fake_upstream import FINGERPRINT, FakeUpstream
-from workers.backends import BackendResponse, ChatBackend
-from workers.backends import openai as openai_backend
-from workers.backends.openai import OpenAIBackend, classification_content, parse_retry_after
+from workers.backends import BackendResponse, ChatBackend, outcomes, transport
+from workers.backends.completions import classification_content
+from workers.backends.openai import UPSTREAM_RETRY, OpenAIBackend
+from workers.backends.outcomes import parse_retry_after
 
 PUBLIC_ID = "acme/chat-1"
 UPSTREAM = "org/Upstream-Model-1"
@@ -102,7 +103,7 @@ class Harness:
 
 @pytest.fixture
 def http() -> Iterator[urllib3.PoolManager]:
-    manager = openai_backend._new_pool_manager(32)
+    manager = transport.new_pool_manager(32)
     yield manager
     manager.clear()
 
@@ -193,8 +194,8 @@ def test_503_twice_then_success_takes_three_attempts_with_equal_jitter_backoff(
 
 
 def test_backoff_doubles_and_is_capped_at_30_seconds() -> None:
-    lows = [openai_backend.backoff_delay(k, lambda: 0.0) for k in range(1, 9)]
-    highs = [openai_backend.backoff_delay(k, lambda: 1.0) for k in range(1, 9)]
+    lows = [UPSTREAM_RETRY.backoff(k, lambda: 0.0) for k in range(1, 9)]
+    highs = [UPSTREAM_RETRY.backoff(k, lambda: 1.0) for k in range(1, 9)]
     assert lows == [0.5, 1, 2, 4, 8, 15, 15, 15]
     assert highs == [1, 2, 4, 8, 16, 30, 30, 30]
 
@@ -248,6 +249,7 @@ def test_permanent_500_ends_as_internal_error_after_max_attempts(h: Harness) -> 
         "upstream returned 500: CUDA out of memory"
     )
     assert err.param is None
+    assert not isinstance(err, UpstreamTimeout) and err.http_status == 500
     assert h.fake.requests_seen == 4
     assert len(h.sleeps) == 3
 
@@ -266,6 +268,7 @@ def test_a_hang_past_the_timeout_ends_within_about_two_timeouts(h: Harness) -> N
     assert err.line_message == (
         "[legacy:retries_exhausted] Line failed after 2 attempts: upstream timed out after 0.3 s"
     )
+    assert isinstance(err, UpstreamTimeout) and err.http_status == 504
     assert h.fake.requests_seen == 2
 
 
@@ -301,7 +304,6 @@ def test_a_dropped_connection_is_retried(h: Harness) -> None:
 
 
 def test_connection_refused_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
-    openai_backend.reset_retry_counts()
     err = h.fail_at(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3)
     assert err.code == "internal_error"
     assert err.line_message.startswith(
@@ -311,11 +313,10 @@ def test_connection_refused_ends_as_internal_error_after_max_attempts(h: Harness
     assert "0x" not in err.line_message  # no object addresses
     assert "timed out" not in err.line_message  # a refusal is no connect timeout
     assert len(h.sleeps) == 2
-    assert openai_backend.retry_counts() == {(PUBLIC_ID, "connection"): 2}
 
 
 def test_exception_text_drops_object_addresses() -> None:
-    text = openai_backend._exception_text(
+    text = outcomes.exception_text(
         urllib3.exceptions.ProtocolError(
             "<urllib3.connection.HTTPConnection object at 0x7f1c2d3e4f50>: Connection aborted "
             "on <HTTPConnection(host='h', port=80) at 0x7F00AB>"
@@ -324,12 +325,12 @@ def test_exception_text_drops_object_addresses() -> None:
     assert text == "Connection aborted on "
 
 
-def test_retries_are_counted_by_model_and_reason(h: Harness) -> None:
-    openai_backend.reset_retry_counts()
+def test_each_retried_answer_costs_one_request_and_one_growing_pause(h: Harness) -> None:
     h.fake.set_faults([{"status": 503, "repeat": 2}, {"status": 429}])
-    h.complete()
-    assert openai_backend.retry_counts() == {(PUBLIC_ID, "http_503"): 2, (PUBLIC_ID, "http_429"): 1}
-    assert openai_backend.total_retries() == 3
+    result = h.complete()
+    assert result.request_id == "req_up_4"
+    assert h.fake.requests_seen == 4
+    assert h.sleeps == [0.5, 1.0, 2.0]  # rand 0: half of 1, 2 and 4 s
 
 
 def test_per_request_faults_from_metadata_do_not_touch_other_requests(h: Harness) -> None:
@@ -506,8 +507,7 @@ def unaccepting_port() -> Iterator[int]:
 def test_a_connect_timeout_says_so_and_uses_the_capped_connect_timeout(
     h: Harness, unaccepting_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(openai_backend, "CONNECT_TIMEOUT_CAP_S", 0.2)
-    openai_backend.reset_retry_counts()
+    monkeypatch.setattr(transport, "CONNECT_TIMEOUT_CAP_S", 0.2)
     spec = make_spec(f"http://127.0.0.1:{unaccepting_port}/v1", timeout_s=5.0, max_attempts=2)
     backend, _ = h.backend(spec)
 
@@ -522,7 +522,8 @@ def test_a_connect_timeout_says_so_and_uses_the_capped_connect_timeout(
         "could not connect to upstream within 0.2 s"
     )
     assert elapsed < 5  # two connect timeouts of 0.2 s, not two read timeouts of 5 s
-    assert openai_backend.retry_counts() == {(PUBLIC_ID, "timeout"): 1}
+    assert len(h.sleeps) == 1
+    assert isinstance(info.value, UpstreamTimeout)
 
 
 def test_a_body_cut_short_is_a_connection_error_and_retried(h: Harness) -> None:
@@ -596,10 +597,8 @@ def test_client_errors_map_to_their_code_with_the_upstream_message_and_are_not_r
 
     assert err.code == code
     assert err.legacy == legacy
-    assert err.line_message == (
-        f"[legacy:{legacy}] "
-        '{"message":"messages: missing required field","type":"invalid_request_error"}'
-    )
+    # The upstream's text, not the JSON of its error object
+    assert err.line_message == f"[legacy:{legacy}] messages: missing required field"
     assert err.param == "messages"
     assert h.fake.requests_seen == 1
     assert h.sleeps == []
@@ -614,7 +613,7 @@ def test_a_non_json_error_body_is_folded_in_as_text(h: Harness) -> None:
 def test_a_huge_error_body_is_truncated(h: Harness) -> None:
     h.fake.set_faults([{"status": 400, "raw": "x" * 10_000}])
     err = h.fail()
-    assert len(err.detail) == openai_backend.DETAIL_LIMIT
+    assert len(err.detail) == outcomes.DETAIL_LIMIT
 
 
 def test_a_tgi_style_error_string_is_understood(h: Harness) -> None:
@@ -622,7 +621,99 @@ def test_a_tgi_style_error_string_is_understood(h: Harness) -> None:
         [{"status": 422, "json": {"error": "Input too long", "error_type": "validation"}}]
     )
     err = h.fail()
-    assert err.line_message == '[legacy:http_422] {"message":"Input too long","type":"validation"}'
+    assert err.line_message == "[legacy:http_422] Input too long"
+
+
+def test_an_error_object_without_a_message_is_shown_as_json(h: Harness) -> None:
+    h.fake.set_faults([{"status": 400, "json": {"error": {"type": "bad_body", "code": None}}}])
+    assert h.fail().line_message == '[legacy:http_400] {"type":"bad_body"}'
+
+
+def test_a_fastapi_style_error_body_is_shown_as_its_json(h: Harness) -> None:
+    h.fake.set_faults([{"status": 422, "json": {"detail": [{"loc": ["body"], "msg": "bad"}]}}])
+    assert h.fail().line_message == '[legacy:http_422] {"detail":[{"loc":["body"],"msg":"bad"}]}'
+
+
+VLLM_CONTEXT_MESSAGE = (
+    "This model's maximum context length is 4096 tokens. However, you requested 5120 tokens "
+    "(5000 in the messages, 120 in the completion). Please reduce the length of the messages "
+    "or completion."
+)
+
+
+@pytest.mark.parametrize(
+    ("upstream_body", "message", "param"),
+    [
+        pytest.param(
+            {
+                "error": {
+                    "message": "This model's maximum context length is 8192 tokens, however "
+                    "you requested 9000 tokens. Please reduce your prompt.",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
+            "This model's maximum context length is 8192 tokens, however you requested 9000 "
+            "tokens. Please reduce your prompt.",
+            "messages",
+            id="openai",
+        ),
+        pytest.param(
+            {
+                "object": "error",
+                "message": VLLM_CONTEXT_MESSAGE,
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+            VLLM_CONTEXT_MESSAGE,
+            "messages",
+            id="vllm-top-level",
+        ),
+        pytest.param(
+            {"error": {"message": VLLM_CONTEXT_MESSAGE, "type": "BadRequestError", "code": 400}},
+            VLLM_CONTEXT_MESSAGE,
+            "messages",
+            id="vllm-enveloped",
+        ),
+        pytest.param(
+            {
+                "error": {
+                    "code": 400,
+                    "message": "the request exceeds the available context size, try increasing it",
+                    "type": "exceed_context_size_error",
+                }
+            },
+            "the request exceeds the available context size, try increasing it",
+            "messages",
+            id="llama.cpp",
+        ),
+    ],
+)
+def test_an_upstream_context_length_400_is_context_length_exceeded_with_its_text(
+    h: Harness, upstream_body: dict[str, Any], message: str, param: str
+) -> None:
+    # Given an upstream that refuses the input as longer than its context
+    h.fake.set_faults([{"status": 400, "json": upstream_body, "repeat": None}])
+
+    # When
+    err = h.fail()
+
+    # Then the line says so with the spec's code and the upstream's own words, once
+    assert err.code == "context_length_exceeded"
+    assert (err.http_status, err.error_type) == (400, "invalid_request_error")
+    assert err.line_message == f"[legacy:http_400] {message}"
+    assert err.param == param
+    assert h.fake.requests_seen == 1
+    assert h.sleeps == []
+
+
+def test_a_400_that_only_mentions_tokens_stays_invalid_request_error(h: Harness) -> None:
+    h.fake.set_faults([{"status": 400, "message": "max_tokens must be at least 1"}])
+    err = h.fail()
+    assert err.code == "invalid_request_error"
+    assert err.line_message == "[legacy:http_400] max_tokens must be at least 1"
 
 
 def test_429_on_every_attempt_ends_as_rate_limit_exceeded(h: Harness) -> None:
@@ -650,6 +741,17 @@ def test_503_then_429_exhausted_reports_the_last_answer(h: Harness) -> None:
     assert h.fail(max_attempts=2).code == "rate_limit_exceeded"
     h.fake.set_faults([{"status": 429}, {"status": 503, "repeat": None}])
     assert h.fail(max_attempts=2).code == "internal_error"
+
+
+def test_only_a_last_attempt_that_timed_out_makes_an_upstream_timeout(h: Harness) -> None:
+    h.fake.set_faults([{"hang_s": 2}, {"status": 503}])
+    err = h.fail(timeout_s=0.3, max_attempts=2)
+    assert not isinstance(err, UpstreamTimeout)
+    assert err.line_message.endswith("upstream returned 503: Injected fault: HTTP 503")
+    h.fake.set_faults([{"status": 503}, {"hang_s": 2}])
+    err = h.fail(timeout_s=0.3, max_attempts=2)
+    assert isinstance(err, UpstreamTimeout)
+    assert (err.code, err.legacy) == ("internal_error", "retries_exhausted")
 
 
 # ---- classification ------------------------------------------------------------------------
@@ -705,6 +807,10 @@ def test_the_api_key_is_sent_from_the_environment(http: urllib3.PoolManager) -> 
             backend.complete(spec, chat_body(), 1)
         assert info.value.code == "authentication_error"
         assert info.value.legacy == "http_401"
+        assert info.value.line_message == "[legacy:http_401] Incorrect API key provided."
+        # the operator's problem: the sync endpoint answers it as a 502
+        assert isinstance(info.value, UpstreamCredentialsRejected)
+        assert info.value.upstream_status == 401
 
 
 def test_a_missing_api_key_env_var_fails_without_calling_the_upstream(h: Harness) -> None:
@@ -715,6 +821,8 @@ def test_a_missing_api_key_env_var_fails_without_calling_the_upstream(h: Harness
     assert info.value.code == "authentication_error"
     assert info.value.legacy == "api_key_unavailable"
     assert "NOT_SET_ANYWHERE" in info.value.line_message
+    assert isinstance(info.value, UpstreamCredentialsRejected)
+    assert info.value.upstream_status is None
     assert h.fake.requests_seen == 0
 
 
@@ -852,7 +960,7 @@ def test_the_proxy_for_a_url_comes_from_the_environment(
     proxy_env: Callable[..., None], env: dict[str, str], url: str, expected: str | None
 ) -> None:
     proxy_env(**env)
-    assert openai_backend.environ_proxy(url) == expected
+    assert transport.environ_proxy(url) == expected
 
 
 def test_a_proxied_model_goes_through_the_proxy_chosen_once_per_backend(
@@ -978,21 +1086,21 @@ def test_https_upstreams_are_verified_with_the_ca_bundle_the_environment_names(
 
 def test_one_shared_pool_manager_per_process_sized_by_configure_pool() -> None:
     try:
-        first = openai_backend.configure_pool(3)
-        assert openai_backend.pool_for(99) is first
+        first = transport.configure_pool(3)
+        assert transport.pool_for(99) is first
         assert first.connection_pool_kw["maxsize"] == 3
         assert first.connection_pool_kw["block"] is True
-        assert first.pools._maxsize == openai_backend.HOST_POOLS
+        assert first.pools._maxsize == transport.HOST_POOLS
         pool = first.connection_from_url("http://x/")
         assert pool.pool is not None and pool.pool.maxsize == 3 and pool.block
-        assert openai_backend.configure_pool(3) is first
-        resized = openai_backend.configure_pool(5)
+        assert transport.configure_pool(3) is first
+        resized = transport.configure_pool(5)
         assert resized is not first
-        assert openai_backend.pool_for(1) is resized
+        assert transport.pool_for(1) is resized
         pool = resized.connection_from_url("https://x/")
         assert pool.pool is not None and pool.pool.maxsize == 5 and pool.block
     finally:
-        openai_backend.configure_pool(openai_backend.DEFAULT_POOL_SIZE)
+        transport.configure_pool(transport.DEFAULT_POOL_SIZE)
 
 
 def test_the_default_pool_manager_is_used_and_created_once_across_threads(
@@ -1005,7 +1113,7 @@ def test_the_default_pool_manager_is_used_and_created_once_across_threads(
 
     def grab() -> None:
         barrier.wait()
-        managers.append(openai_backend.pool_for(8))
+        managers.append(transport.pool_for(8))
 
     threads = [threading.Thread(target=grab) for _ in range(8)]
     for t in threads:
@@ -1019,13 +1127,13 @@ def test_the_default_pool_manager_is_used_and_created_once_across_threads(
 
 
 def test_a_forked_child_gets_its_own_pool_manager() -> None:
-    parent = openai_backend.pool_for(4)
+    parent = transport.pool_for(4)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, and leave without running pytest's teardown
         try:
-            child = openai_backend.pool_for(4)
-            stable = openai_backend.pool_for(4) is child
+            child = transport.pool_for(4)
+            stable = transport.pool_for(4) is child
             verdict = b"new" if child is not parent and stable else b"same"
         except BaseException:
             verdict = b"error"
@@ -1038,7 +1146,7 @@ def test_a_forked_child_gets_its_own_pool_manager() -> None:
         os.close(read_end)
         os.waitpid(pid, 0)
     assert verdict == b"new"
-    assert openai_backend.pool_for(4) is parent
+    assert transport.pool_for(4) is parent
 
 
 def test_sequential_calls_reuse_one_kept_alive_connection(h: Harness) -> None:
