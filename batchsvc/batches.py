@@ -24,20 +24,39 @@ from typing import Any
 import redis
 
 from batchsvc import lifecycle
+from batchsvc.keys import (
+    batch_key,
+    deliveries_key,
+    inflight_key,
+    inflight_member,
+    lease_prefix,
+    lines_key,
+    wake_key,
+    window_key,
+)
 from batchsvc.paging import SEQ_KEY, page_ids
+
+#: A finish step asks for a dispatch at most this often per model (the dispatcher clears the
+#: flag as it starts, so a round under way never hides the next request).
+WAKE_PX = 1000
 
 ACTIVE_INDEX = "bs:batches:active"
 
 # KEYS: batch hash, active index. ARGV: sources (comma-separated), target, timestamp field,
 # now, batch id, "1" if the target is terminal (leave the active index in the same step),
-# then field/value pairs.
+# "1" if a batch that is expiring (flagged, or past expires_at) must stay as it is, then
+# field/value pairs.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, ''} end
+if ARGV[7] == '1' and (redis.call('HGET', KEYS[1], 'expiring') == '1'
+    or tonumber(ARGV[4]) >= tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '0')) then
+  return {0, status}
+end
 for source in string.gmatch(ARGV[1], '[^,]+') do
   if status == source then
     redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])
-    for i = 7, #ARGV, 2 do
+    for i = 8, #ARGV, 2 do
       redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     end
     if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[5]) end
@@ -79,31 +98,67 @@ return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
         tonumber(counts[3] or '0')}
 """
 
+
+def _leave_window(inflight: int, window: int, wake: int, member: int) -> str:
+    """Lua: a local ``leave()`` that takes the line out of its model's in-flight set and, when
+    that brings the set to half the window or below, sets the model's wake flag (NX, so one
+    finish step in a burst asks) and returns 1: the caller then asks for a dispatch. KEYS and
+    ARGV positions are the script's own."""
+    return f"""
+local function leave()
+  if redis.call('SREM', KEYS[{inflight}], ARGV[{member}]) == 0 then return 0 end
+  local window = tonumber(redis.call('GET', KEYS[{window}]) or '0')
+  if redis.call('SCARD', KEYS[{inflight}]) * 2 <= window
+     and redis.call('SET', KEYS[{wake}], '1', 'NX', 'PX', {WAKE_PX}) then
+    return 1
+  end
+  return 0
+end
+"""
+
+
+_TERMINAL = " or ".join(f"status == '{s}'" for s in sorted(lifecycle.TERMINAL))
+
 # The start of a line's run, in one round trip: is the batch still running, is the line
-# unrecorded, is no other copy running it? Then take the lease and count the run.
-# Returns {verdict, status, expiring, deliveries}.
-_BEGIN_LINE = """
+# unrecorded, is no other copy running it? Then take the lease and count the run. A copy that
+# finds its batch gone or its line recorded leaves the model's in-flight set; one that finds
+# the line leased (still running elsewhere) leaves it alone.
+# KEYS: batch hash, lines hash, lease, deliveries hash, in-flight set, window, wake flag.
+# ARGV: index, token, lease TTL (ms), in-flight member.
+# Returns {verdict, status, expiring, deliveries, wake}.
+_BEGIN_LINE = (
+    _leave_window(5, 6, 7, 4)
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or redis.call('HGET', KEYS[1], 'sealed') == '1' then
-  return {'gone', status or '', '', 0}
+  return {'gone', status or '', '', 0, leave()}
 end
-if status == 'completed' or status == 'failed' or status == 'expired'
-   or status == 'cancelled' then
-  return {'gone', status, '', 0}
+if """
+    + _TERMINAL
+    + """ then
+  return {'gone', status, '', 0, leave()}
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'duplicate', status, '', 0} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return {'duplicate', status, '', 0, leave()}
+end
 -- Our own token means a retry of this very run after a lost reply: still ours.
 local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[2] then return {'leased', status, '', 0} end
+if holder and holder ~= ARGV[2] then return {'leased', status, '', 0, 0} end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 local expiring = redis.call('HGET', KEYS[1], 'expiring') or ''
 local deliveries = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
-return {'run', status, expiring, deliveries}
+return {'run', status, expiring, deliveries, 0}
 """
+)
 
 # The end of a line's run, in one round trip: record the result (first record wins, as in
-# _RECORD) and release our lease. Returns {written, recorded, total, status, expiring}.
-_FINISH_LINE = """
+# _RECORD), release our lease, and leave the model's in-flight set.
+# KEYS: batch hash, lines hash, lease, in-flight set, window, wake flag.
+# ARGV: index, line, counter, token, in-flight member.
+# Returns {written, recorded, total, status, expiring, wake}.
+_FINISH_LINE = (
+    _leave_window(4, 5, 6, 5)
+    + """
 local written = 1
 local status = redis.call('HGET', KEYS[1], 'status')
 if redis.call('HGET', KEYS[1], 'sealed') == '1' or not status then
@@ -116,8 +171,9 @@ end
 if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 local counts = redis.call('HMGET', KEYS[1], 'completed', 'failed', 'total', 'expiring')
 return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
-        tonumber(counts[3] or '0'), status or '', counts[4] or ''}
+        tonumber(counts[3] or '0'), status or '', counts[4] or '', leave()}
 """
+)
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -130,22 +186,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def batch_key(batch_id: str) -> str:
-    return f"bs:batch:{batch_id}"
-
-
-def lines_key(batch_id: str) -> str:
-    return f"bs:batch:{batch_id}:lines"
-
-
-def deliveries_key(batch_id: str) -> str:
-    return f"bs:batch:{batch_id}:deliveries"
-
-
-def lease_prefix(batch_id: str) -> str:
-    return f"bs:lease:{batch_id}:"
 
 
 def _index_key(project_id: str) -> str:
@@ -267,6 +307,8 @@ class LineStart:
     status: str
     expiring: bool
     deliveries: int
+    #: This step freed the model's window to half or below: ask for a dispatch.
+    wake: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,6 +322,8 @@ class RecordOutcome:
     total: int
     status: str = ""
     expiring: bool = False
+    #: This step freed the model's window to half or below: ask for a dispatch.
+    wake: bool = False
 
     @property
     def all_recorded(self) -> bool:
@@ -389,7 +433,8 @@ class BatchStore:
         fields: dict[str, str | int] | None = None,
     ) -> tuple[bool, str]:
         """Move ``batch_id`` to ``target`` if its status is one of ``sources``, setting the
-        transition's timestamp (and ``fields``) atomically. Returns (moved, status now)."""
+        transition's timestamp (and ``fields``) atomically. Returns (moved, status now).
+        Nothing moves an expiring batch (flagged, or past ``expires_at``) to ``cancelling``."""
         stamps = {lifecycle.timestamp_field(s, target) for s in sources}
         if len(stamps) != 1:
             raise ValueError(f"transitions {sources} -> {target} set different timestamps")
@@ -400,6 +445,9 @@ class BatchStore:
             self.now(),
             batch_id,
             "1" if lifecycle.is_terminal(target) else "0",
+            # An expiring batch ends expired, never cancelled (spec 6.2): a cancel that
+            # arrives after expires_at leaves it as it is.
+            "1" if target == lifecycle.CANCELLING else "0",
         ]
         for name, value in (fields or {}).items():
             args += [name, value]
@@ -416,31 +464,58 @@ class BatchStore:
         )
         return RecordOutcome(written == 1, int(recorded), int(total))
 
-    def begin_line(self, batch_id: str, index: int, token: str, ttl_s: float) -> LineStart:
+    def begin_line(
+        self, batch_id: str, index: int, token: str, ttl_s: float, model: str
+    ) -> LineStart:
         """Take line ``index`` for a run if the batch is running, the line has no record and
-        no live lease; count the run. One round trip (the hot path of every line)."""
-        verdict, status, expiring, deliveries = self._begin_line(
+        no live lease; count the run. A copy that finds the line recorded or its batch gone
+        leaves ``model``'s in-flight set. One round trip (the hot path of every line)."""
+        verdict, status, expiring, deliveries, wake = self._begin_line(
             keys=[
                 batch_key(batch_id),
                 lines_key(batch_id),
                 lease_prefix(batch_id) + str(index),
                 deliveries_key(batch_id),
+                inflight_key(model),
+                window_key(model),
+                wake_key(model),
             ],
-            args=[index, token, int(ttl_s * 1000)],
+            args=[index, token, int(ttl_s * 1000), inflight_member(batch_id, index)],
         )
-        return LineStart(_text(verdict), _text(status), _text(expiring) == "1", int(deliveries))
+        return LineStart(
+            _text(verdict), _text(status), _text(expiring) == "1", int(deliveries), wake == 1
+        )
 
     def finish_line(
-        self, batch_id: str, index: int, ok: bool, line_json: str, token: str
+        self, batch_id: str, index: int, ok: bool, line_json: str, token: str, model: str
     ) -> RecordOutcome:
-        """Record line ``index``'s result (first record wins) and release our lease, in one
-        round trip. ``status``/``expiring`` are the batch's right after."""
-        written, recorded, total, status, expiring = self._finish_line(
-            keys=[batch_key(batch_id), lines_key(batch_id), lease_prefix(batch_id) + str(index)],
-            args=[index, (OK if ok else ERR) + line_json, "completed" if ok else "failed", token],
+        """Record line ``index``'s result (first record wins), release our lease and leave
+        ``model``'s in-flight set, in one round trip. ``status``/``expiring`` are the batch's
+        right after."""
+        written, recorded, total, status, expiring, wake = self._finish_line(
+            keys=[
+                batch_key(batch_id),
+                lines_key(batch_id),
+                lease_prefix(batch_id) + str(index),
+                inflight_key(model),
+                window_key(model),
+                wake_key(model),
+            ],
+            args=[
+                index,
+                (OK if ok else ERR) + line_json,
+                "completed" if ok else "failed",
+                token,
+                inflight_member(batch_id, index),
+            ],
         )
         return RecordOutcome(
-            written == 1, int(recorded), int(total), _text(status), _text(expiring) == "1"
+            written == 1,
+            int(recorded),
+            int(total),
+            _text(status),
+            _text(expiring) == "1",
+            wake == 1,
         )
 
     def has_record(self, batch_id: str, index: int) -> bool:
@@ -507,6 +582,15 @@ class BatchStore:
 
     def release_lease(self, batch_id: str, index: int, token: str) -> None:
         self._release(keys=[lease_prefix(batch_id) + str(index)], args=[token])
+
+    def line_presence(self, batch_id: str, indices: list[int]) -> list[tuple[bool, bool]]:
+        """``(recorded, leased)`` for each of ``indices``, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for index in indices:
+            pipe.hexists(lines_key(batch_id), index)
+            pipe.exists(lease_prefix(batch_id) + str(index))
+        flags = pipe.execute()
+        return [(bool(flags[2 * i]), bool(flags[2 * i + 1])) for i in range(len(indices))]
 
     def unleased(self, batch_id: str, indices: list[int]) -> list[int]:
         """The indices among ``indices`` whose line holds no live lease."""

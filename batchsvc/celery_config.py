@@ -9,6 +9,9 @@ from typing import Any
 from batchsvc.queues import CONTROL_QUEUE
 from batchsvc.settings import Settings
 
+#: At least 48 h (see ``result_chord_expires`` below).
+CHORD_EXPIRES_S = 3 * 86_400
+
 
 def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
     restore_every_s = max(1.0, min(10.0, settings.visibility_timeout_s / 5))
@@ -24,8 +27,8 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # a worker killed while holding it would stop every redelivery for five minutes.
         # Redeliveries a concurrent scan might repeat are stopped by the per-line lease.
         "unacked_mutex_expire": max(5, round(5 * restore_every_s)),
-        # Consume queues in the order given (an inference worker lists its models' sync
-        # queues first), not round-robin: synchronous requests go ahead of batch lines.
+        # Consume queues in the order given. Workers replace this with sync queues first,
+        # then their batch queues round robin (workers.celery_app).
         "queue_order_strategy": "priority",
     }
     return {
@@ -43,6 +46,10 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": False,
         "result_expires": 86_400,
+        # A chord's size key is written once, when its batch starts, and its TTL is otherwise
+        # refreshed only when a header task returns: it must outlive the 24 h completion window
+        # with room to spare, or a batch whose lines wait long enough loses its callback.
+        "result_chord_expires": CHORD_EXPIRES_S,
         "worker_hijack_root_logger": False,
         "broker_connection_max_retries": None,
     }

@@ -19,7 +19,7 @@ from batchsvc.cpu_priority import lower_cpu_priority
 from batchsvc.errors import BatchsvcError, ConfigError
 from batchsvc.models_config import load_registry
 from batchsvc.projects import ProjectStore
-from batchsvc.queues import CONTROL_QUEUE
+from batchsvc.queues import CONTROL_QUEUE, DISPATCH_QUEUE
 from batchsvc.settings import Settings
 
 DEMO_FILE = "demo.env"
@@ -51,8 +51,16 @@ def cmd_projects_create(settings: Settings, args: argparse.Namespace) -> int:
         unknown = [m for m in models if m not in registry]
         if unknown:
             raise ConfigError(f"unknown model(s): {', '.join(unknown)}")
-    project, key = ProjectStore(_connect(settings)).create_project(args.name, models)
+    project, key = ProjectStore(_connect(settings)).create_project(
+        args.name, models, weight=args.weight
+    )
     _emit({"project_id": project.id, "api_key": key.api_key})
+    return 0
+
+
+def cmd_projects_update(settings: Settings, args: argparse.Namespace) -> int:
+    project = ProjectStore(_connect(settings)).set_weight(args.project_id, args.weight)
+    _emit(project.to_dict())
     return 0
 
 
@@ -295,28 +303,45 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def control_nodes(launcher_pid: int, host: str) -> tuple[str, str]:
+    """Celery node names of the two workers ``batchsvc control`` (pid ``launcher_pid``)
+    starts: the dispatcher, then the control worker."""
+    return f"dispatch-{launcher_pid}@{host}", f"control-{launcher_pid}@{host}"
+
+
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
     url = embedded_redis.resolve_url(settings, wait_s=60)
     load_registry(settings.config_path)  # a bad config stops the worker now, with its message
-    return _supervise(
-        [
+    dispatch_node, control_node = control_nodes(os.getpid(), socket.gethostname())
+
+    def worker(queue: str, node: str, concurrency: int) -> Child:
+        argv = [
             _bin("celery"),
             "-A",
             "workers.main",
             "worker",
             "-Q",
-            CONTROL_QUEUE,
+            queue,
             "-P",
             "threads",
             "-c",
-            str(args.concurrency),
+            str(concurrency),
             "--prefetch-multiplier",
             "1",
             "-E",
             "-n",
-            f"control-{os.getpid()}@{socket.gethostname()}",
+            node,
             "-l",
             "INFO",
+        ]
+        return argv, {}
+
+    # The dispatcher is a process of its own: a start or an assembly can hold every thread of
+    # the control worker for seconds, and a model whose window waits on them idles its GPUs.
+    return _supervise_all(
+        [
+            worker(DISPATCH_QUEUE, dispatch_node, 2),
+            worker(CONTROL_QUEUE, control_node, args.concurrency),
         ],
         url,
         nice=settings.batch_nice,
@@ -419,7 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     create = projects.add_parser("create", help="create a project and its first key")
     create.add_argument("--name", required=True)
     create.add_argument("--models", help="comma-separated model ids (default: all)")
+    create.add_argument(
+        "--weight",
+        type=int,
+        default=1,
+        help="its share of each model against other busy projects (integer >= 1, default 1)",
+    )
     create.set_defaults(func=cmd_projects_create)
+    update = projects.add_parser("update", help="change a project's weight")
+    update.add_argument("project_id")
+    update.add_argument("--weight", type=int, required=True, help="integer >= 1")
+    update.set_defaults(func=cmd_projects_update)
     projects.add_parser("list", help="list projects").set_defaults(func=cmd_projects_list)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(

@@ -8,7 +8,8 @@ ever sees half a file. The order of the steps is what makes a crash at any point
 1. seal the batch (no record is accepted after this), check that every line is recorded;
 2. write both files under ids fixed on the first attempt, and create their File objects
    (creating an existing id is a no-op), then mark ``files_written``;
-3. delete the per-line records (Redis memory stays bounded by what is in flight);
+3. delete the per-line records and the batch's dispatch state and stored run files (its input
+   copy, its per-model line indexes): Redis memory stays bounded by what is in flight;
 4. only then set the terminal status, its timestamp and the file ids in one step, so a client
    that sees a terminal status can download at once.
 
@@ -25,10 +26,12 @@ import redis
 
 from batchsvc import lifecycle
 from batchsvc.batches import ERR, OK, BatchRecord, BatchStore, batch_key
+from batchsvc.dispatch_store import DispatchStore
 from batchsvc.errors import LineError
 from batchsvc.files import FileStore
 from batchsvc.ids import new_file_id
 from batchsvc.jsonl import iter_request_lines
+from batchsvc.line_index import line_index_key
 from batchsvc.results import error_line
 from batchsvc.storage import Storage, StorageMissing, batch_input_key, upload_key
 
@@ -46,6 +49,7 @@ class Finalizer:
     batches: BatchStore
     files: FileStore
     storage: Storage
+    dispatch: DispatchStore
     lock_ttl_s: float = DEFAULT_LOCK_TTL_S
 
     # -- short-circuit -----------------------------------------------------------------------
@@ -93,7 +97,7 @@ class Finalizer:
         if batch is None:
             return "missing"
         if lifecycle.is_terminal(batch.status):
-            self.batches.delete_records(batch_id)
+            self._forget_run(batch_id)
             return batch.status
         if batch.recorded < batch.total:
             return batch.status
@@ -116,8 +120,7 @@ class Finalizer:
                 return batch.status
             batch = self.batches.get_any(batch_id)
             assert batch is not None
-        self.batches.delete_records(batch_id)
-        self.storage.delete(batch_input_key(batch_id))
+        self._forget_run(batch_id)
         moved, status = self.batches.transition(
             batch_id,
             [source],
@@ -136,6 +139,17 @@ class Finalizer:
                 batch.failed,
             )
         return status
+
+    def _forget_run(self, batch_id: str) -> None:
+        """Drop what only the batch's run needed: its line records, its dispatch state, its
+        input copy and per-model line indexes. Each step is idempotent (a retry redoes it)."""
+        self.batches.delete_records(batch_id)
+        # Files first: the dispatch state is what names them, so a crash in between leaves
+        # the names for the retry.
+        for model in self.dispatch.model_counts(batch_id):
+            self.storage.delete(line_index_key(batch_id, model))
+        self.storage.delete(batch_input_key(batch_id))
+        self.dispatch.forget(batch_id)
 
     def _write_files(
         self, batch: BatchRecord, keepalive: Callable[[], object] = lambda: None

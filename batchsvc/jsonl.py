@@ -48,6 +48,7 @@ class RequestLine:
 
     index: int  # 0-based index among request lines (what workers and result records key on)
     line_no: int  # physical 1-based line number
+    offset: int  # byte offset of the line's start in the file
     custom_id: str
     body: dict[str, Any]
     raw: bytes  # the line's bytes (no newline)
@@ -234,6 +235,17 @@ def validate_jsonl(stream: BinaryIO, size: int, endpoint: str) -> JsonlSummary:
     return JsonlSummary(total=total, url=first_url)
 
 
+def decode_request_line(raw: bytes) -> tuple[str, dict[str, Any]]:
+    """``(custom_id, body)`` of one line of an already validated file (the dispatcher reads
+    lines by their offsets, not by iterating the file).
+
+    Raises:
+        JsonlInvalid: the bytes are not a request line (the file changed since validation).
+    """
+    custom_id, _url, body = _check_request(raw, 0, None, None)
+    return custom_id, body
+
+
 def iter_request_lines(stream: BinaryIO) -> Iterator[RequestLine]:
     """Yield the request lines of an already validated file, in order, skipping blank lines.
 
@@ -246,7 +258,9 @@ def iter_request_lines(stream: BinaryIO) -> Iterator[RequestLine]:
     """
     index = 0
     first_url: str | None = None
-    for line_no, line, _ in _physical_lines(stream):
+    start = 0
+    for line_no, line, bytes_read in _physical_lines(stream):
+        offset, start = start, bytes_read
         if line is None:
             raise _too_long(line_no)
         if _is_blank(line):
@@ -254,5 +268,12 @@ def iter_request_lines(stream: BinaryIO) -> Iterator[RequestLine]:
         custom_id, url, body = _check_request(line, line_no, first_url, None)
         if first_url is None:
             first_url = url
-        yield RequestLine(index=index, line_no=line_no, custom_id=custom_id, body=body, raw=line)
+        yield RequestLine(
+            index=index,
+            line_no=line_no,
+            offset=offset,
+            custom_id=custom_id,
+            body=body,
+            raw=line,
+        )
         index += 1

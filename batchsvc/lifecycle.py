@@ -24,6 +24,8 @@ STATUSES = (
     CANCELLED,
 )
 TERMINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
+#: Statuses in which lines may still be dispatched (the claim also checks expiry).
+DISPATCHABLE = frozenset({IN_PROGRESS})
 #: Statuses in which lines may still be recorded.
 RUNNING = frozenset({IN_PROGRESS, CANCELLING, FINALIZING})
 

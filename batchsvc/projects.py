@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from batchsvc.errors import InvalidCredentials, NotFound
+from batchsvc.errors import InvalidCredentials, InvalidRequest, NotFound
 from batchsvc.ids import new_api_key, new_project_id
 
 KEY_PREFIX_LEN = 12
@@ -48,6 +48,9 @@ class Project:
     created_at: int
     #: Enabled model ids; ``None`` means every configured model.
     models: tuple[str, ...] | None
+    #: Its share of each model against other projects with pending lines (see
+    #: :mod:`batchsvc.fair_share`): a project of weight 2 gets twice the lines in flight.
+    weight: int = 1
 
     def allows(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models
@@ -58,6 +61,7 @@ class Project:
             "name": self.name,
             "created_at": self.created_at,
             "models": list(self.models) if self.models is not None else "*",
+            "weight": self.weight,
         }
 
 
@@ -74,13 +78,15 @@ class ProjectStore:
         self.clock = clock
 
     def create_project(
-        self, name: str, models: list[str] | None = None
+        self, name: str, models: list[str] | None = None, weight: int = 1
     ) -> tuple[Project, IssuedKey]:
+        _check_weight(weight)
         project = Project(
             id=new_project_id(),
             name=name,
             created_at=int(self.clock()),
             models=tuple(models) if models is not None else None,
+            weight=weight,
         )
         seq = self.r.incr(_SEQ)
         pipe = self.r.pipeline(transaction=True)
@@ -91,6 +97,7 @@ class ProjectStore:
                 "name": name,
                 "created_at": project.created_at,
                 "models": json.dumps(list(models)) if models is not None else "*",
+                "weight": weight,
             },
         )
         pipe.zadd(_PROJECTS, {project.id: seq})
@@ -99,6 +106,31 @@ class ProjectStore:
 
     def get_project(self, project_id: str) -> Project | None:
         return _parse_project(self.r.hgetall(_project_key(project_id)))
+
+    def set_weight(self, project_id: str, weight: int) -> Project:
+        """Change a project's share; the dispatcher uses it from its next round on.
+
+        Raises:
+            NotFound: no such project.
+            InvalidRequest: the weight is not an integer >= 1.
+        """
+        _check_weight(weight)
+        if self.get_project(project_id) is None:
+            raise NotFound(f"Project not found: {project_id}")
+        self.r.hset(_project_key(project_id), "weight", weight)
+        project = self.get_project(project_id)
+        assert project is not None
+        return project
+
+    def weights(self, project_ids: list[str]) -> dict[str, int]:
+        """The weight of each project, in one round trip (1 for a project gone since)."""
+        pipe = self.r.pipeline(transaction=False)
+        for project_id in project_ids:
+            pipe.hget(_project_key(project_id), "weight")
+        return {
+            pid: max(1, int(value or 1))
+            for pid, value in zip(project_ids, pipe.execute(), strict=True)
+        }
 
     def list_projects(self) -> list[Project]:
         ids = [i.decode() for i in self.r.zrange(_PROJECTS, 0, -1)]
@@ -175,4 +207,11 @@ def _parse_project(raw: dict[bytes, bytes]) -> Project | None:
         return None
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     models = None if fields["models"] == "*" else tuple(json.loads(fields["models"]))
-    return Project(fields["id"], fields["name"], int(fields["created_at"]), models)
+    # Projects made before weights existed have none: the default share.
+    weight = int(fields.get("weight") or 1)
+    return Project(fields["id"], fields["name"], int(fields["created_at"]), models, weight)
+
+
+def _check_weight(weight: int) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise InvalidRequest(f"weight must be an integer >= 1, got {weight!r}", param="weight")

@@ -6,6 +6,9 @@ Plain constants, no Celery import, so neither side can drift from the other.
 from __future__ import annotations
 
 CONTROL_QUEUE = "batchsvc.control"
+#: The dispatcher's own queue, served by its own process (``batchsvc control`` starts it), so a
+#: start or an assembly holding every control thread never holds dispatch back.
+DISPATCH_QUEUE = "batchsvc.dispatch"
 MODEL_QUEUE_PREFIX = "batchsvc.model."
 SYNC_QUEUE_PREFIX = "batchsvc.sync."
 
@@ -13,6 +16,7 @@ START_BATCH = "batchsvc.control.start"
 FINALIZE_BATCH = "batchsvc.control.finalize"
 CANCEL_BATCH = "batchsvc.control.cancel"
 SWEEP = "batchsvc.control.sweep"
+DISPATCH = "batchsvc.dispatch.run"
 RUN_LINE = "batchsvc.lines.run"
 RUN_SYNC = "batchsvc.lines.sync"
 

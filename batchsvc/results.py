@@ -61,6 +61,21 @@ def batch_expired() -> LineError:
     )
 
 
+def missing_model() -> LineError:
+    """A line whose body names no model: the request is malformed, not a lookup that failed."""
+    return LineError(
+        "invalid_request_error",
+        "http_400",
+        "The request body must name a model: body.model is missing or not a string",
+        param="model",
+    )
+
+
+def unservable(model: object) -> LineError:
+    """Why a line cannot run: no model named, or one unknown or not enabled."""
+    return missing_model() if not isinstance(model, str) else model_not_found(model)
+
+
 def model_not_found(model: object) -> LineError:
     """Unknown model, or one not enabled for the project (spec open point 26)."""
     shown = model if isinstance(model, str) else json.dumps(model)

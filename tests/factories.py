@@ -18,6 +18,7 @@ import redis
 
 from batchsvc import lifecycle
 from batchsvc.batches import BatchRecord, BatchStore
+from batchsvc.dispatch_store import DispatchStore
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import new_batch_id
@@ -174,6 +175,7 @@ class Domain:
     files: FileStore
     batches: BatchStore
     finalizer: Finalizer
+    dispatch: DispatchStore
 
 
 def make_domain(tmp_path: Path, *, clock: FakeClock | None = None) -> Domain:
@@ -182,13 +184,15 @@ def make_domain(tmp_path: Path, *, clock: FakeClock | None = None) -> Domain:
     storage = LocalStorage(tmp_path / "files")
     files = FileStore(client, retention_s=RETENTION_S, clock=clk)
     batches = BatchStore(client, clock=clk)
+    dispatch = DispatchStore(client, clock=clk)
     return Domain(
         client,
         clk,
         storage,
         files,
         batches,
-        Finalizer(redis=client, batches=batches, files=files, storage=storage),
+        Finalizer(redis=client, batches=batches, files=files, storage=storage, dispatch=dispatch),
+        dispatch,
     )
 
 

@@ -32,7 +32,7 @@ import redis
 import requests
 from celery import Celery
 
-from batchsvc.cli import inference_nodes
+from batchsvc.cli import control_nodes, inference_nodes
 from batchsvc.settings import Settings
 
 #: The virtualenv's scripts (``batchsvc``, ``celery``): the processes run this checkout.
@@ -272,8 +272,11 @@ class Stack:
         return proc
 
     def start_control(self, **env: str) -> Proc:
+        """``batchsvc control``: waits for both its nodes, the dispatcher's and the control
+        worker's (in that order in ``proc.nodes``)."""
         proc = self.spawn("control", [str(BIN / "batchsvc"), "control"], **env)
-        self.wait_node(proc, f"control-{proc.pid}@{socket.gethostname()}")
+        for node in control_nodes(proc.pid, socket.gethostname()):
+            self.wait_node(proc, node)
         return proc
 
     def start_worker(

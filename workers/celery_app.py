@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
 from batchsvc.celery_config import celery_config
-from batchsvc.queues import CANCEL_BATCH, CONTROL_QUEUE, FINALIZE_BATCH, START_BATCH, SWEEP
+from batchsvc.queues import (
+    CANCEL_BATCH,
+    CONTROL_QUEUE,
+    DISPATCH,
+    DISPATCH_QUEUE,
+    FINALIZE_BATCH,
+    START_BATCH,
+    SWEEP,
+)
 from batchsvc.settings import Settings
+from workers import heartbeat
 
-TASK_MODULES = ["workers.tasks.control", "workers.tasks.lines"]
+TASK_MODULES = ["workers.tasks.control", "workers.tasks.dispatch", "workers.tasks.lines"]
+
+#: The dispatcher's safety tick: whatever the finish steps' requests missed (a model whose
+#: workers just came, a lost request) waits at most this long.
+DISPATCH_TICK_S = 1.0
 
 #: Worker-side tuning of the consumer thread, which feeds every line thread: one shared Redis
 #: client per channel, task events published in batches (see both modules). B1 also runs its
@@ -23,16 +36,33 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
     app = Celery("batchsvc", include=TASK_MODULES)
     app.conf.update(celery_config(settings, redis_url))
     app.conf.update(WORKER_TUNING)
-    app.conf.task_routes = {
-        name: {"queue": CONTROL_QUEUE}
-        for name in (START_BATCH, FINALIZE_BATCH, CANCEL_BATCH, SWEEP)
+    # Sync queues first, then the batch queues round robin (see workers.queue_cycle). Only
+    # consumers need it, and only workers import that module.
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "queue_order_strategy": "workers.queue_cycle:SyncFirstCycle",
     }
+    app.conf.task_routes = {
+        **{
+            name: {"queue": CONTROL_QUEUE}
+            for name in (START_BATCH, FINALIZE_BATCH, CANCEL_BATCH, SWEEP)
+        },
+        DISPATCH: {"queue": DISPATCH_QUEUE},
+    }
+    signals.worker_ready.connect(heartbeat.on_worker_ready, weak=False)
+    signals.worker_shutdown.connect(heartbeat.on_worker_shutdown, weak=False)
     app.conf.beat_schedule = {
         "sweep": {
             "task": SWEEP,
             "schedule": settings.sweep_interval_s,
             # A sweep that waited longer than its interval is superseded by the next one.
             "options": {"queue": CONTROL_QUEUE, "expires": settings.sweep_interval_s},
-        }
+        },
+        "dispatch-tick": {
+            "task": DISPATCH,
+            "schedule": DISPATCH_TICK_S,
+            # A tick that waited a second is superseded by the next one.
+            "options": {"queue": DISPATCH_QUEUE, "expires": DISPATCH_TICK_S},
+        },
     }
     return app

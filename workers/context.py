@@ -15,15 +15,18 @@ import redis
 from celery import current_app
 
 from batchsvc.batches import BatchStore
+from batchsvc.dispatch_store import DispatchStore
 from batchsvc.embedded_redis import resolve_url
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
 from batchsvc.models_config import ModelRegistry, ModelSpec, load_registry
 from batchsvc.projects import ProjectStore
-from batchsvc.queues import CONTROL_QUEUE, FINALIZE_BATCH
+from batchsvc.queues import CONTROL_QUEUE, DISPATCH, DISPATCH_QUEUE, FINALIZE_BATCH, model_queue
 from batchsvc.settings import Settings
 from batchsvc.storage.local import LocalStorage
 from workers.backends import ChatBackend, make_backend
+from workers.dispatcher import Dispatcher, queued_task_ids
+from workers.fanout import CeleryPublisher
 from workers.leases import LeaseKeeper
 from workers.line_runner import LineContext
 
@@ -41,6 +44,11 @@ def send_control(name: str, *args: str) -> None:
 
 def request_finalize(batch_id: str) -> None:
     send_control(FINALIZE_BATCH, batch_id)
+
+
+def request_dispatch(model: str) -> None:
+    """Ask the dispatcher to fill ``model``'s window (fire-and-forget, on its own queue)."""
+    current_app.send_task(DISPATCH, args=[model], queue=DISPATCH_QUEUE, ignore_result=True)
 
 
 @dataclass
@@ -68,6 +76,23 @@ class WorkerContext:
         return LocalStorage(self.settings.storage_root)
 
     @functools.cached_property
+    def dispatch(self) -> DispatchStore:
+        return DispatchStore(self.redis)
+
+    @functools.cached_property
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(
+            store=self.dispatch,
+            batches=self.batches,
+            projects=self.projects,
+            registry=self.registry,
+            storage=self.storage,
+            publisher=lambda: CeleryPublisher(current_app),
+            queued_task_ids=lambda model: queued_task_ids(self.redis, model_queue(model)),
+            lease_ttl_s=self.settings.lease_ttl_s,
+        )
+
+    @functools.cached_property
     def finalizer(self) -> Finalizer:
         # A killed finalize's lock lapses soon; a live one renews it while writing.
         return Finalizer(
@@ -75,6 +100,7 @@ class WorkerContext:
             self.batches,
             self.files,
             self.storage,
+            self.dispatch,
             lock_ttl_s=max(5.0, 2 * self.settings.lease_ttl_s),
         )
 
@@ -101,6 +127,7 @@ class WorkerContext:
             leases=self.leases,
             backend_for=self.backend_for,
             request_finalize=request_finalize,
+            request_dispatch=request_dispatch,
             max_deliveries=self.settings.max_deliveries,
         )
 

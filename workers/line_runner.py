@@ -63,6 +63,8 @@ class LineContext:
     backend_for: Callable[[ModelSpec], ChatBackend]
     #: Ask the control worker to finalize a batch (used when a cancel or expiry drain ends).
     request_finalize: Callable[[str], None]
+    #: Ask the dispatcher to fill a model's window (a finish step freed half of it).
+    request_dispatch: Callable[[str], None]
     #: Runs of one line after which it is a poison line (it keeps killing its worker).
     max_deliveries: int = 5
     #: How long a line keeps retrying Redis while it restarts before its task gives up.
@@ -90,14 +92,17 @@ def run_batch_line(
 
     Two Redis round trips on the hot path: one to take the line (batch running, line not
     recorded, no other copy running it: then our lease, renewed while we wait on the model),
-    one to record the result and release the lease. Never raises for a line-level failure (a
+    one to record the result, release the lease and leave ``model``'s in-flight set (asking
+    for a dispatch when that frees half the window). Never raises for a line-level failure (a
     raising chord header would stop the callback). Returns what happened, for logs and tests:
     ``done``, ``duplicate``, ``leased``, ``short_circuited`` or ``gone``. A caller that
     retries this call after a lost Redis reply passes the same ``token``, so the retry finds
     the lease its first try took as its own.
     """
     token = token or secrets.token_hex(8)
-    start = ctx.batches.begin_line(batch_id, index, token, ctx.leases.ttl_s)
+    start = ctx.batches.begin_line(batch_id, index, token, ctx.leases.ttl_s, model)
+    if start.wake:
+        ctx.request_dispatch(model)
     if start.verdict != "run":
         return start.verdict
     # Short-circuiting too happens under the lease: a live lease means the line is still
@@ -115,9 +120,11 @@ def run_batch_line(
             ok, line = _run(ctx, batch_id, index, custom_id, model, body)
         # The model's answer is not asked for twice because Redis blinked.
         outcome = retry_redis(
-            lambda: ctx.batches.finish_line(batch_id, index, ok, line, token),
+            lambda: ctx.batches.finish_line(batch_id, index, ok, line, token, model),
             ctx.redis_patience_s,
         )
+    if outcome.wake:
+        ctx.request_dispatch(model)
     # Cancel and expiry do not wait for the chord (queued copies may never run): the line
     # that completes the count asks for the files.
     if outcome.all_recorded and (outcome.status == lifecycle.CANCELLING or outcome.expiring):

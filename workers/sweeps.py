@@ -1,7 +1,8 @@
 """The recovery sweep beat runs on the control queue. It heals what a crash can strand, so no
 batch stays unfinished forever:
 
-- a batch whose start task never arrived (lost message, API crash after commit) is started;
+- a batch whose start task never arrived (lost message, API crash after commit), or whose start
+  died midway, is started again (a start resumes: see :mod:`workers.fanout`);
 - a batch past ``expires_at`` stops dispatching, its unstarted lines are recorded
   ``batch_expired``, and it ends ``expired`` once in-flight lines are done (spec open point 16);
 - a cancelling batch is drained again (a line whose lease lapsed with a killed worker);
@@ -39,7 +40,6 @@ class SweepReport:
     expired: int = 0
     finalized: int = 0
     files_removed: int = 0
-    redispatched: int = 0
 
 
 def sweep(
@@ -51,16 +51,13 @@ def sweep(
     start: Callable[[str], None],
     now: int,
     stuck_after_s: float,
-    redispatch: Callable[[str], int] | None = None,
-    stall_after_s: float | None = None,
 ) -> SweepReport:
     """One pass over the active batches and the expired files.
 
-    ``redispatch`` and ``stall_after_s`` enable the reconciler: a dispatched batch that has
-    made no progress (no line recorded, none published) for ``stall_after_s`` gets its lost
-    lines published again; one whose fan-out stalled is started again (it resumes).
+    Lost line messages are not the sweep's business: the dispatcher's reconciler checks every
+    line in flight (:func:`workers.dispatcher.Dispatcher.reconcile`).
     """
-    started = expired = finalized = redispatched = 0
+    started = expired = finalized = 0
     for batch_id in batches.active_ids():
         batch = batches.get_any(batch_id)
         if batch is None or lifecycle.is_terminal(batch.status):
@@ -83,27 +80,19 @@ def sweep(
             finalizer.short_circuit(batch, batch_cancelled())
         elif (
             batch.status == lifecycle.IN_PROGRESS
-            and "dispatch_state" not in batch.extra
+            and batch.extra.get("dispatch_state") != "done"
             and batch.recorded < batch.total
             and now - (batch.timestamps.get("in_progress_at") or batch.created_at) >= stuck_after_s
+            and _stalled(batches, batch, now, stuck_after_s)
         ):
-            log.warning("batch %s was never dispatched; starting it", batch_id)
+            log.warning(
+                "batch %s: start %s; starting it",
+                batch_id,
+                "never ran" if "dispatch_state" not in batch.extra else "stalled",
+            )
             start(batch_id)
             started += 1
             continue
-        elif (
-            redispatch is not None
-            and stall_after_s is not None
-            and batch.status == lifecycle.IN_PROGRESS
-            and batch.recorded < batch.total
-            and _stalled(batches, batch, now, stall_after_s)
-        ):
-            if batch.extra.get("dispatch_state") == "done":
-                redispatched += redispatch(batch_id)
-            else:
-                log.warning("batch %s: fan-out stalled; starting it again", batch_id)
-                start(batch_id)
-                started += 1
         batch = batches.get_any(batch_id)
         if batch is not None and batch.recorded >= batch.total > 0:
             status = finalizer.finalize(batch_id)
@@ -119,13 +108,17 @@ def sweep(
         files.forget(
             file_id, record.project_id if record else None, record.purpose if record else None
         )
-    return SweepReport(started, expired, finalized, removed, redispatched)
+    return SweepReport(started, expired, finalized, removed)
 
 
 def _stalled(batches: BatchStore, batch: BatchRecord, now: int, stall_after_s: float) -> bool:
     """Whether ``batch`` has made no progress for ``stall_after_s``; progress is a change of
-    its recorded or published count, remembered in the batch as ``progress_mark``."""
-    progress = f"{batch.recorded}/{batch.extra.get('published', '0')}"
+    its recorded count or its start's phase, remembered in the batch as ``progress_mark``. A
+    batch seen for the first time counts as stalled (its start never ran)."""
+    progress = f"{batch.recorded}/{batch.extra.get('dispatch_state', '')}"
+    if "progress_mark" not in batch.extra and "dispatch_state" not in batch.extra:
+        batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
+        return True
     seen, _, since = batch.extra.get("progress_mark", "").rpartition("@")
     if seen != progress:
         batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")

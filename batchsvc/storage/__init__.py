@@ -26,6 +26,10 @@ class Storage(Protocol):
     def open_reader(self, key: str) -> BinaryIO:
         """Open ``key`` for streaming reads. Raises :class:`StorageMissing`."""
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """The ``length`` bytes of ``key`` from offset ``start`` (fewer at the end): one ranged
+        read, which an object store serves as one ranged GET. Raises :class:`StorageMissing`."""
+
     def iter_chunks(self, key: str, chunk_size: int = 65536) -> Iterator[bytes]:
         """Stream ``key`` in chunks (HTTP downloads). Raises :class:`StorageMissing`."""
 
@@ -52,3 +56,8 @@ def upload_key(file_id: str) -> str:
 
 def batch_input_key(batch_id: str) -> str:
     return f"batches/{batch_id}/input.jsonl"
+
+
+def batch_prefix(batch_id: str) -> str:
+    """Everything stored for a batch's run (its input copy, its per-model line indexes)."""
+    return f"batches/{batch_id}/"

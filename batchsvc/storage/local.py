@@ -55,6 +55,11 @@ class LocalStorage:
         except FileNotFoundError:
             raise StorageMissing(f"no stored bytes for {key}") from None
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.open_reader(key) as handle:
+            handle.seek(start)
+            return handle.read(length)
+
     def iter_chunks(self, key: str, chunk_size: int = 65536) -> Iterator[bytes]:
         handle = self.open_reader(key)
 

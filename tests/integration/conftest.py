@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, running
 
 MODELS_TOML = """
 # OpenAI-compatible models behind the fake upstream (its base URL is filled in at start).
@@ -82,6 +82,7 @@ max_tokens = 8192
 [models."lost-echo"]
 backend = "echo"
 max_tokens = 8192
+dispatch_window = 10
 
 [models."poison-echo"]
 backend = "echo"
@@ -102,7 +103,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root: Path = tmp_path_factory.mktemp("stack")
     config = root / "models.toml"
     stack = Stack(root=root, config_path=config, extra_env={"FAKE_UPSTREAM_KEY": "up-secret"})
-    try:
+    with running(stack):
         upstream = stack.start_fake_upstream(api_key="up-secret")
         config.write_text(MODELS_TOML.replace("{upstream}", upstream))
         stack.start_redis()
@@ -111,12 +112,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.start_worker(models=SHARED_MODELS, concurrency=8)
         stack.start_beat()
         yield stack
-    except BaseException:
-        for proc in stack.procs:
-            print(f"--- {proc.name} ---\n{proc.tail()}")
-        raise
-    finally:
-        stack.stop_all()
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""A killed inference worker loses no line and runs none twice."""
+"""Crashes lose no line and run none twice: a lost chord, a control worker killed while
+starting and while assembling, lost messages, a poison line, a Redis SIGKILL. (A killed
+inference worker and a killed dispatcher: ``test_fair_dispatch.py``.)"""
 
 from __future__ import annotations
 
@@ -9,39 +11,6 @@ import redis
 
 from tests.integration.batch_helpers import create, jsonl, line, results, upload, wait_terminal
 from tests.integration.stack import Proc, Stack, wait_until
-
-
-def test_sigkill_of_the_inference_worker_mid_batch(stack: Stack) -> None:
-    # Given a worker that alone serves victim-echo, busy with a batch of slow lines
-    creds = stack.create_project("victim")
-    client = stack.client(creds)
-    lines = [line(f"v{i}", model="victim-echo", metadata={"echo_delay_s": 0.4}) for i in range(40)]
-    doomed = stack.start_worker(models="victim-echo", concurrency=4)
-    batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(
-        lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 6,
-        60,
-        "some lines to finish",
-    )
-
-    # When it is killed with lines in flight, and a new worker takes over
-    doomed.kill()
-    assert not doomed.alive()
-    successor = stack.start_worker(models="victim-echo", concurrency=4)
-
-    # Then the batch completes with every custom_id exactly once, and each line ran once:
-    # every output line's chat completion is distinct (a second run would have been recorded
-    # only if it were the first, so counts and files agree)
-    done = wait_terminal(client, batch.id, timeout=120)
-    assert done.status == "completed"
-    outputs, errors = results(client, done, [item["custom_id"] for item in lines])
-    assert len(outputs) == 40 and not errors
-    assert len({r["response"]["body"]["id"] for r in outputs.values()}) == 40
-    # No per-line records or leases are left behind in Redis.
-    client_redis = redis.Redis.from_url(stack.redis_url())
-    assert not client_redis.exists(f"bs:batch:{batch.id}:lines")
-    assert not list(client_redis.scan_iter(match=f"bs:lease:{batch.id}:*"))
-    successor.stop()
 
 
 def test_the_sweep_finalizes_a_batch_whose_chord_never_fired(stack: Stack) -> None:
@@ -98,27 +67,21 @@ def _batch_fields(stack: Stack, batch_id: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(240)  # several process restarts on 2 cores
-def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
+def test_sigkill_of_the_control_worker_while_starting_and_while_assembling(
     stack: Stack,
 ) -> None:
-    # Given a 4,000-line batch whose fan-out is under way
+    # Given a 4,000-line batch, and the control worker killed the moment it is created
+    # (killed first, then checked: a dead worker cannot move the state on), so its start
+    # dies or never runs
     creds = stack.create_project("control-crash")
     client = stack.client(creds)
     worker = stack.start_worker(models="bulk-echo", concurrency=16)
     lines = [line(f"p{i}", model="bulk-echo", content=f"{i} " + "x" * 300) for i in range(4000)]
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(
-        lambda: int(_batch_fields(stack, batch.id).get("published", "0")) > 0,
-        60,
-        "the first published window",
-        interval=0.01,
-    )
-
-    # When the control worker is killed mid-publish (killed first, then checked: a dead worker
-    # cannot move the state on, and the first window leaves ~2 s of publishing to hit), and a
-    # new one starts
     _control(stack).kill()
-    assert _batch_fields(stack, batch.id).get("dispatch_state") == "started"
+    assert _batch_fields(stack, batch.id).get("dispatch_state") != "done"
+
+    # When a new one starts (the start resumes: redelivered, or restarted by the sweep)
     stack.start_control()
 
     # ... and the new one is killed again while it assembles the files
@@ -145,24 +108,25 @@ def test_sigkill_of_the_control_worker_while_publishing_and_while_assembling(
 
 @pytest.mark.timeout(240)  # several process restarts on 2 cores
 def test_lost_messages_are_dispatched_again(stack: Stack) -> None:
-    # Given a dispatched batch whose queued messages are lost (no worker yet)
+    # Given a model whose window is fixed at 10 (so lines are dispatched with no worker
+    # live), and a batch whose first window of queued messages is lost
     creds = stack.create_project("lost")
     client = stack.client(creds)
     lines = [line(f"l{i}", model="lost-echo") for i in range(30)]
     batch = create(client, upload(client, jsonl(lines)).id)
-    wait_until(
-        lambda: _batch_fields(stack, batch.id).get("dispatch_state") == "done", 30, "the fan-out"
-    )
     r = redis.Redis.from_url(stack.redis_url())
-    assert r.llen("batchsvc.model.lost-echo") == 30
+    wait_until(lambda: r.llen("batchsvc.model.lost-echo") == 10, 30, "the first window")
     r.delete("batchsvc.model.lost-echo")
+    assert r.scard("bs:inflight:lost-echo") == 10
 
-    # When a worker comes, then the reconciler notices the stall and re-dispatches
+    # When a worker comes, then the reconciler finds the in-flight lines with no message,
+    # no lease and no record, and publishes them again; the rest follow window by window
     worker = stack.start_worker(models="lost-echo", concurrency=4)
     done = wait_terminal(client, batch.id, timeout=90)
     assert done.status == "completed"
     outputs, errors = results(client, done, [item["custom_id"] for item in lines])
     assert len(outputs) == 30 and not errors
+    wait_until(lambda: r.scard("bs:inflight:lost-echo") == 0, 30, "the in-flight set to drain")
     worker.stop()
 
 

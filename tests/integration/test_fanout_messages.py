@@ -1,4 +1,4 @@
-"""The fan-out builds each line's message with ``app.amqp.as_task_v2`` and hands it to the
+"""The dispatcher builds each line's message with ``app.amqp.as_task_v2`` and hands it to the
 producer itself (cheaper than ``send_task``): on a real Redis, it must be the very message
 ``send_task`` would have queued."""
 
@@ -54,7 +54,6 @@ def test_the_published_line_is_the_message_send_task_queues(stack: Stack) -> Non
         expected = _queued(client)
         # When the fan-out's publisher publishes the same line (through its pipelined batch)
         publisher = CeleryPublisher(app)
-        publisher.attach(batch_id)
         publisher.publish(batch_id, index, "req-7", model, body)
         publisher.flush()
         # Then it queued the same message

@@ -12,11 +12,13 @@ from batchsvc.batches import (
     ACTIVE_INDEX,
     ERR,
     OK,
+    WAKE_PX,
     BatchStore,
     RecordOutcome,
     lease_prefix,
     lines_key,
 )
+from batchsvc.keys import inflight_key, inflight_member, wake_key, window_key
 from tests.factories import (
     SPEC_BATCH_FIELDS,
     T0,
@@ -536,3 +538,192 @@ def test_delete_records_without_deliveries_or_records_is_harmless() -> None:
     store.delete_records("batch_1")
     store.delete_records("batch_1")
     assert store.get_any("batch_1") is not None
+
+
+# -- the line steps and the model's in-flight set (DESIGN "Sharing the fleet") -------------------
+
+MODEL = "demo-echo"
+
+
+def in_flight_with(store: BatchStore, batch_id: str, indices: range, window: int) -> None:
+    """Lines ``indices`` of ``batch_id`` in MODEL's in-flight set, as the claim leaves them, and
+    the window the dispatcher last published."""
+    store.r.sadd(inflight_key(MODEL), *(inflight_member(batch_id, i) for i in indices))
+    store.r.set(window_key(MODEL), window)
+
+
+def in_flight(store: BatchStore) -> set[str]:
+    return {m.decode() for m in store.r.smembers(inflight_key(MODEL))}
+
+
+def run_line(store: BatchStore, batch_id: str, index: int) -> RecordOutcome:
+    """A line's whole run: begin (lease), then finish (record, release, leave the set)."""
+    start = store.begin_line(batch_id, index, f"tok-{index}", 30, MODEL)
+    assert start.verdict == "run" and start.wake is False
+    return store.finish_line(
+        batch_id, index, True, ok_result(batch_id, index), f"tok-{index}", MODEL
+    )
+
+
+def test_a_finished_line_leaves_the_in_flight_set() -> None:
+    # Given lines 0-2 in flight
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=3)
+    in_flight_with(store, "batch_1", range(3), window=100)
+    # When line 1 runs to its end
+    outcome = run_line(store, "batch_1", 1)
+    # Then it is recorded, its lease is gone, and only it left the set
+    assert outcome.written and outcome.recorded == 1
+    assert in_flight(store) == {"batch_1.0", "batch_1.2"}
+    assert store.r.get(lease_prefix("batch_1") + "1") is None
+
+
+def test_wake_is_asked_once_when_the_set_falls_to_half_the_window() -> None:
+    # Given a window of 6, full
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=6)
+    in_flight_with(store, "batch_1", range(6), window=6)
+    # When lines finish one by one, Then the set falling to 3 (half) asks for a dispatch
+    assert [run_line(store, "batch_1", i).wake for i in range(3)] == [False, False, True]
+    assert store.r.exists(wake_key(MODEL))
+    assert 0 < store.r.pttl(wake_key(MODEL)) <= WAKE_PX
+    # And while the wake flag lives, further finishes below half ask no more (one per burst)
+    assert run_line(store, "batch_1", 3).wake is False
+    # When the dispatcher clears the flag as it starts a round, Then the next finish asks again
+    store.r.delete(wake_key(MODEL))
+    assert run_line(store, "batch_1", 4).wake is True
+    assert in_flight(store) == {"batch_1.5"}
+
+
+def test_a_finish_that_removes_nothing_never_asks_for_a_dispatch() -> None:
+    # Given an empty set well below half the window, and no wake flag
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    store.r.set(window_key(MODEL), 10)
+    # When a line that was not in the set finishes (its member already left), Then no wake
+    assert run_line(store, "batch_1", 0).wake is False
+    assert not store.r.exists(wake_key(MODEL))
+
+
+def test_without_a_window_set_only_the_last_line_leaving_asks() -> None:
+    # window 0 (no live worker): only an empty set is "half the window"
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    store.r.sadd(inflight_key(MODEL), "batch_1.0", "batch_1.1")
+    assert run_line(store, "batch_1", 0).wake is False
+    assert run_line(store, "batch_1", 1).wake is True
+
+
+def test_a_duplicate_copy_leaves_the_in_flight_set() -> None:
+    # Given line 0 recorded, and back in the set (a republished copy)
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    in_flight_with(store, "batch_1", range(2), window=100)
+    run_line(store, "batch_1", 0)
+    store.r.sadd(inflight_key(MODEL), "batch_1.0")
+    # When the copy begins, Then it is a duplicate and takes the line out of the set
+    start = store.begin_line("batch_1", 0, "copy", 30, MODEL)
+    assert start.verdict == "duplicate"
+    assert in_flight(store) == {"batch_1.1"}
+    assert store.r.get(lease_prefix("batch_1") + "0") is None
+
+
+@pytest.mark.parametrize("how", ["missing", "sealed", "completed", "cancelled", "expired"])
+def test_a_copy_whose_batch_is_gone_leaves_the_in_flight_set(how: str) -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    in_flight_with(store, "batch_1", range(2), window=100)
+    if how == "missing":
+        store.r.delete("bs:batch:batch_1")
+    elif how == "sealed":
+        store.set_fields("batch_1", sealed=1)
+    else:
+        store.r.hset("bs:batch:batch_1", "status", how)
+    start = store.begin_line("batch_1", 0, "copy", 30, MODEL)
+    assert start.verdict == "gone"
+    assert in_flight(store) == {"batch_1.1"}
+    assert store.r.get(lease_prefix("batch_1") + "0") is None
+
+
+def test_a_copy_that_finds_the_line_leased_leaves_the_set_alone() -> None:
+    # Given line 0 running elsewhere
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    in_flight_with(store, "batch_1", range(2), window=2)
+    assert store.acquire_lease("batch_1", 0, "elsewhere", 30)
+    # When a copy begins, Then it is leased: the line stays in flight, no wake
+    start = store.begin_line("batch_1", 0, "copy", 30, MODEL)
+    assert (start.verdict, start.wake) == ("leased", False)
+    assert in_flight(store) == {"batch_1.0", "batch_1.1"}
+    assert store.r.get(lease_prefix("batch_1") + "0") == b"elsewhere"
+
+
+def test_a_run_of_a_cancelling_batch_still_leaves_the_set_when_it_records() -> None:
+    # Cancelling lines run (to record batch_cancelled) and leave the set as they record
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=1)
+    in_flight_with(store, "batch_1", range(1), window=2)
+    store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    start = store.begin_line("batch_1", 0, "t", 30, MODEL)
+    assert start.verdict == "run" and start.status == lifecycle.CANCELLING
+    outcome = store.finish_line("batch_1", 0, False, err_result("batch_1", 0), "t", MODEL)
+    assert outcome.written and outcome.status == lifecycle.CANCELLING
+    assert outcome.all_recorded
+    assert in_flight(store) == set()
+
+
+def test_a_finish_into_a_sealed_batch_records_nothing_but_leaves_the_set() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    in_flight_with(store, "batch_1", range(2), window=100)
+    start = store.begin_line("batch_1", 0, "t", 30, MODEL)
+    assert start.verdict == "run"
+    store.set_fields("batch_1", sealed=1)
+    outcome = store.finish_line("batch_1", 0, True, ok_result("batch_1", 0), "t", MODEL)
+    assert not outcome.written
+    assert not store.has_record("batch_1", 0)
+    assert in_flight(store) == {"batch_1.1"}
+
+
+# -- transition: an expiring batch is never cancelled (spec 6.2) --------------------------------
+
+
+@pytest.mark.parametrize("how", ["flagged", "at_expires_at", "past_expires_at"])
+def test_an_expiring_batch_is_not_moved_to_cancelling(how: str) -> None:
+    clock = FakeClock()
+    store = make_store(clock)
+    batch = make_batch(store, batch_id="batch_1", total=2)
+    if how == "flagged":
+        store.set_fields("batch_1", expiring=1)
+    else:
+        clock.now = batch.expires_at + (0 if how == "at_expires_at" else 100)
+    moved, status = store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    assert (moved, status) == (False, lifecycle.IN_PROGRESS)
+    after = store.get_any("batch_1")
+    assert after is not None
+    assert after.status == lifecycle.IN_PROGRESS
+    assert after.timestamps["cancelling_at"] is None
+
+
+def test_a_batch_one_second_before_expiry_can_still_be_cancelled() -> None:
+    clock = FakeClock()
+    store = make_store(clock)
+    batch = make_batch(store, batch_id="batch_1", total=2)
+    clock.now = batch.expires_at - 1
+    assert store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING) == (
+        True,
+        lifecycle.CANCELLING,
+    )
+
+
+def test_an_expiring_batch_still_takes_its_other_transitions() -> None:
+    # Only cancelling is refused: finalize still moves an expiring batch to its end state
+    clock = FakeClock()
+    store = make_store(clock)
+    batch = make_batch(store, batch_id="batch_1", total=2)
+    store.set_fields("batch_1", expiring=1)
+    clock.now = batch.expires_at + 5
+    assert store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.EXPIRED) == (
+        True,
+        lifecycle.EXPIRED,
+    )

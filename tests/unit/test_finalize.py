@@ -9,6 +9,7 @@ from batchsvc import lifecycle
 from batchsvc.batches import BatchRecord, lines_key
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import line_record_id
+from batchsvc.line_index import IndexEntry, line_index_key, write_entry
 from batchsvc.results import batch_cancelled, batch_expired
 from batchsvc.storage import batch_input_key, upload_key
 from tests.factories import (
@@ -372,7 +373,9 @@ def test_a_record_lost_after_counting_publishes_nothing(tmp_path: Path) -> None:
 
 def test_finalizer_is_built_from_injected_parts(tmp_path: Path) -> None:
     d = make_domain(tmp_path)
-    finalizer = Finalizer(redis=d.redis, batches=d.batches, files=d.files, storage=d.storage)
+    finalizer = Finalizer(
+        redis=d.redis, batches=d.batches, files=d.files, storage=d.storage, dispatch=d.dispatch
+    )
     assert finalizer.finalize("batch_nope") == "missing"
 
 
@@ -412,7 +415,7 @@ def test_the_finalize_lock_lives_lock_ttl_s(tmp_path: Path) -> None:
     batch = make_batch(d.batches, total=1)
     record_all(d, batch, failed=set())
     seen = _spy_lock_ttl(d, batch.id)
-    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=7.5)
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, d.dispatch, lock_ttl_s=7.5)
     assert finalizer.finalize(batch.id) == lifecycle.COMPLETED
     assert seen and all(3_000 < ttl <= 7_500 for ttl in seen)  # not the default minute
     assert not d.redis.exists(_lock_key(batch.id))  # released at the end
@@ -440,7 +443,7 @@ def test_a_killed_finalizes_lock_lapses_after_lock_ttl_s_and_finalize_then_proce
     batch = make_batch(d.batches, total=2)
     write_input_copy(d.storage, batch.id, request_lines(2))
     record_all(d, batch, failed={1})
-    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=0.2)
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, d.dispatch, lock_ttl_s=0.2)
     # (held for a minute while the blocked finalize is checked, so a stalled test process cannot
     # let it lapse early; its lock_ttl_s starts running below)
     killed = d.redis.lock(_lock_key(batch.id), timeout=60)
@@ -509,7 +512,7 @@ def test_finalize_renews_its_lock_while_writing_a_big_batch(tmp_path: Path) -> N
         renewals.append(int(d.redis.pttl(_lock_key(batch.id))))
         return result
 
-    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=5)
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, d.dispatch, lock_ttl_s=5)
     # When it is finalized, Then the lock is renewed to its full TTL at records 0, 1000, 2000
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Lock, "reacquire", reacquire)
@@ -539,7 +542,7 @@ def test_a_finalize_whose_lock_was_taken_over_stops_without_publishing(tmp_path:
             yield row
 
     d.batches.iter_records = iter_records  # type: ignore[method-assign]
-    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, lock_ttl_s=5)
+    finalizer = Finalizer(d.redis, d.batches, d.files, d.storage, d.dispatch, lock_ttl_s=5)
     # When it tries to renew at record 2000, Then it stops: no file, no end state, and the
     # other finalize's lock is left alone
     with pytest.raises(redis_lib.exceptions.LockError):
@@ -550,3 +553,91 @@ def test_a_finalize_whose_lock_was_taken_over_stops_without_publishing(tmp_path:
     assert file_records(d) == []
     assert storage_files(d.storage.root) == []  # the half-written files were dropped
     assert d.redis.get(_lock_key(batch.id)) == b"another-finalize"
+
+
+# -- the run's dispatch state and line indexes (DESIGN "Sharing the fleet") --------------------
+
+
+def dispatch_keys(d: Domain, batch_id: str) -> list[str]:
+    return sorted(
+        k.decode()
+        for k in d.redis.keys("*")
+        if batch_id in k.decode() and k.decode() != f"bs:batch:{batch_id}"
+    )
+
+
+def start_run(d: Domain, batch: BatchRecord, counts: dict[str, int]) -> None:
+    """What a start leaves for the dispatcher: one line index per model, the chord guard,
+    the registration with its cursors, and a claimed line."""
+    for model, n in counts.items():
+        with d.storage.open_writer(line_index_key(batch.id, model)) as out:
+            for i in range(n):
+                write_entry(out, IndexEntry(i, 0, 1))
+    assert d.dispatch.declare_chord_once(batch.id)
+    d.dispatch.register(batch.id, batch.project_id, counts)
+    first = next(iter(counts))
+    claimed = d.dispatch.claim(
+        batch_id=batch.id,
+        project_id=batch.project_id,
+        model=first,
+        expected_cursor=0,
+        window=10,
+        members=[f"{batch.id}.0"],
+    )
+    assert claimed == (1, 1)
+
+
+def test_finalize_deletes_the_line_indexes_and_the_dispatch_state(tmp_path: Path) -> None:
+    # Given a batch mixing two models, started and dispatched, with every line recorded
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=3)
+    write_input_copy(d.storage, batch.id, request_lines(3))
+    start_run(d, batch, {"model-a": 2, "org/model-b:7b": 1})
+    assert dispatch_keys(d, batch.id) == sorted(
+        [f"bs:batch:{batch.id}:{k}" for k in ("chord", "cursor", "models")]
+    )
+    record_all(d, batch, failed=set())
+    # When it is finalized
+    assert d.finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    # Then the index files, the input copy and the dispatch keys are gone
+    done = get(d, batch.id)
+    assert done.output_file_id is not None
+    assert storage_files(d.storage.root) == [upload_key(done.output_file_id)]
+    assert dispatch_keys(d, batch.id) == []
+    assert d.dispatch.model_counts(batch.id) == {}
+    for model in ("model-a", "org/model-b:7b"):
+        assert batch.id not in d.dispatch.snapshot(model).pending
+
+
+def test_a_terminal_batch_seen_again_forgets_what_its_run_left(tmp_path: Path) -> None:
+    # Given a batch that ended (cancelled) while its dispatch state and indexes survived
+    # (a finalize killed between its steps)
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=1)
+    start_run(d, batch, {"model-a": 1})
+    d.batches.record_line(batch.id, 0, True, ok_result(batch.id, 0))
+    d.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    d.batches.transition(batch.id, [lifecycle.CANCELLING], lifecycle.CANCELLED)
+    # When finalize runs again (the sweep, a redelivered callback)
+    assert d.finalizer.finalize(batch.id) == lifecycle.CANCELLED
+    # Then they are gone
+    assert dispatch_keys(d, batch.id) == []
+    assert not d.storage.exists(line_index_key(batch.id, "model-a"))
+
+
+def test_a_cancel_after_expires_at_leaves_the_batch_to_end_expired(tmp_path: Path) -> None:
+    # Given a batch past expires_at (the sweep has not flagged it yet) with one line unstarted
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=2)
+    write_input_copy(d.storage, batch.id, request_lines(2))
+    d.batches.record_line(batch.id, 0, True, ok_result(batch.id, 0))
+    d.clock.now = batch.expires_at + 1
+    # When a cancel arrives, Then it is refused: the batch stays in_progress
+    moved, status = d.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    assert (moved, status) == (False, lifecycle.IN_PROGRESS)
+    # And expiry ends it expired, never cancelled (spec 6.2)
+    d.batches.set_fields(batch.id, expiring=1)
+    assert d.finalizer.short_circuit(get(d, batch.id), batch_expired()) == 2
+    assert d.finalizer.finalize(batch.id) == lifecycle.EXPIRED
+    done = get(d, batch.id)
+    assert done.timestamps["cancelling_at"] is None and done.timestamps["cancelled_at"] is None

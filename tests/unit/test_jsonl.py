@@ -424,11 +424,25 @@ def test_iter_request_lines_indexes_and_line_numbers() -> None:
     data = b"\n" + first + b"\n\n   \n" + second + b"\r\n" + third
     assert validate(data).total == 3
     lines = list(iter_request_lines(io.BytesIO(data)))
+    second_at = 1 + len(first) + 1 + 1 + 4
+    third_at = second_at + len(second) + 2
     assert lines == [
-        RequestLine(index=0, line_no=2, custom_id="a", body=req("a")["body"], raw=first),
-        RequestLine(index=1, line_no=5, custom_id="b", body=req("b")["body"], raw=second + b"\r"),
-        RequestLine(index=2, line_no=6, custom_id="c", body=req("c")["body"], raw=third),
+        RequestLine(index=0, line_no=2, offset=1, custom_id="a", body=req("a")["body"], raw=first),
+        RequestLine(
+            index=1,
+            line_no=5,
+            offset=second_at,
+            custom_id="b",
+            body=req("b")["body"],
+            raw=second + b"\r",
+        ),
+        RequestLine(
+            index=2, line_no=6, offset=third_at, custom_id="c", body=req("c")["body"], raw=third
+        ),
     ]
+    # Each offset is where the line's bytes start in the file.
+    for line in lines:
+        assert data[line.offset : line.offset + len(line.raw)] == line.raw
 
 
 def test_iter_request_lines_empty_file() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from batchsvc.errors import InvalidCredentials, NotFound
+from batchsvc.errors import InvalidCredentials, InvalidRequest, NotFound
 from batchsvc.projects import KEY_PREFIX_LEN, ProjectStore, hash_key
 from tests.factories import T0, FakeClock, fake_redis, redis_dump
 
@@ -193,3 +193,76 @@ def test_authenticating_with_the_project_named_is_one_round_trip() -> None:
     assert _round_trips(store, lambda: store.authenticate(key.api_key, project.id)) == 1
     # Without the project header the project is known only from the key: two.
     assert _round_trips(store, lambda: store.authenticate(key.api_key, None)) == 2
+
+
+# -- weights (DESIGN "Sharing the fleet") --------------------------------------------------------
+
+
+def test_a_project_s_weight_defaults_to_1() -> None:
+    store = make_store()
+    project, _ = store.create_project("acme")
+    assert project.weight == 1
+    stored = store.get_project(project.id)
+    assert stored is not None and stored.weight == 1
+    assert stored.to_dict()["weight"] == 1
+
+
+def test_create_with_a_weight_stores_it() -> None:
+    store = make_store()
+    project, key = store.create_project("heavy", weight=3)
+    assert project.weight == 3
+    assert store.get_project(project.id) == project
+    assert store.authenticate(key.api_key, project.id).weight == 3
+
+
+def test_set_weight_changes_it() -> None:
+    store = make_store()
+    project, _ = store.create_project("acme")
+    updated = store.set_weight(project.id, 5)
+    assert updated.weight == 5
+    assert updated.name == "acme" and updated.created_at == project.created_at
+    assert store.get_project(project.id) == updated
+    assert [p.weight for p in store.list_projects()] == [5]
+
+
+@pytest.mark.parametrize("weight", [0, -1, True, False, 1.5, "2", None])
+def test_a_weight_that_is_not_an_integer_of_at_least_1_is_refused(weight: Any) -> None:
+    store = make_store()
+    with pytest.raises(InvalidRequest) as created:
+        store.create_project("bad", weight=weight)
+    assert created.value.param == "weight"
+    assert store.list_projects() == []
+    project, _ = store.create_project("good", weight=2)
+    with pytest.raises(InvalidRequest) as updated:
+        store.set_weight(project.id, weight)
+    assert updated.value.param == "weight"
+    assert store.get_project(project.id) == project
+
+
+def test_set_weight_of_a_missing_project_is_not_found_and_creates_nothing() -> None:
+    store = make_store()
+    with pytest.raises(NotFound):
+        store.set_weight("proj_missing", 2)
+    assert store.get_project("proj_missing") is None
+    assert list(redis_dump(store.r)) == []
+
+
+def test_weights_reads_many_projects_in_one_round_trip() -> None:
+    store = make_store()
+    a, _ = store.create_project("a", weight=2)
+    b, _ = store.create_project("b")
+    c, _ = store.create_project("c", weight=7)
+    ids = [a.id, b.id, c.id, "proj_gone"]
+    # A project gone since counts with the default weight
+    assert store.weights(ids) == {a.id: 2, b.id: 1, c.id: 7, "proj_gone": 1}
+    assert _round_trips(store, lambda: store.weights(ids)) == 1
+    assert store.weights([]) == {}
+
+
+def test_a_project_stored_before_weights_existed_has_weight_1() -> None:
+    store = make_store()
+    project, _ = store.create_project("old", weight=4)
+    store.r.hdel(f"bs:project:{project.id}", "weight")
+    stored = store.get_project(project.id)
+    assert stored is not None and stored.weight == 1
+    assert store.weights([project.id]) == {project.id: 1}

@@ -1,4 +1,5 @@
-"""Control-queue tasks: start (fan-out), finalize (the chord callback), cancel, sweep."""
+"""Control-queue tasks: start (index the lines, hand them to the dispatcher), finalize (the
+chord callback), cancel, sweep."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from batchsvc import lifecycle
 from batchsvc.queues import CANCEL_BATCH, FINALIZE_BATCH, START_BATCH, SWEEP
 from batchsvc.results import batch_cancelled
 from workers import sweeps
-from workers.context import context, request_finalize, send_control
-from workers.fanout import CeleryPublisher, redispatch_missing, start_batch
+from workers.context import context, request_dispatch, request_finalize, send_control
+from workers.fanout import CeleryPublisher, start_batch
 
 
 @shared_task(name=START_BATCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -23,8 +24,10 @@ def start(batch_id: str) -> None:
         projects=ctx.projects,
         registry=ctx.registry,
         storage=ctx.storage,
+        dispatch=ctx.dispatch,
         publisher=CeleryPublisher(current_app),
         request_finalize=request_finalize,
+        request_dispatch=request_dispatch,
     )
 
 
@@ -57,22 +60,6 @@ def sweep() -> None:
         start=lambda batch_id: send_control(START_BATCH, batch_id),
         now=int(now),
         stuck_after_s=ctx.settings.stuck_after_s,
-        redispatch=lambda batch_id: redispatch_missing(
-            batch_id=batch_id,
-            batches=ctx.batches,
-            projects=ctx.projects,
-            registry=ctx.registry,
-            storage=ctx.storage,
-            publisher=CeleryPublisher(current_app),
-            queue_length=ctx.redis.llen,
-        ),
-        # Past this, a message of the batch is neither queued, nor redelivered after a
-        # worker's death (visibility timeout), nor running (a lease lapses within its TTL).
-        stall_after_s=(
-            ctx.settings.visibility_timeout_s
-            + ctx.settings.lease_ttl_s
-            + ctx.settings.stuck_after_s
-        ),
     )
     sweeps.remove_abandoned_parts(
         ctx.storage, ctx.redis, now=now, after_s=ctx.settings.abandoned_part_after_s

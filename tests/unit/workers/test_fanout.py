@@ -1,15 +1,22 @@
-"""workers.fanout.start_batch: unservable lines recorded at once, the chord size, resume and
-stopping on cancel/expiry (DESIGN "Data flow" 3, spec open point 26)."""
+"""workers.fanout.start_batch: unservable lines recorded at once, per-model line indexes, the
+chord declared once, registration with the dispatcher, resume, and batches that must not start
+(DESIGN "Data flow" 3 and "Sharing the fleet", spec open point 26).
+
+Nothing is published by a start any more: the dispatcher (tests/unit/workers/test_dispatcher.py)
+publishes a window at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from batchsvc import lifecycle
+from batchsvc.dispatch_store import DispatchStore
 from batchsvc.ids import line_record_id
+from batchsvc.line_index import line_index_key, read_entries, read_lines
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from batchsvc.storage import batch_input_key
 from tests.unit.api.helpers import (
@@ -21,7 +28,6 @@ from tests.unit.api.helpers import (
     make_worker_env,
     request_line,
 )
-from workers import fanout
 from workers.fanout import start_batch
 
 OTHER = "other-model"  # configured, but not enabled for the test project
@@ -34,16 +40,17 @@ REGISTRY = ModelRegistry(
 
 
 class RecordingPublisher:
-    def __init__(self, on_publish: Any = None) -> None:
-        self.begun: list[tuple[str, int]] = []
+    """A publisher that records what it is asked to do; ``on_publish(n)`` runs after the n-th
+    publish (a test's hook to interleave work, or to raise like a broker that went away)."""
+
+    def __init__(self, on_publish: Callable[[int], None] | None = None) -> None:
+        self.declared: list[tuple[str, int]] = []
         self.published: list[tuple[str, int, str, str, dict[str, Any]]] = []
         self.flushes = 0
         self.on_publish = on_publish
-        self.checkpoints: list[int] = []
-        self.on_checkpoint: Any = None
 
-    def begin(self, batch_id: str, size: int) -> None:
-        self.begun.append((batch_id, size))
+    def declare_chord(self, batch_id: str, size: int) -> None:
+        self.declared.append((batch_id, size))
 
     def publish(
         self, batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]
@@ -51,11 +58,6 @@ class RecordingPublisher:
         self.published.append((batch_id, index, custom_id, model, body))
         if self.on_publish is not None:
             self.on_publish(len(self.published))
-
-    def checkpoint(self) -> None:
-        self.checkpoints.append(len(self.published))
-        if self.on_checkpoint is not None:
-            self.on_checkpoint()
 
     def flush(self) -> None:
         self.flushes += 1
@@ -65,12 +67,17 @@ class RecordingPublisher:
         return [p[1] for p in self.published]
 
 
-class Finalizes:
+class Calls:
+    """A recording callable (``request_finalize``, ``request_dispatch``)."""
+
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __call__(self, batch_id: str) -> None:
-        self.calls.append(batch_id)
+    def __call__(self, name: str) -> None:
+        self.calls.append(name)
+
+
+Finalizes = Calls
 
 
 def line_with_model(custom_id: str, model: Any) -> dict[str, Any]:
@@ -84,7 +91,12 @@ _NO_MODEL = object()
 
 
 def run(
-    env: WorkerEnv, batch_id: str, publisher: RecordingPublisher, finalize: Finalizes | None = None
+    env: WorkerEnv,
+    batch_id: str,
+    publisher: RecordingPublisher,
+    finalize: Calls | None = None,
+    dispatch: Calls | None = None,
+    store: DispatchStore | None = None,
 ) -> int:
     return start_batch(
         batch_id=batch_id,
@@ -92,9 +104,22 @@ def run(
         projects=env.projects,
         registry=REGISTRY,
         storage=env.storage,
+        dispatch=store or DispatchStore(env.redis, env.clock),
         publisher=publisher,
-        request_finalize=finalize or Finalizes(),
+        request_finalize=finalize or Calls(),
+        request_dispatch=dispatch or Calls(),
     )
+
+
+def indexed(env: WorkerEnv, batch_id: str, model: str) -> list[tuple[int, bytes]]:
+    """``(line index, raw line)`` of every entry of ``model``'s index, via one ranged read."""
+    entries = read_entries(env.storage, line_index_key(batch_id, model), 0, 1000)
+    raws = read_lines(env.storage, batch_input_key(batch_id), entries)
+    return [(e.index, raw) for e, raw in zip(entries, raws, strict=True)]
+
+
+def raw_lines(data: bytes) -> list[bytes]:
+    return [line for line in data.split(b"\n") if line.strip()]
 
 
 def not_found_message(model: str) -> str:
@@ -103,7 +128,9 @@ def not_found_message(model: str) -> str:
     )
 
 
-def test_unservable_lines_are_recorded_at_once_and_not_published(tmp_path: Path) -> None:
+def test_unservable_lines_are_recorded_at_once_and_the_rest_indexed_for_dispatch(
+    tmp_path: Path,
+) -> None:
     # Given a project with only MODEL enabled, and lines naming good and bad models
     env = make_worker_env(tmp_path, models=[MODEL])
     data = jsonl(
@@ -115,25 +142,28 @@ def test_unservable_lines_are_recorded_at_once_and_not_published(tmp_path: Path)
         line_with_model("good-2", MODEL),
     )
     batch = make_worker_batch(env, data)
-    publisher, finalize = RecordingPublisher(), Finalizes()
+    publisher, finalize, dispatch = RecordingPublisher(), Calls(), Calls()
+    store = DispatchStore(env.redis, env.clock)
     # When the batch is started
-    published = run(env, batch.id, publisher, finalize)
-    # Then only the servable lines are published, to their model, in input order
-    assert published == 2
-    assert publisher.indices == [0, 5]
-    assert [(p[2], p[3]) for p in publisher.published] == [("good-1", MODEL), ("good-2", MODEL)]
-    assert publisher.published[0][4] == line_with_model("good-1", MODEL)["body"]
-    # And the chord is declared with exactly that many header tasks
-    assert publisher.begun == [(batch.id, 2)]
-    assert publisher.flushes >= 1
-    # And the others are already recorded as not_found_error error lines
+    ready = run(env, batch.id, publisher, finalize, dispatch, store)
+    # Then nothing is published: the servable lines are indexed for the dispatcher, in order
+    assert ready == 2
+    assert publisher.published == []
+    lines = raw_lines(data)
+    assert indexed(env, batch.id, MODEL) == [(0, lines[0]), (5, lines[5])]
+    # And the chord is declared once, with exactly that many header tasks
+    assert publisher.declared == [(batch.id, 2)]
+    # And the batch is registered for its model, and a dispatch of that model is asked for
+    assert store.model_counts(batch.id) == {MODEL: 2}
+    assert store.cursors(batch.id) == {MODEL: 0}
+    assert store.snapshot(MODEL).pending == {batch.id: env.project_id}
+    assert dispatch.calls == [MODEL]
+    # And the others are already recorded as error lines
     records = line_records(env, batch.id)
     assert sorted(records) == [1, 2, 3, 4]
     for index, custom_id, shown in (
         (1, "unknown", "no-such-model"),
         (2, "not-enabled", OTHER),
-        (3, "non-string", "5"),
-        (4, "no-model", "null"),
     ):
         kind, line = records[index]
         assert kind == "e"
@@ -147,6 +177,21 @@ def test_unservable_lines_are_recorded_at_once_and_not_published(tmp_path: Path)
                 "param": "model",
             },
         }
+    # A body that names no model (absent, or not a string) is a malformed request
+    for index, custom_id in ((3, "non-string"), (4, "no-model")):
+        kind, line = records[index]
+        assert kind == "e"
+        assert line == {
+            "id": line_record_id(batch.id, index),
+            "custom_id": custom_id,
+            "response": None,
+            "error": {
+                "code": "invalid_request_error",
+                "message": "[legacy:http_400] The request body must name a model: body.model "
+                "is missing or not a string",
+                "param": "model",
+            },
+        }
     after = env.batches.get_any(batch.id)
     assert after is not None
     assert (after.completed, after.failed) == (0, 4)
@@ -155,28 +200,48 @@ def test_unservable_lines_are_recorded_at_once_and_not_published(tmp_path: Path)
     assert finalize.calls == []
 
 
-def test_a_project_with_every_model_enabled_publishes_them_all(tmp_path: Path) -> None:
+def test_a_batch_mixing_models_gets_one_index_and_one_cursor_per_model(tmp_path: Path) -> None:
+    # Given a project with every model enabled and a batch mixing two models
     env = make_worker_env(tmp_path, models=None)
-    batch = make_worker_batch(env, jsonl(line_with_model("a", MODEL), line_with_model("b", OTHER)))
-    publisher = RecordingPublisher()
-    assert run(env, batch.id, publisher) == 2
-    assert [p[3] for p in publisher.published] == [MODEL, OTHER]
-    assert publisher.begun == [(batch.id, 2)]
+    data = jsonl(
+        line_with_model("a", MODEL),
+        line_with_model("b", OTHER),
+        line_with_model("c", OTHER),
+        line_with_model("d", MODEL),
+    )
+    batch = make_worker_batch(env, data)
+    publisher, dispatch = RecordingPublisher(), Calls()
+    store = DispatchStore(env.redis, env.clock)
+    # When started
+    assert run(env, batch.id, publisher, dispatch=dispatch, store=store) == 4
+    # Then each model has its own index, cursor and pending entry, and both are woken
+    lines = raw_lines(data)
+    assert indexed(env, batch.id, MODEL) == [(0, lines[0]), (3, lines[3])]
+    assert indexed(env, batch.id, OTHER) == [(1, lines[1]), (2, lines[2])]
+    assert store.model_counts(batch.id) == {MODEL: 2, OTHER: 2}
+    assert store.cursors(batch.id) == {MODEL: 0, OTHER: 0}
+    assert store.models_with_pending() == sorted([MODEL, OTHER])
+    assert sorted(dispatch.calls) == sorted([MODEL, OTHER])
+    assert publisher.declared == [(batch.id, 4)]
     assert line_records(env, batch.id) == {}
 
 
-def test_all_unknown_requests_finalize_and_publishes_nothing(tmp_path: Path) -> None:
+def test_all_unknown_requests_finalize_and_register_nothing(tmp_path: Path) -> None:
     # Given a batch whose every line names an unknown model
     env = make_worker_env(tmp_path, models=[MODEL])
     batch = make_worker_batch(env, jsonl(line_with_model("a", "x"), line_with_model("b", "y")))
-    publisher, finalize = RecordingPublisher(), Finalizes()
+    publisher, finalize, dispatch = RecordingPublisher(), Calls(), Calls()
+    store = DispatchStore(env.redis, env.clock)
     # When started
-    assert run(env, batch.id, publisher, finalize) == 0
-    # Then nothing is published, no chord is declared, and finalize is requested
-    assert publisher.published == [] and publisher.begun == []
+    assert run(env, batch.id, publisher, finalize, dispatch, store) == 0
+    # Then no chord is declared, nothing is registered, and finalize is requested
+    assert publisher.declared == [] and publisher.published == []
     assert finalize.calls == [batch.id]
+    assert dispatch.calls == []
+    assert store.model_counts(batch.id) == {} and store.models_with_pending() == []
     after = env.batches.get_any(batch.id)
     assert after is not None and after.failed == 2 and after.recorded == after.total
+    assert after.extra["dispatch_state"] == "done"
 
 
 def test_blank_lines_do_not_shift_indices(tmp_path: Path) -> None:
@@ -188,146 +253,113 @@ def test_blank_lines_do_not_shift_indices(tmp_path: Path) -> None:
         + jsonl(line_with_model("b", "nope"), line_with_model("c", MODEL))
     )
     batch = make_worker_batch(env, data)
-    publisher = RecordingPublisher()
-    run(env, batch.id, publisher)
-    assert publisher.indices == [0, 2]
+    run(env, batch.id, RecordingPublisher())
+    lines = raw_lines(data)
+    assert indexed(env, batch.id, MODEL) == [(0, lines[0]), (2, lines[2])]
     assert list(line_records(env, batch.id)) == [1]
 
 
-def test_resume_skips_lines_already_published(tmp_path: Path) -> None:
-    # Given a batch whose previous fan-out marked 3 lines published
+def test_a_start_run_again_keeps_the_cursors_and_never_declares_the_chord_twice(
+    tmp_path: Path,
+) -> None:
+    # Given a started batch whose first 3 lines the dispatcher has claimed
     env = make_worker_env(tmp_path, models=[MODEL])
     data = jsonl(*(line_with_model(f"r{i}", MODEL) for i in range(5)))
     batch = make_worker_batch(env, data)
-    env.batches.set_fields(batch.id, published=3)
-    publisher = RecordingPublisher()
-    # When started again
-    published = run(env, batch.id, publisher)
-    # Then only lines 3 and 4 are published; the chord still counts every line
-    assert publisher.indices == [3, 4]
-    assert published == 2
-    assert publisher.begun == [(batch.id, 5)]
-
-
-def test_progress_marks_allow_resume_after_a_crash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a window of 2 and a publisher that dies on the 3rd line
-    env = make_worker_env(tmp_path, models=[MODEL])
-    monkeypatch.setattr(fanout, "WINDOW", 2)
-    batch = make_worker_batch(env, jsonl(*(line_with_model(f"r{i}", MODEL) for i in range(5))))
-
-    def crash(count: int) -> None:
-        if count == 3:
-            raise ConnectionError("broker gone")
-
-    publisher = RecordingPublisher(on_publish=crash)
-    with pytest.raises(ConnectionError):
-        run(env, batch.id, publisher)
-    assert publisher.flushes == 1
-    # When it runs again, Then it resumes after the last completed window
-    retry = RecordingPublisher()
-    run(env, batch.id, retry)
-    assert retry.indices == [2, 3, 4]
-
-
-def test_progress_is_recorded_only_after_the_window_is_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a window of 2 over 5 lines, and a publisher that buffers until its checkpoint
-    env = make_worker_env(tmp_path, models=[MODEL])
-    monkeypatch.setattr(fanout, "WINDOW", 2)
-    batch = make_worker_batch(env, jsonl(*(line_with_model(f"c{i}", MODEL) for i in range(5))))
-    publisher = RecordingPublisher()
-    marks_at_checkpoint: list[str] = []
-    publisher.on_checkpoint = lambda: marks_at_checkpoint.append(
-        env.batches.get_any(batch.id).extra.get("published", "0")  # type: ignore[union-attr]
+    store = DispatchStore(env.redis, env.clock)
+    first = RecordingPublisher()
+    run(env, batch.id, first, store=store)
+    claimed = store.claim(
+        batch_id=batch.id,
+        project_id=env.project_id,
+        model=MODEL,
+        expected_cursor=0,
+        window=3,
+        members=[f"{batch.id}.{i}" for i in range(3)],
     )
-    # When it fans out, Then each window is made durable before its progress mark moves
-    run(env, batch.id, publisher)
-    assert publisher.checkpoints == [2, 4]
-    assert marks_at_checkpoint == ["0", "2"]
+    assert claimed == (3, 3)
+    index_before = env.storage.read_range(line_index_key(batch.id, MODEL), 0, 10_000)
+    # When the start runs again (a redelivered start task, or the sweep)
+    again, dispatch = RecordingPublisher(), Calls()
+    run(env, batch.id, again, dispatch=dispatch, store=store)
+    # Then the chord is not declared again (it would delete the chord's done marker)
+    assert first.declared == [(batch.id, 5)]
+    assert again.declared == [] and again.published == []
+    # And the cursor stays where the dispatcher left it: no line is dispatched twice
+    assert store.cursors(batch.id) == {MODEL: 3}
+    assert store.snapshot(MODEL).pending == {batch.id: env.project_id}
+    assert dispatch.calls == [MODEL]
+    # And the index is rewritten with the same bytes
+    assert env.storage.read_range(line_index_key(batch.id, MODEL), 0, 10_000) == index_before
 
 
-def test_windows_start_small_and_double_up_to_the_full_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_start_that_died_before_registering_is_completed_by_the_next_start(
+    tmp_path: Path,
 ) -> None:
-    # Given a first window of 2 and a full one of 8, over 20 lines
+    # Given a start killed right after declaring the chord (before registering)
     env = make_worker_env(tmp_path, models=[MODEL])
-    monkeypatch.setattr(fanout, "FIRST_WINDOW", 2)
-    monkeypatch.setattr(fanout, "WINDOW", 8)
-    batch = make_worker_batch(env, jsonl(*(line_with_model(f"w{i}", MODEL) for i in range(20))))
-    publisher = RecordingPublisher()
-    # When it fans out, Then the first lines are made durable (visible to workers) at once
-    run(env, batch.id, publisher)
-    assert publisher.checkpoints == [2, 6, 14]
-    assert publisher.indices == list(range(20))
+    batch = make_worker_batch(env, jsonl(line_with_model("a", MODEL), line_with_model("b", "nope")))
 
+    class DiesRegistering(DispatchStore):
+        def register(self, batch_id: str, project_id: str, counts: dict[str, int]) -> None:
+            raise ConnectionError("killed")
 
-@pytest.mark.parametrize("how", ["cancel", "expire"])
-def test_a_batch_cancelled_or_expiring_mid_publish_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
-    # Given a window of 2, and a batch that is cancelled (or starts expiring) at line 2
-    env = make_worker_env(tmp_path, models=[MODEL])
-    monkeypatch.setattr(fanout, "WINDOW", 2)
-    batch = make_worker_batch(env, jsonl(*(line_with_model(f"r{i}", MODEL) for i in range(7))))
-
-    def interrupt(count: int) -> None:
-        if count == 1:
-            if how == "cancel":
-                env.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
-            else:
-                env.batches.set_fields(batch.id, expiring=1)
-
-    publisher = RecordingPublisher(on_publish=interrupt)
-    # When started
-    published = run(env, batch.id, publisher)
-    # Then publishing stops at the first window mark
-    assert published == 2
-    assert publisher.indices == [0, 1]
-    assert publisher.flushes == 1
+    first = RecordingPublisher()
+    with pytest.raises(ConnectionError):
+        run(env, batch.id, first, store=DiesRegistering(env.redis, env.clock))
+    mid = env.batches.get_any(batch.id)
+    assert mid is not None and mid.extra["dispatch_state"] == "started"
+    store = DispatchStore(env.redis, env.clock)
+    assert store.models_with_pending() == []
+    # When the start runs again
+    again, dispatch = RecordingPublisher(), Calls()
+    assert run(env, batch.id, again, dispatch=dispatch, store=store) == 1
+    # Then the batch is registered, the chord declared only by the first run, and the
+    # unservable line counted once
+    assert first.declared == [(batch.id, 1)] and again.declared == []
+    assert store.snapshot(MODEL).pending == {batch.id: env.project_id}
+    assert dispatch.calls == [MODEL]
     after = env.batches.get_any(batch.id)
     assert after is not None
-    assert after.extra["published"] == "2"
-    assert after.extra["dispatch_state"] == "started"
+    assert (after.failed, after.extra["dispatch_state"]) == (1, "done")
 
 
 @pytest.mark.parametrize("status", ["cancelling", "cancelled", "completed", "failed"])
 def test_a_batch_not_in_progress_is_not_started(tmp_path: Path, status: str) -> None:
     env = make_worker_env(tmp_path, models=[MODEL])
     batch = make_worker_batch(env, jsonl(line_with_model("a", "nope")), status=status)
-    publisher, finalize = RecordingPublisher(), Finalizes()
-    assert run(env, batch.id, publisher, finalize) == 0
-    assert publisher.published == [] and publisher.begun == [] and finalize.calls == []
+    publisher, finalize, dispatch = RecordingPublisher(), Calls(), Calls()
+    store = DispatchStore(env.redis, env.clock)
+    assert run(env, batch.id, publisher, finalize, dispatch, store) == 0
+    assert publisher.declared == [] and finalize.calls == [] and dispatch.calls == []
     assert line_records(env, batch.id) == {}
+    assert store.model_counts(batch.id) == {}
+    assert not env.storage.exists(line_index_key(batch.id, MODEL))
 
 
 def test_unknown_batch_is_a_no_op(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
-    publisher = RecordingPublisher()
-    assert run(env, "batch_missing", publisher) == 0
-    assert publisher.begun == []
+    publisher, dispatch = RecordingPublisher(), Calls()
+    assert run(env, "batch_missing", publisher, dispatch=dispatch) == 0
+    assert publisher.declared == [] and dispatch.calls == []
 
 
-def test_missing_input_copy_publishes_nothing(tmp_path: Path) -> None:
+def test_missing_input_copy_starts_nothing(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path, models=[MODEL])
     batch = make_worker_batch(env, jsonl(line_with_model("a", MODEL)))
     env.storage.delete(batch_input_key(batch.id))
-    publisher = RecordingPublisher()
-    assert run(env, batch.id, publisher) == 0
-    assert publisher.begun == [] and publisher.published == []
+    publisher, dispatch = RecordingPublisher(), Calls()
+    store = DispatchStore(env.redis, env.clock)
+    assert run(env, batch.id, publisher, dispatch=dispatch, store=store) == 0
+    assert publisher.declared == [] and dispatch.calls == []
+    assert store.models_with_pending() == []
 
 
-def test_a_completed_fanout_marks_everything_published(tmp_path: Path) -> None:
+def test_a_completed_start_marks_the_batch_done(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path, models=[MODEL])
     batch = make_worker_batch(env, jsonl(*(line_with_model(f"r{i}", MODEL) for i in range(3))))
     run(env, batch.id, RecordingPublisher())
     after = env.batches.get_any(batch.id)
     assert after is not None
-    assert after.extra["published"] == "3"
     assert after.extra["dispatch_state"] == "done"
-    # A second start (a redelivered start task) publishes nothing more
-    again = RecordingPublisher()
-    run(env, batch.id, again)
-    assert again.published == []
+    assert after.status == lifecycle.IN_PROGRESS

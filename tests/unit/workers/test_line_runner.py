@@ -12,6 +12,7 @@ import pytest
 from batchsvc import lifecycle
 from batchsvc.errors import LineError
 from batchsvc.ids import line_record_id
+from batchsvc.keys import inflight_key, inflight_member, window_key
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from tests.unit.api.helpers import (
     MODEL,
@@ -60,6 +61,7 @@ class Harness:
         self.env = env
         self.backend = backend
         self.finalized: list[str] = []
+        self.dispatches: list[str] = []
         self.leases = LeaseKeeper(env.batches, ttl_s=30)
         self.ctx = LineContext(
             batches=env.batches,
@@ -67,6 +69,7 @@ class Harness:
             leases=self.leases,
             backend_for=lambda spec: backend,
             request_finalize=self.finalized.append,
+            request_dispatch=self.dispatches.append,
         )
 
     def run(
@@ -391,3 +394,73 @@ def test_a_sealed_batch_records_nothing(world: tuple[WorkerEnv, Harness]) -> Non
     assert h.run(batch_id, 0) == "gone"
     assert line_records(env, batch_id) == {}
     assert counts(env, batch_id) == (0, 0)
+
+
+# -- the model's in-flight set and the dispatcher's wake-up (DESIGN "Sharing the fleet") -------
+
+
+def in_flight(env: WorkerEnv, model: str = MODEL) -> set[str]:
+    return {m.decode() for m in env.redis.smembers(inflight_key(model))}
+
+
+def dispatched(env: WorkerEnv, batch_id: str, indices: range, window: int) -> None:
+    """Lines ``indices`` in MODEL's in-flight set and MODEL's window, as a dispatch leaves them."""
+    env.redis.sadd(inflight_key(MODEL), *(inflight_member(batch_id, i) for i in indices))
+    env.redis.set(window_key(MODEL), window)
+
+
+def test_a_line_that_frees_half_the_window_asks_for_a_dispatch(
+    world: tuple[WorkerEnv, Harness],
+) -> None:
+    # Given a window of 4, full: both lines of this batch and two of another
+    env, h = world
+    batch_id = two_line_batch(env)
+    dispatched(env, batch_id, range(2), window=4)
+    dispatched(env, "batch_other", range(2), window=4)
+    # When line 0 runs: 3 left in flight, above half the window
+    assert h.run(batch_id, 0) == "done"
+    # Then it left the set without asking for a dispatch
+    assert in_flight(env) == {f"{batch_id}.1", "batch_other.0", "batch_other.1"}
+    assert h.dispatches == []
+    # When line 1 runs: 2 left, half the window, Then the model's dispatch is asked for, once
+    assert h.run(batch_id, 1, custom_id="req-2") == "done"
+    assert h.dispatches == [MODEL]
+    assert in_flight(env) == {"batch_other.0", "batch_other.1"}
+
+
+def test_a_duplicate_copy_leaves_the_set_and_can_ask_for_a_dispatch(
+    world: tuple[WorkerEnv, Harness],
+) -> None:
+    # Given line 0 recorded, but back in the set (a republished copy) with a window of 2
+    env, h = world
+    batch_id = two_line_batch(env)
+    assert h.run(batch_id, 0) == "done"
+    dispatched(env, batch_id, range(2), window=2)
+    # When the copy arrives, Then it leaves the set; 1 left is half the window: wake
+    assert h.run(batch_id, 0) == "duplicate"
+    assert in_flight(env) == {f"{batch_id}.1"}
+    assert h.dispatches == [MODEL]
+    assert h.backend.calls == 1
+
+
+def test_a_copy_of_a_line_running_elsewhere_stays_in_flight(
+    world: tuple[WorkerEnv, Harness],
+) -> None:
+    env, h = world
+    batch_id = two_line_batch(env)
+    dispatched(env, batch_id, range(1), window=2)
+    assert env.batches.acquire_lease(batch_id, 0, "elsewhere", 30)
+    assert h.run(batch_id, 0) == "leased"
+    assert in_flight(env) == {f"{batch_id}.0"}
+    assert h.dispatches == []
+
+
+def test_a_copy_of_a_finished_batch_leaves_the_set(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    h = Harness(env, CountingBackend())
+    batch = make_worker_batch(env, jsonl(request_line("a")), status="completed")
+    dispatched(env, batch.id, range(1), window=10)
+    assert h.run(batch.id, 0) == "gone"
+    assert in_flight(env) == set()
+    assert h.dispatches == [MODEL]  # the set is empty: at or below half of any window
+    h.leases.stop()

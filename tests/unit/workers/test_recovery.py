@@ -1,7 +1,7 @@
-"""Crash recovery on the worker side: the reconciler's re-dispatch of lost lines
-(workers.fanout.redispatch_missing), the sweep that decides when to use it
-(workers.sweeps.sweep with ``redispatch``/``stall_after_s``), and poison lines plus Redis blips
-in workers.line_runner.run_batch_line."""
+"""Crash recovery on the worker side: the reconciler of the models' in-flight sets
+(workers.dispatcher.Dispatcher.reconcile), the sweep that starts again a start that never ran
+or stalled (workers.sweeps.sweep), and poison lines plus Redis blips in
+workers.line_runner.run_batch_line."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import redis
 
 from batchsvc import lifecycle
 from batchsvc.batches import BatchStore
+from batchsvc.dispatch_store import DispatchStore
 from batchsvc.finalize import Finalizer
-from batchsvc.models_config import ModelRegistry, ModelSpec
-from batchsvc.queues import model_queue
+from batchsvc.keys import inflight_member
+from batchsvc.models_config import ModelSpec
 from batchsvc.storage import batch_input_key
 from tests.unit.api.helpers import (
     MODEL,
@@ -29,243 +30,201 @@ from tests.unit.api.helpers import (
     make_worker_env,
     request_line,
 )
-from tests.unit.workers.test_fanout import Finalizes, RecordingPublisher, line_with_model
+from tests.unit.workers.test_dispatcher import LEASE_TTL_S, World, make_world
 from tests.unit.workers.test_line_runner import REGISTRY as LINE_REGISTRY
 from tests.unit.workers.test_line_runner import CountingBackend, chat
 from tests.unit.workers.test_sweeps import Starts, record_ok
 from workers import line_runner, redis_retry
 from workers.backends import BackendResponse
-from workers.fanout import redispatch_missing, start_batch
 from workers.leases import LeaseKeeper
 from workers.line_runner import LineContext, run_batch_line
 from workers.sweeps import SweepReport, sweep
 
-SECOND = "second-model"  # enabled for the project, with its own queue
-OTHER = "other-model"  # configured, but not enabled for the project
-REGISTRY = ModelRegistry(
-    {
-        MODEL: ModelSpec(id=MODEL, backend="echo", max_tokens=8192),
-        SECOND: ModelSpec(id=SECOND, backend="echo", max_tokens=8192),
-        OTHER: ModelSpec(id=OTHER, backend="echo", max_tokens=8192),
-    }
-)
+#: How long a member must look lost before the reconciler publishes it again.
+LOST_AFTER = LEASE_TTL_S + 10
 
 
-class AttachingPublisher(RecordingPublisher):
-    """The recording publisher of test_fanout, plus the reconciler's ``attach``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attached: list[str] = []
-
-    def attach(self, batch_id: str) -> None:
-        self.attached.append(batch_id)
+# -- Dispatcher.reconcile ----------------------------------------------------------------------
 
 
-class QueueLengths:
-    """``queue_length`` for redispatch_missing: fixed lengths per model, calls recorded."""
-
-    def __init__(self, **by_model: int) -> None:
-        self.by_queue = {model_queue(model): n for model, n in by_model.items()}
-        self.calls: list[str] = []
-
-    def __call__(self, queue: str) -> int:
-        self.calls.append(queue)
-        return self.by_queue.get(queue, 0)
+def dispatched(tmp_path: Path, lines: int = 4, window: int = 10) -> tuple[World, str]:
+    """A world with one batch of ``lines`` lines, all dispatched (in the in-flight set)."""
+    w = make_world(tmp_path, **{MODEL: window})
+    batch_id = w.submit(w.project("a"), [MODEL] * lines)
+    assert w.dispatcher().dispatch(MODEL) == min(lines, window)
+    w.publisher.published.clear()
+    return w, batch_id
 
 
-def redispatch(
-    env: WorkerEnv,
-    batch_id: str,
-    publisher: AttachingPublisher,
-    queue_length: QueueLengths | None = None,
-) -> int:
-    return redispatch_missing(
-        batch_id=batch_id,
-        batches=env.batches,
-        projects=env.projects,
-        registry=REGISTRY,
-        storage=env.storage,
-        publisher=publisher,
-        queue_length=queue_length or QueueLengths(),
-    )
+def members(batch_id: str, indices: range | list[int]) -> set[str]:
+    return {inflight_member(batch_id, i) for i in indices}
 
 
-def started_batch(env: WorkerEnv, *models: str) -> tuple[str, AttachingPublisher]:
-    """A batch with one line per model in ``models``, fanned out once by start_batch (so lines
-    of unservable models are recorded, and dispatch_state is ``done``)."""
-    data = jsonl(*(line_with_model(f"r{i}", model) for i, model in enumerate(models)))
-    batch = make_worker_batch(env, data)
-    first = AttachingPublisher()
-    start_batch(
-        batch_id=batch.id,
-        batches=env.batches,
-        projects=env.projects,
-        registry=REGISTRY,
-        storage=env.storage,
-        publisher=first,
-        request_finalize=Finalizes(),
-    )
-    return batch.id, first
-
-
-# -- redispatch_missing ----------------------------------------------------------------------
-
-
-def test_only_lines_without_record_or_lease_on_an_idle_queue_are_published_again(
-    tmp_path: Path,
-) -> None:
-    # Given a dispatched batch: line 0 recorded, line 1 running under a lease, line 2 of an
-    # unknown model (recorded by the fan-out), lines 3 and 6 of a busy model, 4 and 5 lost
-    env = make_worker_env(tmp_path, models=[MODEL, SECOND])
-    batch_id, first = started_batch(
-        env, MODEL, MODEL, "no-such-model", SECOND, MODEL, MODEL, SECOND
-    )
-    assert first.indices == [0, 1, 3, 4, 5, 6]
-    record_ok(env, batch_id, 0, "r0")
-    assert env.batches.acquire_lease(batch_id, 1, "running-elsewhere", 30)
-    queues = QueueLengths(**{MODEL: 0, SECOND: 4})
-    publisher = AttachingPublisher()
-    # When the reconciler re-dispatches
-    published = redispatch(env, batch_id, publisher, queues)
-    # Then exactly the lost lines of the idle model are published, as the fan-out sent them
-    assert published == 2
-    assert publisher.indices == [4, 5]
-    original = {p[1]: p for p in first.published}
-    assert publisher.published == [original[4], original[5]]
-    assert [(p[2], p[3]) for p in publisher.published] == [("r4", MODEL), ("r5", MODEL)]
-    assert publisher.published[0][4] == line_with_model("r4", MODEL)["body"]
-    # Into the chord the fan-out declared: attached, never begun again (its size stays)
-    assert publisher.attached == [batch_id]
-    assert publisher.begun == []
-    assert publisher.flushes >= 1
-    # And each model's queue was looked at once, by its queue name
-    assert sorted(queues.calls) == sorted([model_queue(MODEL), model_queue(SECOND)])
-    # And nothing was recorded or changed: the republished lines will record themselves
-    assert sorted(line_records(env, batch_id)) == [0, 2]
-    assert env.redis.get(f"bs:lease:{batch_id}:1") == b"running-elsewhere"
-
-
-def test_nothing_is_published_while_the_models_queue_is_not_empty(tmp_path: Path) -> None:
-    # Given lost lines whose model still has messages queued (they may be those very lines)
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch_id, _ = started_batch(env, MODEL, MODEL, MODEL)
-    queues = QueueLengths(**{MODEL: 1})
-    publisher = AttachingPublisher()
-    # When / Then nothing is published
-    assert redispatch(env, batch_id, publisher, queues) == 0
-    assert publisher.published == [] and publisher.begun == []
-    assert queues.calls == [model_queue(MODEL)]
-
-
-def test_the_same_lines_are_published_again_once_the_queue_empties(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch_id, first = started_batch(env, MODEL, MODEL)
-    assert redispatch(env, batch_id, AttachingPublisher(), QueueLengths(**{MODEL: 2})) == 0
-    publisher = AttachingPublisher()
-    assert redispatch(env, batch_id, publisher, QueueLengths(**{MODEL: 0})) == 2
-    assert publisher.published == first.published
+def test_recorded_members_leave_the_in_flight_set(tmp_path: Path) -> None:
+    # Given lines 0 and 2 recorded without leaving the set (a finish step whose leave was
+    # lost, a short-circuit on cancel)
+    w, batch_id = dispatched(tmp_path)
+    record_ok(w.env, batch_id, 0, "r0")
+    record_ok(w.env, batch_id, 2, "r2")
+    # When the reconciler runs, Then they leave and the others stay
+    assert w.dispatcher().reconcile(MODEL) == 0
+    assert w.in_flight() == members(batch_id, [1, 3])
+    assert w.publisher.published == []
 
 
 @pytest.mark.parametrize(
-    "status", ["cancelling", "finalizing", "completed", "cancelled", "expired", "failed"]
+    "how", ["completed", "cancelled", "expired", "failed", "sealed", "missing"]
 )
-def test_a_batch_not_in_progress_is_never_redispatched(tmp_path: Path, status: str) -> None:
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch = make_worker_batch(env, jsonl(line_with_model("a", MODEL)), status=status)
-    publisher, queues = AttachingPublisher(), QueueLengths()
-    assert redispatch(env, batch.id, publisher, queues) == 0
-    assert publisher.published == [] and publisher.attached == [] and publisher.begun == []
-    assert queues.calls == []
+def test_members_of_a_terminal_sealed_or_missing_batch_leave(tmp_path: Path, how: str) -> None:
+    # Given a batch in flight, next to another batch in flight
+    w, batch_id = dispatched(tmp_path, lines=3)
+    other = w.submit(w.project("b"), [MODEL] * 2)
+    assert w.dispatcher().dispatch(MODEL) == 2
+    if how == "sealed":
+        w.batches.set_fields(batch_id, sealed=1)
+    elif how == "missing":
+        w.env.redis.delete(f"bs:batch:{batch_id}")
+    else:
+        w.env.redis.hset(f"bs:batch:{batch_id}", "status", how)
+    # When the reconciler runs, long after, Then the batch's members all leave, unpublished
+    reconciler = w.dispatcher()
+    reconciler.reconcile(MODEL)
+    w.env.clock.advance(LOST_AFTER)
+    assert reconciler.reconcile(MODEL) == 2  # the other batch's lines, lost for as long
+    assert w.in_flight() == members(other, range(2))
+    assert {p[0] for p in w.publisher.published} == {other}
 
 
-def test_an_unknown_batch_is_a_no_op(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path, models=[MODEL])
-    publisher = AttachingPublisher()
-    assert redispatch(env, "batch_missing", publisher) == 0
-    assert publisher.attached == [] and publisher.published == []
+@pytest.mark.parametrize("why", ["leased", "queued"])
+def test_a_leased_or_queued_member_is_left_alone(tmp_path: Path, why: str) -> None:
+    # Given line 1 running under a live lease, or still waiting in its model's queue
+    w, batch_id = dispatched(tmp_path, lines=2)
+    record_ok(w.env, batch_id, 0, "r0")
+    if why == "leased":
+        assert w.batches.acquire_lease(batch_id, 1, "worker-1", 3600)
+    else:
+        w.queued.add(inflight_member(batch_id, 1))
+    reconciler = w.dispatcher()
+    # When the reconciler runs over several lost periods
+    for _ in range(3):
+        assert reconciler.reconcile(MODEL) == 0
+        w.env.clock.advance(LOST_AFTER)
+    # Then it stays in flight and is never published again
+    assert w.in_flight() == members(batch_id, [1])
+    assert w.publisher.published == []
 
 
-def test_a_batch_whose_lines_are_recorded_or_leased_publishes_nothing(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch_id, _ = started_batch(env, MODEL, MODEL)
-    record_ok(env, batch_id, 0, "r0")
-    assert env.batches.acquire_lease(batch_id, 1, "w", 30)
-    publisher, queues = AttachingPublisher(), QueueLengths()
-    assert redispatch(env, batch_id, publisher, queues) == 0
-    assert publisher.published == [] and publisher.attached == []
-    assert queues.calls == []
-
-
-def test_lines_of_unservable_models_are_never_republished(tmp_path: Path) -> None:
-    # Given lines no worker may run (unknown, not enabled), recorded by the fan-out, plus the
-    # same kind of lines never recorded at all (a fan-out that died before its first pass)
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch_id, first = started_batch(env, "nope", OTHER, MODEL)
-    assert sorted(line_records(env, batch_id)) == [0, 1]
-    data = jsonl(
-        line_with_model("x", "nope"), line_with_model("y", OTHER), line_with_model("z", MODEL)
+def test_a_lost_member_is_republished_after_lease_ttl_plus_10_s_and_once_per_period(
+    tmp_path: Path,
+) -> None:
+    # Given lines 0-2 in flight with no record, no lease and no queued message; line 3 leased
+    w, batch_id = dispatched(tmp_path)
+    assert w.batches.acquire_lease(batch_id, 3, "worker-1", 3600)
+    reconciler = w.dispatcher()
+    t0 = w.env.clock.now
+    # When the reconciler first sees them, and again just before lease TTL + 10 s
+    assert reconciler.reconcile(MODEL) == 0
+    w.env.clock.now = t0 + LOST_AFTER - 1
+    assert reconciler.reconcile(MODEL) == 0
+    assert w.publisher.published == []
+    # When they have looked lost for lease TTL + 10 s
+    w.env.clock.now = t0 + LOST_AFTER
+    assert reconciler.reconcile(MODEL) == 3
+    # Then they are published again with the same batch and index, as first published
+    assert sorted(w.publisher.published) == sorted(
+        (
+            batch_id,
+            i,
+            f"r{i}",
+            MODEL,
+            {"model": MODEL, "messages": [{"role": "user", "content": f"r {i}"}]},
+        )
+        for i in range(3)
     )
-    raw = make_worker_batch(env, data)
-    env.batches.set_fields(raw.id, dispatch_state="done", published=3)
-    for batch in (batch_id, raw.id):
-        publisher = AttachingPublisher()
-        # When re-dispatched, Then only the servable line goes out
-        assert redispatch(env, batch, publisher) == 1
-        assert [(p[1], p[3]) for p in publisher.published] == [(2, MODEL)]
-    assert first.indices == [2]
+    assert w.publisher.flushes >= 1
+    # And they stay in flight (the republished copies will record them)
+    assert w.in_flight() == members(batch_id, range(4))
+    # And they are not published again before another full period
+    w.env.clock.now = t0 + 2 * LOST_AFTER - 1
+    assert reconciler.reconcile(MODEL) == 0
+    assert len(w.publisher.published) == 3
+    w.env.clock.now = t0 + 2 * LOST_AFTER
+    assert reconciler.reconcile(MODEL) == 3
+    assert len(w.publisher.published) == 6
 
 
-def test_a_lost_input_copy_publishes_nothing_and_does_not_raise(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch_id, _ = started_batch(env, MODEL)
-    env.storage.delete(batch_input_key(batch_id))
-    publisher = AttachingPublisher()
-    assert redispatch(env, batch_id, publisher) == 0
-    assert publisher.published == []
-    assert publisher.flushes == 1
+def test_the_lost_clock_is_shared_by_every_dispatcher(tmp_path: Path) -> None:
+    # Two dispatchers take turns at reconciling (any dispatcher may win the turn): the time a
+    # member has looked lost is kept in Redis, not in either of them
+    w, batch_id = dispatched(tmp_path, lines=1)
+    t0 = w.env.clock.now
+    assert w.dispatcher().reconcile(MODEL) == 0
+    w.env.clock.now = t0 + LOST_AFTER
+    assert w.dispatcher().reconcile(MODEL) == 1
+    assert [(p[0], p[1]) for p in w.publisher.published] == [(batch_id, 0)]
 
 
-# -- sweep: the reconciler -------------------------------------------------------------------
+def test_a_member_seen_running_again_starts_a_fresh_lost_period(tmp_path: Path) -> None:
+    # Given a member that looked lost for a while, then was seen leased (it was running)
+    w, batch_id = dispatched(tmp_path, lines=1)
+    reconciler = w.dispatcher()
+    t0 = w.env.clock.now
+    reconciler.reconcile(MODEL)
+    w.env.clock.now = t0 + LOST_AFTER - 5
+    assert w.batches.acquire_lease(batch_id, 0, "worker-1", 3600)
+    reconciler.reconcile(MODEL)
+    w.batches.release_lease(batch_id, 0, "worker-1")  # its worker died before recording
+    # When the reconciler runs after the first period would have ended
+    w.env.clock.now = t0 + LOST_AFTER
+    # Then it waits a full period from when it was next seen lost
+    assert reconciler.reconcile(MODEL) == 0
+    w.env.clock.now = t0 + 2 * LOST_AFTER
+    assert reconciler.reconcile(MODEL) == 1
+
+
+def test_a_lost_member_whose_input_copy_is_gone_is_not_republished(tmp_path: Path) -> None:
+    w, batch_id = dispatched(tmp_path, lines=2)
+    w.env.storage.delete(batch_input_key(batch_id))
+    reconciler = w.dispatcher()
+    reconciler.reconcile(MODEL)
+    w.env.clock.advance(LOST_AFTER)
+    assert reconciler.reconcile(MODEL) == 0
+    assert w.publisher.published == []
+
+
+def test_an_empty_in_flight_set_forgets_its_suspects(tmp_path: Path) -> None:
+    w, batch_id = dispatched(tmp_path, lines=1)
+    reconciler = w.dispatcher()
+    reconciler.reconcile(MODEL)
+    assert set(w.store.suspects(MODEL)) == members(batch_id, [0])
+    w.finish([(batch_id, 0, "r0", MODEL, {})])
+    assert reconciler.reconcile(MODEL) == 0
+    assert w.store.suspects(MODEL) == {}
+
+
+# -- sweep: a start that never ran, or stalled ------------------------------------------------
 
 STUCK_AFTER = 60
-STALL_AFTER = 400
 
 
-class Redispatches:
-    def __init__(self, returns: int = 1) -> None:
-        self.calls: list[str] = []
-        self.returns = returns
-
-    def __call__(self, batch_id: str) -> int:
-        self.calls.append(batch_id)
-        return self.returns
-
-
-def reconcile(
-    env: WorkerEnv,
-    now: int,
-    redispatch_fn: Any = None,
-    start: Starts | None = None,
-    stall_after_s: float | None = STALL_AFTER,
-) -> SweepReport:
+def run_sweep(env: WorkerEnv, now: int, start: Starts | None = None) -> SweepReport:
     return sweep(
         batches=env.batches,
         files=env.files,
         storage=env.storage,
-        finalizer=Finalizer(env.redis, env.batches, env.files, env.storage),
+        finalizer=Finalizer(
+            env.redis, env.batches, env.files, env.storage, DispatchStore(env.redis, env.clock)
+        ),
         start=start if start is not None else Starts(),
         now=now,
         stuck_after_s=STUCK_AFTER,
-        redispatch=redispatch_fn,
-        stall_after_s=stall_after_s,
     )
 
 
-def dispatched(env: WorkerEnv, state: str = "done", published: int = 3) -> str:
-    data = jsonl(request_line("a"), request_line("b"), request_line("c"))
-    batch = make_worker_batch(env, data)
-    env.batches.set_fields(batch.id, dispatch_state=state, published=published)
+def three_line_batch(env: WorkerEnv, state: str | None = None) -> str:
+    batch = make_worker_batch(env, jsonl(request_line("a"), request_line("b"), request_line("c")))
+    if state is not None:
+        env.batches.set_fields(batch.id, dispatch_state=state)
     return batch.id
 
 
@@ -275,167 +234,96 @@ def extra(env: WorkerEnv, batch_id: str) -> dict[str, str]:
     return batch.extra
 
 
-def test_a_stalled_dispatched_batch_is_redispatched_once_per_stall_period(
-    tmp_path: Path,
-) -> None:
+def test_a_start_that_never_ran_is_started_again_once_per_period(tmp_path: Path) -> None:
+    # Given a batch whose start message was lost (no dispatch_state at all)
     env = make_worker_env(tmp_path)
-    batch_id = dispatched(env)
+    batch_id = three_line_batch(env)
     t0 = int(env.clock())
-    lost, start = Redispatches(returns=2), Starts()
-    # Given the first sweep that sees the batch: it only remembers its progress
-    first = reconcile(env, t0, lost, start)
-    assert first == SweepReport()
-    assert lost.calls == []
-    assert extra(env, batch_id)["progress_mark"] == f"0/3@{t0}"
-    # When no progress is made for just under stall_after_s, Then nothing happens
-    assert reconcile(env, t0 + STALL_AFTER - 1, lost, start).redispatched == 0
-    assert lost.calls == []
-    # When no progress is made for stall_after_s, Then the lost lines are re-dispatched once
-    report = reconcile(env, t0 + STALL_AFTER, lost, start)
-    assert lost.calls == [batch_id]
-    assert report.redispatched == 2
-    assert report.started == 0 and start.calls == []
-    # And the stall clock restarts: an immediate next sweep does not re-dispatch again
-    assert extra(env, batch_id)["progress_mark"] == f"0/3@{t0 + STALL_AFTER}"
-    assert reconcile(env, t0 + STALL_AFTER, lost, start).redispatched == 0
-    assert reconcile(env, t0 + 2 * STALL_AFTER - 1, lost, start).redispatched == 0
-    assert lost.calls == [batch_id]
-    # But a whole further period without progress re-dispatches again
-    assert reconcile(env, t0 + 2 * STALL_AFTER, lost, start).redispatched == 2
-    assert lost.calls == [batch_id, batch_id]
-    # And the batch itself is left running
-    after = env.batches.get_any(batch_id)
-    assert after is not None and after.status == lifecycle.IN_PROGRESS
+    start = Starts()
+    # When the sweep runs once it is stuck_after_s old, Then it is started
+    assert run_sweep(env, t0 + STUCK_AFTER - 1, start).started == 0
+    assert run_sweep(env, t0 + STUCK_AFTER, start).started == 1
+    assert start.calls == [batch_id]
+    # And if that start is lost too, only a whole period later is it started again
+    assert run_sweep(env, t0 + 2 * STUCK_AFTER - 1, start).started == 0
+    assert run_sweep(env, t0 + 2 * STUCK_AFTER, start).started == 1
+    assert start.calls == [batch_id, batch_id]
 
 
-def test_a_recorded_line_restarts_the_stall_clock(tmp_path: Path) -> None:
+def test_a_stalled_start_is_started_again(tmp_path: Path) -> None:
+    # Given a batch whose start stopped half way (dispatch_state "started")
     env = make_worker_env(tmp_path)
-    batch_id = dispatched(env)
+    batch_id = three_line_batch(env, state="started")
     t0 = int(env.clock())
-    lost = Redispatches()
-    reconcile(env, t0, lost)
-    # Given a line recorded shortly before the stall period ends
+    start = Starts()
+    # When the sweep first sees it, it only remembers its progress
+    assert run_sweep(env, t0 + STUCK_AFTER, start) == SweepReport()
+    assert extra(env, batch_id)["progress_mark"] == f"0/started@{t0 + STUCK_AFTER}"
+    # When no progress is made for stuck_after_s more, Then it is started again (a start
+    # resumes), once
+    report = run_sweep(env, t0 + 2 * STUCK_AFTER, start)
+    assert report.started == 1 and start.calls == [batch_id]
+    assert run_sweep(env, t0 + 2 * STUCK_AFTER, start).started == 0
+    assert start.calls == [batch_id]
+
+
+def test_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    batch_id = three_line_batch(env, state="started")
+    t0 = int(env.clock())
+    start = Starts()
+    run_sweep(env, t0 + STUCK_AFTER, start)
+    # Given a line recorded just before the period ends
     record_ok(env, batch_id, 0, "a")
     # When the sweep runs at the end of the period, Then that is progress, not a stall
-    assert reconcile(env, t0 + STALL_AFTER, lost).redispatched == 0
-    assert extra(env, batch_id)["progress_mark"] == f"1/3@{t0 + STALL_AFTER}"
-    assert reconcile(env, t0 + 2 * STALL_AFTER - 1, lost).redispatched == 0
-    assert lost.calls == []
-    # And the stall is counted from that sweep on
-    assert reconcile(env, t0 + 2 * STALL_AFTER, lost).redispatched == 1
-    assert lost.calls == [batch_id]
-
-
-def test_a_stalled_fanout_is_started_again_instead(tmp_path: Path) -> None:
-    # Given a batch whose fan-out stopped half way (dispatch_state "started", 1 of 3 published)
-    env = make_worker_env(tmp_path)
-    batch_id = dispatched(env, state="started", published=1)
-    t0 = int(env.clock())
-    lost, start = Redispatches(), Starts()
-    assert reconcile(env, t0, lost, start) == SweepReport()
-    assert extra(env, batch_id)["progress_mark"] == f"0/1@{t0}"
-    # When it makes no progress for stall_after_s
-    report = reconcile(env, t0 + STALL_AFTER, lost, start)
-    # Then it is started again (start_batch resumes), and nothing is re-dispatched
-    assert start.calls == [batch_id]
-    assert report.started == 1 and report.redispatched == 0
-    assert lost.calls == []
-    assert reconcile(env, t0 + STALL_AFTER, lost, start).started == 0
-    assert start.calls == [batch_id]
-
-
-def test_publishing_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch_id = dispatched(env, state="started", published=1)
-    t0 = int(env.clock())
-    start = Starts()
-    reconcile(env, t0, Redispatches(), start)
-    env.batches.set_fields(batch_id, published=2)
-    assert reconcile(env, t0 + STALL_AFTER, Redispatches(), start).started == 0
+    assert run_sweep(env, t0 + 2 * STUCK_AFTER, start).started == 0
+    assert extra(env, batch_id)["progress_mark"] == f"1/started@{t0 + 2 * STUCK_AFTER}"
+    assert run_sweep(env, t0 + 3 * STUCK_AFTER - 1, start).started == 0
     assert start.calls == []
-    assert extra(env, batch_id)["progress_mark"] == f"0/2@{t0 + STALL_AFTER}"
+    assert run_sweep(env, t0 + 3 * STUCK_AFTER, start).started == 1
 
 
-@pytest.mark.parametrize(
-    ("redispatch_given", "stall_after_s"),
-    [(False, None), (True, None), (False, STALL_AFTER)],
-    ids=["neither", "no-stall_after_s", "no-redispatch"],
-)
-def test_without_redispatch_and_stall_after_the_reconciler_is_off(
-    tmp_path: Path,
-    redispatch_given: bool,
-    stall_after_s: float | None,
-) -> None:
+def test_a_finished_start_is_never_started_again(tmp_path: Path) -> None:
+    # Lost lines of a started batch are the reconciler's business, not the sweep's
     env = make_worker_env(tmp_path)
-    done = dispatched(env, state="done")
-    started = dispatched(env, state="started", published=1)
+    batch_id = three_line_batch(env, state="done")
     t0 = int(env.clock())
-    lost = Redispatches()
     start = Starts()
-    fn = lost if redispatch_given else None
-    for now in (t0, t0 + STALL_AFTER, t0 + 10 * STALL_AFTER, t0 + 20 * STALL_AFTER):
-        assert reconcile(env, now, fn, start, stall_after_s=stall_after_s) == SweepReport()
-    assert lost.calls == [] and start.calls == []
-    assert "progress_mark" not in extra(env, done)
-    assert "progress_mark" not in extra(env, started)
+    for k in range(1, 6):
+        assert run_sweep(env, t0 + k * STUCK_AFTER, start) == SweepReport()
+    assert start.calls == []
+    assert "progress_mark" not in extra(env, batch_id)
 
 
-def test_batches_the_reconciler_must_leave_to_other_branches(tmp_path: Path) -> None:
+def test_batches_the_restart_must_leave_to_other_branches(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
     t0 = int(env.clock())
-    # A batch never dispatched: the old branch starts it (no stall bookkeeping)
-    never = make_worker_batch(env, jsonl(request_line("a")))
-    # A cancelling batch, one with every line recorded, and one past expires_at
-    cancelling = dispatched(env)
+    # A cancelling batch and one with every line recorded, both with a start that stalled
+    cancelling = three_line_batch(env, state="started")
     env.batches.transition(cancelling, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
-    recorded = dispatched(env)
+    recorded = three_line_batch(env, state="started")
     for index, custom_id in enumerate("abc"):
         record_ok(env, recorded, index, custom_id)
-    lost, start = Redispatches(), Starts()
-    reconcile(env, t0, lost, start)
-    report = reconcile(env, t0 + STALL_AFTER, lost, start)
-    assert lost.calls == []
-    assert start.calls == [never.id]  # old enough (stuck_after_s) only at the second sweep
-    assert report.started == 1
+    start = Starts()
+    run_sweep(env, t0 + STUCK_AFTER, start)
+    run_sweep(env, t0 + 2 * STUCK_AFTER, start)
+    assert start.calls == []
     for batch_id, status in ((cancelling, lifecycle.CANCELLED), (recorded, lifecycle.COMPLETED)):
         after = env.batches.get_any(batch_id)
         assert after is not None and after.status == status
 
 
-def test_an_expiring_batch_is_not_redispatched(tmp_path: Path) -> None:
+def test_an_expiring_batch_is_not_started_again(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
-    batch_id = dispatched(env)
+    batch_id = three_line_batch(env, state="started")
     assert env.batches.acquire_lease(batch_id, 0, "running", 600)
     batch = env.batches.get_any(batch_id)
     assert batch is not None
-    lost = Redispatches()
-    reconcile(env, batch.expires_at, lost)
-    reconcile(env, batch.expires_at + STALL_AFTER, lost)
-    reconcile(env, batch.expires_at + 2 * STALL_AFTER, lost)
-    assert lost.calls == []
+    start = Starts()
+    for k in range(3):
+        run_sweep(env, batch.expires_at + k * STUCK_AFTER, start)
+    assert start.calls == []
     assert extra(env, batch_id)["expiring"] == "1"
-
-
-def test_the_sweep_with_the_real_redispatch_publishes_a_lost_line(tmp_path: Path) -> None:
-    # Given a fanned-out batch: line 0 done, line 1 running, line 2's message lost
-    env = make_worker_env(tmp_path, models=[MODEL])
-    batch_id, first = started_batch(env, MODEL, MODEL, MODEL)
-    record_ok(env, batch_id, 0, "r0")
-    assert env.batches.acquire_lease(batch_id, 1, "w", 3600)
-    publisher = AttachingPublisher()
-
-    def redispatch_fn(bid: str) -> int:
-        return redispatch(env, bid, publisher, QueueLengths(**{MODEL: 0}))
-
-    t0 = int(env.clock())
-    # When the sweep sees no progress for stall_after_s
-    reconcile(env, t0, redispatch_fn)
-    assert publisher.published == []
-    report = reconcile(env, t0 + STALL_AFTER, redispatch_fn)
-    # Then only line 2 goes out again, as the fan-out first sent it
-    assert report.redispatched == 1
-    assert publisher.published == [first.published[2]]
-    assert publisher.begun == []
 
 
 # -- run_batch_line: poison lines and Redis blips --------------------------------------------
@@ -455,6 +343,7 @@ class Lines:
         self.env = env
         self.backend = backend
         self.finalized: list[str] = []
+        self.dispatches: list[str] = []
         store = batches if batches is not None else env.batches
         self.leases = LeaseKeeper(store, ttl_s=30)
         self.ctx = LineContext(
@@ -463,6 +352,7 @@ class Lines:
             leases=self.leases,
             backend_for=lambda spec: backend,
             request_finalize=self.finalized.append,
+            request_dispatch=self.dispatches.append,
             **options,
         )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from batchsvc import lifecycle
+from batchsvc.dispatch_store import DispatchStore
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import line_record_id
 from batchsvc.results import output_line
@@ -41,7 +42,9 @@ def run_sweep(env: WorkerEnv, start: Starts, now: int | None = None) -> SweepRep
         batches=env.batches,
         files=env.files,
         storage=env.storage,
-        finalizer=Finalizer(env.redis, env.batches, env.files, env.storage),
+        finalizer=Finalizer(
+            env.redis, env.batches, env.files, env.storage, DispatchStore(env.redis, env.clock)
+        ),
         start=start,
         now=int(env.clock()) if now is None else now,
         stuck_after_s=STUCK_AFTER,
@@ -112,7 +115,10 @@ def test_a_batch_with_every_line_recorded_is_finalized_not_started(tmp_path: Pat
     assert after is not None and after.status == lifecycle.COMPLETED
 
 
-def test_a_dispatched_batch_is_not_started_again(tmp_path: Path) -> None:
+def test_a_batch_whose_start_is_under_way_is_not_started_again_at_first_sight(
+    tmp_path: Path,
+) -> None:
+    # (only one that made no progress for a whole period is: see test_recovery.py)
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
     env.batches.set_fields(batch.id, dispatch_state="started")

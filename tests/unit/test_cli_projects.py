@@ -1,0 +1,109 @@
+"""``batchsvc projects create/update/list`` with weights (issue 12: weights are set with the admin
+CLI and shown by ``projects list``), run in process on fakeredis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+
+from batchsvc import cli
+from batchsvc.projects import ProjectStore
+
+
+class Cli:
+    """``batchsvc`` in process: every command talks to one fakeredis."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+        self.redis = fakeredis.FakeRedis()
+        self.capsys = capsys
+        monkeypatch.setattr(cli, "_connect", lambda settings, wait_s=5.0: self.redis)
+
+    def __call__(self, *argv: str) -> tuple[int, Any, str]:
+        """Exit status, the JSON line printed on stdout (or None), and stderr."""
+        code = cli.main(list(argv))
+        out, err = self.capsys.readouterr()
+        lines = out.splitlines()
+        assert len(lines) <= 1, out  # admin commands print one JSON line at most
+        return code, json.loads(lines[0]) if lines else None, err
+
+
+@pytest.fixture()
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    monkeypatch.setenv("BATCHSVC_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    return Cli(monkeypatch, capsys)
+
+
+def listed(run: Cli) -> dict[str, dict[str, Any]]:
+    code, projects, _ = run("projects", "list")
+    assert code == 0
+    return {p["project_id"]: p for p in projects}
+
+
+def test_create_with_a_weight_and_list_shows_it(run: Cli) -> None:
+    # When two projects are created, one with --weight 3
+    code, heavy, _ = run("projects", "create", "--name", "heavy", "--weight", "3")
+    assert code == 0
+    code, plain, _ = run("projects", "create", "--name", "plain")
+    assert code == 0
+    # Then each printed its id and key, and the list shows the weights (default 1)
+    assert heavy["api_key"].startswith("bsk_")
+    projects = listed(run)
+    assert projects[heavy["project_id"]]["weight"] == 3
+    assert projects[plain["project_id"]]["weight"] == 1
+    assert projects[heavy["project_id"]]["name"] == "heavy"
+    # And the store the dispatcher reads agrees
+    store = ProjectStore(run.redis)
+    assert store.weights([heavy["project_id"], plain["project_id"]]) == {
+        heavy["project_id"]: 3,
+        plain["project_id"]: 1,
+    }
+
+
+def test_update_changes_the_weight_and_prints_the_project(run: Cli) -> None:
+    _, created, _ = run("projects", "create", "--name", "acme")
+    pid = created["project_id"]
+    code, updated, err = run("projects", "update", pid, "--weight", "4")
+    assert code == 0 and err == ""
+    assert updated["project_id"] == pid and updated["weight"] == 4 and updated["name"] == "acme"
+    assert listed(run)[pid]["weight"] == 4
+
+
+@pytest.mark.parametrize("weight", ["0", "-2"])
+def test_a_weight_below_1_is_refused_with_a_message(run: Cli, weight: str) -> None:
+    code, out, err = run("projects", "create", "--name", "bad", "--weight", weight)
+    assert (code, out) == (2, None)
+    assert "weight must be an integer >= 1" in err
+    assert listed(run) == {}
+    _, created, _ = run("projects", "create", "--name", "good", "--weight", "2")
+    code, out, err = run("projects", "update", created["project_id"], "--weight", weight)
+    assert (code, out) == (2, None)
+    assert "weight must be an integer >= 1" in err
+    assert listed(run)[created["project_id"]]["weight"] == 2
+
+
+def test_a_weight_that_is_not_an_integer_is_a_usage_error(run: Cli) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["projects", "create", "--name", "bad", "--weight", "1.5"])
+    assert info.value.code == 2
+    assert "invalid int value" in run.capsys.readouterr().err
+    assert listed(run) == {}
+
+
+def test_update_requires_a_weight(run: Cli) -> None:
+    _, created, _ = run("projects", "create", "--name", "acme")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["projects", "update", created["project_id"]])
+    assert info.value.code == 2
+    run.capsys.readouterr()
+
+
+def test_update_of_an_unknown_project_fails_with_a_message(run: Cli) -> None:
+    code, out, err = run("projects", "update", "proj_missing", "--weight", "2")
+    assert (code, out) == (2, None)
+    assert "proj_missing" in err
+    assert listed(run) == {}
