@@ -10,7 +10,7 @@ from collections.abc import Callable
 import redis
 from flask import Flask
 
-from batchsvc.api import auth, batches, chat, files
+from batchsvc.api import auth, batches, chat, files, openapi
 from batchsvc.api.dispatch import CeleryDispatcher, Dispatcher
 from batchsvc.api.errors import register_error_handlers
 from batchsvc.api.services import Services
@@ -59,6 +59,7 @@ def create_app(
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(openapi.bp)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from flask import Blueprint, request
 
 from batchsvc import lifecycle
-from batchsvc.api import idempotency
+from batchsvc.api import idempotency, schemas
 from batchsvc.api.auth import current_project
-from batchsvc.api.params import list_object, parse_limit
 from batchsvc.api.services import Services, services
 from batchsvc.batches import BatchRecord
 from batchsvc.errors import BatchNotFound, Conflict, InvalidRequest, JsonlInvalid, NotFound
@@ -22,16 +20,8 @@ from batchsvc.storage import StorageMissing, batch_input_key
 log = logging.getLogger("batchsvc.api")
 bp = Blueprint("batches", __name__)
 
-COMPLETION_WINDOW = "24h"
-#: Bound on the serialized ``metadata`` (spec open point 19), to protect storage.
-MAX_METADATA_BYTES = 16_384
-
-
-def _json_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("Request body must be a JSON object")
-    return body
+CREATE_BATCH = schemas.CreateBatchRequestSchema()
+LIST_QUERY = schemas.BatchesListQuerySchema()
 
 
 def _input_file_missing(file_id: str) -> NotFound:
@@ -40,33 +30,20 @@ def _input_file_missing(file_id: str) -> NotFound:
     )
 
 
-def _parse_create(body: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    input_file_id = body.get("input_file_id")
-    if not isinstance(input_file_id, str) or not input_file_id:
-        raise InvalidRequest(
-            "input_file_id is required", code="invalid_request_error", param="input_file_id"
-        )
-    endpoint = body.get("endpoint")
-    if not isinstance(endpoint, str) or not endpoint:
-        raise InvalidRequest("endpoint is required", code="invalid_request_error", param="endpoint")
-    window = body.get("completion_window", COMPLETION_WINDOW)
-    if window is not None and window != COMPLETION_WINDOW:
-        raise InvalidRequest(
-            'completion_window must be "24h"',
-            code="invalid_request_error",
-            param="completion_window",
-        )
-    metadata = body.get("metadata")
-    if metadata is None:
-        metadata = {}
-    if (
-        not isinstance(metadata, dict)
-        or len(json.dumps(metadata, separators=(",", ":")).encode()) > MAX_METADATA_BYTES
-    ):
-        raise InvalidRequest(
-            "metadata must be a JSON object", code="invalid_request_error", param="metadata"
-        )
-    return input_file_id, endpoint, metadata
+def _not_cancellable(status: str) -> Conflict:
+    """The 409 of a cancel in a status that cannot cancel (spec 4.4, open point 5)."""
+    return Conflict(f'Cannot cancel a batch with status "{status}"', code="batch_not_cancellable")
+
+
+def _past_deadline(batch: BatchRecord, now: int) -> bool:
+    """Whether the batch's 24 h are over, though the expiry sweep may not have moved it yet.
+
+    Such a batch is expiring, not cancellable: its undispatched lines become ``batch_expired``
+    (spec 6.2). Cancelling it would race the sweep for the same lines and could end it
+    ``cancelled`` after its deadline. The sweep marks a batch it has begun to expire with
+    ``expiring``; the clock check covers the time before the sweep gets to it.
+    """
+    return now >= batch.expires_at or batch.extra.get("expiring") == "1"
 
 
 def _fail_batch(svc: Services, base: dict[str, Any], error: JsonlInvalid) -> None:
@@ -101,7 +78,8 @@ def create() -> Any:
 def _create() -> dict[str, Any]:
     svc = services()
     project = current_project()
-    input_file_id, endpoint, metadata = _parse_create(_json_body())
+    body: schemas.CreateBatch = CREATE_BATCH.load(request.get_json(force=True, silent=True))
+    input_file_id = body.input_file_id
     record = svc.files.get(project.id, input_file_id)
     if record is None:
         raise _input_file_missing(input_file_id)
@@ -127,16 +105,16 @@ def _create() -> dict[str, Any]:
     base: dict[str, Any] = {
         "batch_id": batch_id,
         "project_id": project.id,
-        "endpoint": endpoint,
+        "endpoint": body.endpoint,
         "input_file_id": record.id,
-        "completion_window": COMPLETION_WINDOW,
-        "metadata": metadata,
+        "completion_window": body.completion_window,
+        "metadata": body.metadata,
         "created_at": created_at,
         "expires_at": created_at + svc.settings.completion_window_s,
     }
     try:
         with svc.storage.open_reader(input_key) as stream:
-            summary = validate_jsonl(stream, svc.storage.size(input_key), endpoint)
+            summary = validate_jsonl(stream, svc.storage.size(input_key), body.endpoint)
     except JsonlInvalid as error:
         svc.storage.delete(input_key)
         _fail_batch(svc, base, error)
@@ -153,7 +131,12 @@ def _create() -> dict[str, Any]:
         # Committed is committed: never answer 5xx now (spec open point 13). The recovery
         # sweep starts batches whose start task never arrived.
         log.exception("could not enqueue start of %s; the sweep will start it", batch_id)
-    return batch.to_api()
+    return _dump(batch)
+
+
+def _dump(batch: BatchRecord) -> dict[str, Any]:
+    result: dict[str, Any] = schemas.BATCH.dump(batch.to_api())
+    return result
 
 
 def _find(batch_id: str) -> BatchRecord:
@@ -165,11 +148,11 @@ def _find(batch_id: str) -> BatchRecord:
 
 @bp.get("/v1/batches")
 def list_batches() -> Any:
-    limit = parse_limit(request.args.get("limit"), default=20, maximum=100, clamp=True)
+    query: schemas.BatchesQuery = LIST_QUERY.load(request.args)
     records, has_more = services().batches.list(
-        current_project().id, after=request.args.get("after") or None, limit=limit
+        current_project().id, after=query.after, limit=query.limit
     )
-    return list_object([r.to_api() for r in records], has_more)
+    return schemas.page(schemas.BATCH_LIST, [r.to_api() for r in records], has_more)
 
 
 @bp.get("/v1/batches/")
@@ -180,7 +163,7 @@ def missing_batch_id() -> Any:
 
 @bp.get("/v1/batches/<batch_id>")
 def retrieve(batch_id: str) -> Any:
-    return _find(batch_id).to_api()
+    return _dump(_find(batch_id))
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
@@ -188,22 +171,25 @@ def cancel(batch_id: str) -> Any:
     svc = services()
     batch = _find(batch_id)
     outcome = lifecycle.cancel_outcome(batch.status)
+    if outcome == "conflict":
+        raise _not_cancellable(batch.status)
     if outcome == "cancel":
+        if _past_deadline(batch, svc.now()):
+            # Answered as the expired batch it is about to be (spec 4.4: 409 for expired).
+            raise _not_cancellable(lifecycle.EXPIRED)
         # Both statuses cancel_outcome allows (spec 4.4: validating or in_progress).
         moved, status = svc.batches.transition(
             batch_id, [lifecycle.VALIDATING, lifecycle.IN_PROGRESS], lifecycle.CANCELLING
         )
-        if not moved and lifecycle.cancel_outcome(status) == "conflict":
-            raise Conflict(
-                f'Cannot cancel a batch with status "{status}"', code="batch_not_cancellable"
-            )
         if moved:
             try:
                 svc.dispatcher.cancel_batch(batch_id)
             except Exception:
                 log.exception("could not enqueue cancel of %s; the sweep will drain it", batch_id)
-    elif outcome == "conflict":
-        raise Conflict(
-            f'Cannot cancel a batch with status "{batch.status}"', code="batch_not_cancellable"
-        )
-    return _find(batch_id).to_api()
+        elif lifecycle.cancel_outcome(status) == "conflict":
+            raise _not_cancellable(status)
+        elif lifecycle.cancel_outcome(status) == "cancel":
+            # Cancellable by status, yet the store's guard refused: the batch became
+            # expiring between our check and the transition.
+            raise _not_cancellable(lifecycle.EXPIRED)
+    return _dump(_find(batch_id))

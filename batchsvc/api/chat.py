@@ -4,17 +4,25 @@ The API host need not reach the model servers: the request runs on the model's o
 through its sync queue, which they serve ahead of batch lines, with the same registry,
 token-limit rule and backend as a batch line, so the answer equals a batch line's
 ``response.body``.
+
+Retries. The OpenAI SDK retries 408, 409, 429 and every 5xx unless the answer carries
+``x-should-retry: false``, and each retry runs the inference again. So a 5xx we cannot call
+transient says not to retry: above all our own give-up on the worker (504), where the request
+may well still be running. The worker's outcome may say so itself (``error.retry``), and that is
+passed on as the header.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, request
 
 from batchsvc.api.auth import current_project
+from batchsvc.api.errors import SHOULD_RETRY
+from batchsvc.api.schemas import ChatCompletionRequestSchema
 from batchsvc.api.services import services
-from batchsvc.errors import BatchsvcError, InvalidRequest, NotFound
+from batchsvc.errors import BatchsvcError, NotFound
 
 bp = Blueprint("chat", __name__)
 
@@ -23,34 +31,53 @@ _WAIT_MARGIN_S = 30.0
 #: The API's own cap (gunicorn's timeout is 660 s).
 _MAX_WAIT_S = 630.0
 
+REQUEST = ChatCompletionRequestSchema()
+
 
 class SyncFailed(BatchsvcError):
-    """A line-level failure of a sync request, answered with the status the backend chose."""
+    """A line-level failure of a sync request, answered with the status the backend chose.
+
+    ``error`` is the worker's outcome error: ``status``, ``type``, ``code``, ``message``,
+    ``param`` and, optionally, ``retry`` (bool), sent on as ``x-should-retry``.
+    """
 
     def __init__(self, error: dict[str, Any]) -> None:
+        retry = error.get("retry")
+        advice = {SHOULD_RETRY: "true" if retry else "false"} if isinstance(retry, bool) else None
         super().__init__(
             str(error.get("message", "The request failed")),
             code=error.get("code"),
             param=error.get("param"),
+            headers=advice,
         )
         self.status = int(error.get("status", 500))  # type: ignore[misc]
         self.type = str(error.get("type", "internal_error"))  # type: ignore[misc]
 
 
+class SyncTimeout(BatchsvcError):
+    """504: the API stopped waiting for the model's workers. The request may still run, so a
+    retry would only run it twice: never retry this one automatically."""
+
+    status = 504
+    type = "internal_error"
+    default_code = "timeout"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f'The model "{model}" did not answer in time', headers={SHOULD_RETRY: "false"}
+        )
+
+
 @bp.post("/v1/chat/completions")
 def create_completion() -> Any:
     svc = services()
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("Request body must be a JSON object")
-    if body.get("stream") is True:
-        raise InvalidRequest(
-            "Streaming is not supported yet; send stream=false",
-            code="unsupported_parameter",
-            param="stream",
-        )
-    model = body.get("model")
-    spec = svc.registry.get(model) if isinstance(model, str) else None
+    raw = request.get_json(force=True, silent=True)
+    REQUEST.load(raw)  # raises unless raw is an object with a string model and messages
+    # The worker gets the body as the client sent it, not as loaded (loading turns ``stream``
+    # into a bool): the schema only decides whether the request may go.
+    body = cast(dict[str, Any], raw)
+    model: str = body["model"]
+    spec = svc.registry.get(model)
     if spec is None or not current_project().allows(spec.id):
         raise NotFound(
             f'The model "{model}" does not exist or is not enabled for this project',
@@ -61,9 +88,7 @@ def create_completion() -> Any:
     try:
         outcome = svc.dispatcher.run_sync(spec.id, body, timeout)
     except TimeoutError:
-        raise BatchsvcError(
-            f'The model "{spec.id}" did not answer in time', code="timeout"
-        ) from None
+        raise SyncTimeout(spec.id) from None
     if not outcome.get("ok"):
         raise SyncFailed(outcome.get("error") or {})
     return outcome["body"]

@@ -1,13 +1,29 @@
 """The one place that turns every error into the OpenAI envelope (spec 2.4), and the headers
-every response carries: ``x-request-id`` and CORS."""
+every response carries: ``x-request-id`` and CORS.
+
+Besides our own :class:`BatchsvcError` and werkzeug's HTTP errors it maps two kinds of foreign
+exception, wherever in a request they are raised:
+
+- marshmallow's ``ValidationError`` (a request schema refused the request): ``400``, the field
+  and message :mod:`batchsvc.api.schemas` chose;
+- Redis unreachable, loading its data, read-only after a failover, out of memory, or the broker
+  refusing a publish: ``503`` ``internal_error`` / ``redis_unavailable`` with
+  ``x-should-retry: true``. The SDK would retry a 500 as well, but a 500 says "our bug"; this is
+  a passing outage and says so. The type stays in the spec's vocabulary (2.4), where
+  ``internal_error`` already means "transient, retry".
+"""
 
 from __future__ import annotations
 
 import logging
 
+import kombu.exceptions
+import redis.exceptions
 from flask import Flask, Response, g, jsonify, request
+from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from batchsvc.api.schemas import ERROR_ENVELOPE, api_error
 from batchsvc.errors import BatchsvcError
 from batchsvc.ids import new_request_id
 
@@ -22,10 +38,39 @@ CORS_HEADERS = {
     ),
     "Access-Control-Max-Age": "86400",
 }
+SHOULD_RETRY = "x-should-retry"
+
+#: What "the store is not there right now" looks like from redis-py and kombu. The
+#: ``ConnectionError`` family covers refused and dropped connections, ``LOADING``
+#: (``BusyLoadingError``), failed AUTH and Sentinel finding no master.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # writing to a replica during a failover
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory with noeviction: writes refused until freed
+    kombu.exceptions.OperationalError,  # a publish that kombu gave up on (the broker is Redis)
+)
+
+
+class ServiceUnavailable(BatchsvcError):
+    """503: Redis (metadata store and broker) cannot serve the request right now."""
+
+    status = 503
+    type = "internal_error"
+    default_code = "redis_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The service is temporarily unavailable: its data store cannot be reached. "
+            "Retry shortly.",
+            headers={SHOULD_RETRY: "true"},
+        )
 
 
 def error_response(error: BatchsvcError) -> Response:
-    response = jsonify(error.envelope())
+    response = jsonify(ERROR_ENVELOPE.dump(error.envelope()))
     response.status_code = error.status
     for name, value in error.headers.items():
         response.headers[name] = value
@@ -57,6 +102,23 @@ def register_error_handlers(app: Flask) -> None:
             log.error("request %s failed: %s", g.get("request_id"), error.message)
         return error_response(error)
 
+    @app.errorhandler(ValidationError)
+    def on_validation_error(error: ValidationError) -> Response:
+        return error_response(api_error(error))
+
+    def on_store_unavailable(error: Exception) -> Response:
+        log.warning(
+            "request %s (%s %s): store unavailable: %r",
+            g.get("request_id"),
+            request.method,
+            request.path,
+            error,
+        )
+        return error_response(ServiceUnavailable())
+
+    for exc_class in STORE_UNAVAILABLE:
+        app.register_error_handler(exc_class, on_store_unavailable)
+
     @app.errorhandler(HTTPException)
     def on_http_exception(error: HTTPException) -> Response:
         status = error.code or 500
@@ -70,7 +132,7 @@ def register_error_handlers(app: Flask) -> None:
                 "param": None,
             }
         }
-        response = jsonify(body)
+        response = jsonify(ERROR_ENVELOPE.dump(body))
         response.status_code = status
         if status == 405 and error.get_response().headers.get("Allow"):
             response.headers["Allow"] = error.get_response().headers["Allow"]

@@ -7,19 +7,21 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, request
+from marshmallow import ValidationError
 
-from batchsvc.api import idempotency
+from batchsvc.api import idempotency, schemas
 from batchsvc.api.auth import current_project
-from batchsvc.api.params import list_object, parse_limit
 from batchsvc.api.services import services
 from batchsvc.api.uploads import receive_upload
-from batchsvc.errors import BatchsvcError, FileNotFound, InvalidRequest, StorageError
-from batchsvc.files import PURPOSES, FileRecord
+from batchsvc.errors import BatchsvcError, FileNotFound, StorageError
+from batchsvc.files import FileRecord
 from batchsvc.ids import new_file_id
 from batchsvc.storage import StorageMissing, upload_key
 
 log = logging.getLogger("batchsvc.api")
 bp = Blueprint("files", __name__)
+
+LIST_QUERY = schemas.FilesListQuerySchema()
 
 #: After a rejected upload, read (and drop) at most this much of the rest of the body so the
 #: client gets to read our answer instead of a connection reset.
@@ -51,7 +53,7 @@ def upload() -> Any:
             key,
             digest=idempotency_key is not None,
         )
-    except BatchsvcError:
+    except (BatchsvcError, ValidationError):
         _drain()
         raise
     except OSError as exc:
@@ -69,7 +71,7 @@ def upload() -> Any:
             purpose="batch",
             storage_key=key,
         )
-        return record.to_api()
+        return _dump(record)
 
     # With a key, the upload's fingerprint is known only now that it is stored: a replayed or
     # conflicting upload drops the bytes it just wrote and creates no File.
@@ -84,24 +86,20 @@ def upload() -> Any:
 
 @bp.get("/v1/files")
 def list_files() -> Any:
-    svc = services()
-    purpose = request.args.get("purpose") or None
-    if purpose is not None and purpose not in PURPOSES:
-        raise InvalidRequest(
-            'purpose must be "batch" or "batch_output"', code="invalid_purpose", param="purpose"
-        )
-    order = request.args.get("order") or "desc"
-    if order not in ("asc", "desc"):
-        raise InvalidRequest('order must be "asc" or "desc"', code="invalid_order", param="order")
-    limit = parse_limit(request.args.get("limit"), default=10_000, maximum=10_000, clamp=False)
-    records, has_more = svc.files.list(
+    query: schemas.FilesQuery = LIST_QUERY.load(request.args)
+    records, has_more = services().files.list(
         current_project().id,
-        purpose=purpose,
-        after=request.args.get("after") or None,
-        limit=limit,
-        descending=order == "desc",
+        purpose=query.purpose,
+        after=query.after,
+        limit=query.limit,
+        descending=query.order == "desc",
     )
-    return list_object([r.to_api() for r in records], has_more)
+    return schemas.page(schemas.FILE_LIST, [r.to_api() for r in records], has_more)
+
+
+def _dump(record: FileRecord) -> dict[str, Any]:
+    result: dict[str, Any] = schemas.FILE_OBJECT.dump(record.to_api())
+    return result
 
 
 def _find(file_id: str) -> FileRecord:
@@ -113,7 +111,7 @@ def _find(file_id: str) -> FileRecord:
 
 @bp.get("/v1/files/<file_id>")
 def retrieve(file_id: str) -> Any:
-    return _find(file_id).to_api()
+    return _dump(_find(file_id))
 
 
 def _content_disposition(filename: str) -> str:
@@ -152,4 +150,4 @@ def delete(file_id: str) -> Any:
     if not svc.files.mark_deleted(record):
         raise FileNotFound(file_id)
     svc.storage.delete(record.storage_key)
-    return {"id": record.id, "object": "file", "deleted": True}
+    return schemas.FILE_DELETED.dump({"id": record.id, "object": "file", "deleted": True})

@@ -23,11 +23,12 @@ the answer, then gives up with ``409 idempotency_key_in_use`` sent with ``x-shou
 true``: unlike a reused key, retrying that request is exactly right, and the SDK's retry of a
 409 does it for the client.
 
-Which outcomes are kept: a success and every 4xx raised while creating (a replay gets the same
-error, as OpenAI does; a JSONL-invalid create keeps its one ``failed`` batch). A 5xx or any
-other exception releases the claim so a retry can run. Once the object is committed nothing
-here can turn the answer into a 5xx: failing to store the answer is logged and the created
-object is still returned (spec open point 13).
+Which outcomes are kept: a success and every 4xx raised while creating, a schema's
+``ValidationError`` included (a replay gets the same error, as OpenAI does; a JSONL-invalid
+create keeps its one ``failed`` batch). A 5xx or any other exception releases the claim so a
+retry can run. Once the object is committed nothing here can turn the answer into a 5xx:
+failing to store the answer is logged and the created object is still returned (spec open
+point 13).
 
 Fingerprints. ``POST /v1/batches``: sha256 of the parsed JSON body canonicalised (sorted keys,
 compact), so key order and whitespace do not matter; a body that is not JSON is hashed as raw
@@ -55,8 +56,10 @@ from typing import Any
 
 import redis
 from flask import Response, jsonify, request
+from marshmallow import ValidationError
 
 from batchsvc.api.auth import current_project
+from batchsvc.api.schemas import api_error
 from batchsvc.api.services import services
 from batchsvc.api.uploads import Upload
 from batchsvc.errors import BatchsvcError, Conflict, InvalidRequest
@@ -266,6 +269,10 @@ def respond(
         return outcome.response()
     try:
         body = create()
+    except ValidationError as error:
+        # A request schema refused the body: a 400 like any other, kept the same way.
+        _keep(store, outcome, 400, api_error(error).envelope())
+        raise
     except BatchsvcError as error:
         if error.status < 500:
             _keep(store, outcome, error.status, error.envelope())

@@ -11,13 +11,14 @@ import hashlib
 import ntpath
 import posixpath
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
+from batchsvc.api.schemas import UploadFormSchema
 from batchsvc.errors import InvalidRequest, PayloadTooLarge
 from batchsvc.storage import Storage
 
@@ -25,6 +26,7 @@ MAX_UPLOAD_BYTES = 104_857_600
 #: A form field other than the file (``purpose``) is tiny; anything bigger is not a form we read.
 MAX_FIELD_BYTES = 65_536
 CHUNK = 256 * 1024
+FORM = UploadFormSchema()
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ def receive_upload(
     presence of ``file``, size (413 while streaming), empty file.
 
     Raises:
-        InvalidRequest: bad content type, unparseable body, bad purpose, no file, empty file.
+        InvalidRequest: bad content type, unparseable body.
+        marshmallow.ValidationError: the form's fields fail :class:`UploadFormSchema` (bad
+            purpose, no file, empty file).
         PayloadTooLarge: the file passed ``limit`` bytes.
     """
     if limit is None:
@@ -105,8 +109,8 @@ def receive_upload(
     field_buffer = bytearray()
     hasher = hashlib.sha256() if digest else None
 
-    def bad_purpose() -> InvalidRequest:
-        return InvalidRequest('purpose must be "batch"', code="invalid_purpose", param="purpose")
+    def check_purpose(value: str) -> None:
+        FORM.load({"purpose": value}, partial=("file",))
 
     with storage.open_writer(key) as out:
         eof = False
@@ -142,8 +146,9 @@ def receive_upload(
                 if part == "file":
                     size += len(event.data)
                     if size > limit:
-                        if purpose_seen and purpose != "batch":
-                            raise bad_purpose()
+                        if purpose_seen:
+                            # A bad purpose is the earlier check (open point 14).
+                            check_purpose(purpose or "")
                         raise PayloadTooLarge(f"File exceeds maximum upload size of {limit} bytes")
                     out.write(event.data)
                     if hasher is not None:
@@ -151,22 +156,20 @@ def receive_upload(
                 elif part == "purpose":
                     field_buffer += event.data
                     if len(field_buffer) > MAX_FIELD_BYTES:
-                        raise bad_purpose()
+                        # Far too long to be any purpose: refuse it without reading on.
+                        check_purpose(field_buffer[:MAX_FIELD_BYTES].decode("utf-8", "replace"))
                     if not event.more_data:
                         purpose = field_buffer.decode("utf-8", "replace")
-                        if purpose != "batch":
-                            # Known before the file arrives: stop reading now.
-                            raise bad_purpose()
+                        # Known before the file arrives: a bad one stops reading now.
+                        check_purpose(purpose)
             elif isinstance(event, Epilogue):
                 break
-        if not purpose_seen or purpose != "batch":
-            raise bad_purpose()
-        if not file_seen:
-            raise InvalidRequest(
-                'No file was uploaded (form field "file")', code="missing_file", param="file"
-            )
-        if size == 0:
-            raise InvalidRequest("The uploaded file is empty", code="empty_file", param="file")
+        form: dict[str, Any] = {}
+        if purpose is not None:
+            form["purpose"] = purpose
+        if file_seen:
+            form["file"] = size
+        FORM.load(form)
     return Upload(
         purpose=purpose,
         filename=filename,

@@ -26,6 +26,7 @@ from batchsvc.models_config import ModelRegistry, ModelSpec
 from batchsvc.projects import ProjectStore
 from batchsvc.settings import Settings
 from batchsvc.storage.local import LocalStorage
+from tests.factories import chat_completion
 
 MODEL = "demo-echo"
 URL = "/v1/chat/completions"
@@ -49,11 +50,17 @@ class Clock:
 
 
 class RecordingDispatcher:
-    """Stands in for the Celery dispatcher: records calls, optionally raises."""
+    """Stands in for the Celery dispatcher: records calls, optionally raises.
+
+    ``run_sync`` answers with ``sync_outcome`` (raised when it is an exception), by default a
+    successful ``chat.completion`` of the requested model.
+    """
 
     def __init__(self, fail: bool = False) -> None:
         self.started: list[str] = []
         self.cancelled: list[str] = []
+        self.synced: list[tuple[str, dict[str, Any], float]] = []
+        self.sync_outcome: dict[str, Any] | BaseException | None = None
         self.fail = fail
 
     def start_batch(self, batch_id: str) -> None:
@@ -65,6 +72,14 @@ class RecordingDispatcher:
         self.cancelled.append(batch_id)
         if self.fail:
             raise ConnectionError("broker unreachable")
+
+    def run_sync(self, model: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        self.synced.append((model, body, timeout_s))
+        if isinstance(self.sync_outcome, BaseException):
+            raise self.sync_outcome
+        if self.sync_outcome is not None:
+            return self.sync_outcome
+        return {"ok": True, "body": chat_completion("Hello", model=model), "request_id": "req_up"}
 
 
 @dataclass
