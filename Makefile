@@ -28,8 +28,7 @@ run: install ## start Redis, the API, workers, beat and Flower (Procfile, honcho
 run-worker: install ## inference worker: make run-worker MODELS=a,b CONCURRENCY=64
 	PATH="$(abspath $(BIN)):$$PATH" MODELS="$(MODELS)" CONCURRENCY="$(CONCURRENCY)" $(BIN)/batchsvc worker
 
-test: install ## lint, then every test but the slow ones
-	$(BIN)/ruff check .
+test: lint ## lint (ruff, mypy), then every test but the slow ones
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: install ## the fast unit tests only
@@ -41,9 +40,10 @@ test-integration: install ## the integration tests (real redis-server, gunicorn,
 test-slow: install ## the slow end-to-end tests
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-lint: install ## ruff
+lint: install ## ruff check, ruff format --check, mypy --strict (batchsvc, workers)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install ## ruff format + fix
 	$(BIN)/ruff format .

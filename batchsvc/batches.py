@@ -15,9 +15,10 @@ so Redis memory is bounded by what is in flight.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from batchsvc.keys import (
     window_key,
 )
 from batchsvc.paging import SEQ_KEY, page_ids
+from batchsvc.redis_types import HashMapping, members, text, text_fields
 
 #: A finish step asks for a dispatch at most this often per model (the dispatcher clears the
 #: flag as it starts, so a round under way never hides the next request).
@@ -117,8 +119,6 @@ end
 """
 
 
-_TERMINAL = " or ".join(f"status == '{s}'" for s in sorted(lifecycle.TERMINAL))
-
 # The start of a line's run, in one round trip: is the batch still running, is the line
 # unrecorded, is no other copy running it? Then take the lease and count the run. A copy that
 # finds its batch gone or its line recorded leaves the model's in-flight set; one that finds
@@ -128,14 +128,14 @@ _TERMINAL = " or ".join(f"status == '{s}'" for s in sorted(lifecycle.TERMINAL))
 # Returns {verdict, status, expiring, deliveries, wake}.
 _BEGIN_LINE = (
     _leave_window(5, 6, 7, 4)
+    + "local terminal = "
+    + lifecycle.lua_set(lifecycle.TERMINAL)
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or redis.call('HGET', KEYS[1], 'sealed') == '1' then
   return {'gone', status or '', '', 0, leave()}
 end
-if """
-    + _TERMINAL
-    + """ then
+if terminal[status] then
   return {'gone', status, '', 0, leave()}
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
@@ -146,7 +146,14 @@ local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[2] then return {'leased', status, '', 0, 0} end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 local expiring = redis.call('HGET', KEYS[1], 'expiring') or ''
-local deliveries = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+-- A retry of our own run is the same delivery: counting it would push a line towards the
+-- poison limit every time Redis blinks.
+local deliveries
+if holder then
+  deliveries = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '1')
+else
+  deliveries = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+end
 return {'run', status, expiring, deliveries, 0}
 """
 )
@@ -182,11 +189,6 @@ end
 return 0
 """
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 def _index_key(project_id: str) -> str:
     return f"bs:batches:{project_id}"
@@ -214,7 +216,8 @@ class BatchRecord:
     errors: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     timestamps: dict[str, int | None] = field(default_factory=dict)
-    extra: dict[str, str] = field(default_factory=dict)
+    #: batchsvc's own state of the run (expiry, start, assembly): never shown to clients.
+    run: lifecycle.RunState = field(default_factory=lifecycle.RunState)
 
     @property
     def recorded(self) -> int:
@@ -251,26 +254,8 @@ class BatchRecord:
         }
 
     @classmethod
-    def from_redis(cls, raw: dict[bytes, bytes]) -> BatchRecord:
-        f = {k.decode(): v.decode() for k, v in raw.items()}
-        known = {
-            "id",
-            "project_id",
-            "endpoint",
-            "input_file_id",
-            "completion_window",
-            "status",
-            "created_at",
-            "expires_at",
-            "total",
-            "completed",
-            "failed",
-            "output_file_id",
-            "error_file_id",
-            "errors",
-            "metadata",
-            *lifecycle.TIMESTAMP_FIELDS,
-        }
+    def from_redis(cls, raw: Mapping[bytes | str, bytes | str]) -> BatchRecord:
+        f = text_fields(raw)
         return cls(
             id=f["id"],
             project_id=f["project_id"],
@@ -290,12 +275,8 @@ class BatchRecord:
             timestamps={
                 name: int(f[name]) if f.get(name) else None for name in lifecycle.TIMESTAMP_FIELDS
             },
-            extra={k: v for k, v in f.items() if k not in known},
+            run=lifecycle.RunState.from_fields(f),
         )
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -338,7 +319,6 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._short_circuit = client.register_script(_SHORT_CIRCUIT)
         self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
         self._begin_line = client.register_script(_BEGIN_LINE)
         self._finish_line = client.register_script(_FINISH_LINE)
 
@@ -366,7 +346,7 @@ class BatchStore:
         """Commit a batch in one transaction: its hash, its project index and (unless terminal)
         the active index the sweeps scan."""
         seq = self.r.incr(SEQ_KEY)
-        mapping: dict[str, Any] = {
+        mapping: HashMapping = {
             "id": batch_id,
             "project_id": project_id,
             "endpoint": endpoint,
@@ -411,18 +391,55 @@ class BatchStore:
         records = [r for r in (self.get_any(i) for i in page.ids) if r is not None]
         return records, page.has_more
 
-    def active_ids(self) -> list[str]:
-        return [m.decode() for m in self.r.zrange(ACTIVE_INDEX, 0, -1)]
+    def active_ids(self) -> builtins.list[str]:
+        return members(self.r.zrange(ACTIVE_INDEX, 0, -1))
 
-    def set_fields(self, batch_id: str, **fields: str | int) -> None:
+    # -- the run state (lifecycle.RunState) ----------------------------------------------------
+
+    def set_dispatch_phase(self, batch_id: str, phase: lifecycle.DispatchPhase) -> None:
+        self.r.hset(batch_key(batch_id), lifecycle.DISPATCH_PHASE, phase.value)
+
+    def mark_expiring(self, batch_id: str) -> bool:
+        """Flag the batch as expiring; True if this call set the flag."""
+        return bool(self.r.hsetnx(batch_key(batch_id), lifecycle.EXPIRING, 1))
+
+    def seal(self, batch_id: str) -> None:
+        """From now on no line record is accepted (the line scripts check it)."""
+        self.r.hset(batch_key(batch_id), lifecycle.SEALED, 1)
+
+    def set_progress_mark(self, batch_id: str, mark: str) -> None:
+        self.r.hset(batch_key(batch_id), lifecycle.PROGRESS_MARK, mark)
+
+    def plan_result_files(self, batch_id: str, output_id: str, error_id: str) -> tuple[str, str]:
+        """Fix the result files' ids on the first assembly attempt; returns the ids fixed (a
+        retry gets the first attempt's, so it overwrites the same files)."""
+        key = batch_key(batch_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(key, lifecycle.PLANNED_OUTPUT, output_id)
+        pipe.hsetnx(key, lifecycle.PLANNED_ERROR, error_id)
+        pipe.hmget(key, [lifecycle.PLANNED_OUTPUT, lifecycle.PLANNED_ERROR])
+        planned = pipe.execute()[2]
+        return text(planned[0]), text(planned[1])
+
+    def record_files_written(
+        self,
+        batch_id: str,
+        *,
+        output_file_id: str | None,
+        error_file_id: str | None,
+        counts: tuple[int, int] | None = None,
+    ) -> None:
+        """Both files are written and their File objects exist (``None``: that file had no
+        line and was not kept). ``counts`` (completed, failed), when given, replace the
+        counters: the records are what the files hold."""
+        fields: HashMapping = {
+            lifecycle.FILES_WRITTEN: 1,
+            lifecycle.RESULT_OUTPUT: output_file_id or "",
+            lifecycle.RESULT_ERROR: error_file_id or "",
+        }
+        if counts is not None:
+            fields.update(completed=counts[0], failed=counts[1])
         self.r.hset(batch_key(batch_id), mapping=fields)
-
-    def set_field_once(self, batch_id: str, name: str, value: str) -> str:
-        """Set ``name`` unless already set; return the value that is now stored."""
-        self.r.hsetnx(batch_key(batch_id), name, value)
-        stored = self.r.hget(batch_key(batch_id), name)
-        assert stored is not None
-        return stored.decode()
 
     def transition(
         self,
@@ -452,7 +469,7 @@ class BatchStore:
         for name, value in (fields or {}).items():
             args += [name, value]
         moved, status = self._transition(keys=[batch_key(batch_id), ACTIVE_INDEX], args=args)
-        return bool(moved), status.decode() if isinstance(status, bytes) else str(status)
+        return bool(moved), text(status)
 
     # -- lines -------------------------------------------------------------------------------
 
@@ -483,7 +500,7 @@ class BatchStore:
             args=[index, token, int(ttl_s * 1000), inflight_member(batch_id, index)],
         )
         return LineStart(
-            _text(verdict), _text(status), _text(expiring) == "1", int(deliveries), wake == 1
+            text(verdict), text(status), text(expiring) == "1", int(deliveries), wake == 1
         )
 
     def finish_line(
@@ -513,13 +530,10 @@ class BatchStore:
             written == 1,
             int(recorded),
             int(total),
-            _text(status),
-            _text(expiring) == "1",
+            text(status),
+            text(expiring) == "1",
             wake == 1,
         )
-
-    def has_record(self, batch_id: str, index: int) -> bool:
-        return bool(self.r.hexists(lines_key(batch_id), index))
 
     def short_circuit(
         self, batch_id: str, lines: Iterable[tuple[int, str]], chunk: int = 500
@@ -557,33 +571,23 @@ class BatchStore:
                 if value is None:
                     yield index, None, ""
                 else:
-                    text = value.decode()
-                    yield index, text[0], text[1:]
+                    line = text(value)
+                    yield index, line[0], line[1:]
 
     def delete_records(self, batch_id: str) -> None:
         # UNLINK frees a large hash in the background instead of blocking Redis.
         self.r.unlink(lines_key(batch_id), deliveries_key(batch_id))
 
-    def count_delivery(self, batch_id: str, index: int) -> int:
-        """Count one run of line ``index`` (under its lease); returns the runs so far."""
-        return int(self.r.hincrby(deliveries_key(batch_id), str(index), 1))
-
     # -- leases ------------------------------------------------------------------------------
-
-    def acquire_lease(self, batch_id: str, index: int, token: str, ttl_s: float) -> bool:
-        return bool(
-            self.r.set(lease_prefix(batch_id) + str(index), token, nx=True, px=int(ttl_s * 1000))
-        )
 
     def renew_lease(self, batch_id: str, index: int, token: str, ttl_s: float) -> bool:
         return bool(
             self._renew(keys=[lease_prefix(batch_id) + str(index)], args=[token, int(ttl_s * 1000)])
         )
 
-    def release_lease(self, batch_id: str, index: int, token: str) -> None:
-        self._release(keys=[lease_prefix(batch_id) + str(index)], args=[token])
-
-    def line_presence(self, batch_id: str, indices: list[int]) -> list[tuple[bool, bool]]:
+    def line_presence(
+        self, batch_id: str, indices: builtins.list[int]
+    ) -> builtins.list[tuple[bool, bool]]:
         """``(recorded, leased)`` for each of ``indices``, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for index in indices:
@@ -591,13 +595,3 @@ class BatchStore:
             pipe.exists(lease_prefix(batch_id) + str(index))
         flags = pipe.execute()
         return [(bool(flags[2 * i]), bool(flags[2 * i + 1])) for i in range(len(indices))]
-
-    def unleased(self, batch_id: str, indices: list[int]) -> list[int]:
-        """The indices among ``indices`` whose line holds no live lease."""
-        pipe = self.r.pipeline(transaction=False)
-        for index in indices:
-            pipe.exists(lease_prefix(batch_id) + str(index))
-        return [i for i, held in zip(indices, pipe.execute(), strict=True) if not held]
-
-    def live_leases(self, batch_id: str) -> int:
-        return sum(1 for _ in self.r.scan_iter(match=lease_prefix(batch_id) + "*", count=1000))

@@ -40,14 +40,13 @@ from batchsvc.keys import (
     wake_key,
     window_key,
 )
+from batchsvc.redis_types import HashMapping, text, text_fields
 
 MODELS_KEY = "bs:dispatch:models"
 
 #: How long a worker's heartbeat outlives its last beat.
 HEARTBEAT_TTL_S = 10.0
 
-
-_RUNNING = ", ".join(f"['{s}'] = true" for s in sorted(lifecycle.DISPATCHABLE))
 
 # The claim: stop a batch that may no longer dispatch, check the cursor is where the caller
 # read it (two dispatchers at once: the second one's claim fails and it reads again), then add
@@ -58,7 +57,7 @@ _RUNNING = ", ".join(f"['{s}'] = true" for s in sorted(lifecycle.DISPATCHABLE))
 # ARGV: batch id, model, expected cursor, window, now, project id, members...
 # Returns {claimed (-1: the batch may not dispatch; -2: the cursor moved), cursor now}.
 _CLAIM = (
-    "local dispatchable = {" + _RUNNING + "}\n"
+    "local dispatchable = " + lifecycle.lua_set(lifecycle.DISPATCHABLE) + "\n"
     """
 local f = redis.call('HMGET', KEYS[1], 'status', 'expiring', 'sealed', 'expires_at')
 local function unregister()
@@ -163,10 +162,10 @@ class DispatchStore:
         )
 
     def cursors(self, batch_id: str) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(cursor_key(batch_id)).items()}
+        return {text(k): int(v) for k, v in self.r.hgetall(cursor_key(batch_id)).items()}
 
     def model_counts(self, batch_id: str) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(model_counts_key(batch_id)).items()}
+        return {text(k): int(v) for k, v in self.r.hgetall(model_counts_key(batch_id)).items()}
 
     def totals(self, batch_ids: list[str], model: str) -> dict[str, int]:
         """How many lines of ``model`` each batch has."""
@@ -200,7 +199,7 @@ class DispatchStore:
     # -- one model ---------------------------------------------------------------------------
 
     def models_with_pending(self) -> list[str]:
-        return sorted(m.decode() for m in self.r.smembers(MODELS_KEY))
+        return sorted(text(m) for m in self.r.smembers(MODELS_KEY))
 
     def snapshot(self, model: str) -> ModelSnapshot:
         pipe = self.r.pipeline(transaction=False)
@@ -209,13 +208,13 @@ class DispatchStore:
         pipe.hgetall(served_key(model))
         members, pending, served = pipe.execute()
         return ModelSnapshot(
-            in_flight=[m.decode() for m in members],
-            pending={k.decode(): v.decode() for k, v in pending.items()},
-            served={k.decode(): int(v) for k, v in served.items()},
+            in_flight=[text(m) for m in members],
+            pending=text_fields(pending),
+            served={text(k): int(v) for k, v in served.items()},
         )
 
     def in_flight(self, model: str) -> list[str]:
-        return [m.decode() for m in self.r.smembers(inflight_key(model))]
+        return [text(m) for m in self.r.smembers(inflight_key(model))]
 
     def claim(
         self,
@@ -242,8 +241,15 @@ class DispatchStore:
                 served_key(model),
                 turn_key(model),
             ],
-            args=[batch_id, model, expected_cursor, window, int(self.clock()), project_id]
-            + members,
+            args=[
+                batch_id,
+                model,
+                expected_cursor,
+                window,
+                int(self.clock()),
+                project_id,
+                *members,
+            ],
         )
         return int(claimed), int(cursor)
 
@@ -267,13 +273,14 @@ class DispatchStore:
     # -- suspects (the reconciler's memory of members that look lost) ------------------------
 
     def suspects(self, model: str) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.r.hgetall(suspects_key(model)).items()}
+        return {text(k): float(v) for k, v in self.r.hgetall(suspects_key(model)).items()}
 
     def set_suspects(self, model: str, since: dict[str, float]) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(suspects_key(model))
         if since:
-            pipe.hset(suspects_key(model), mapping=since)
+            fields: HashMapping = {member: at for member, at in since.items()}
+            pipe.hset(suspects_key(model), mapping=fields)
         pipe.execute()
 
     # -- the fleet ---------------------------------------------------------------------------
@@ -297,7 +304,7 @@ class DispatchStore:
     def fleet_concurrency(self, model: str) -> int:
         """The concurrency the live workers offer ``model``; nodes whose beat lapsed are
         dropped from the fleet's index on the way."""
-        nodes = sorted(n.decode() for n in self.r.smembers(fleet_key(model)))
+        nodes = sorted(text(n) for n in self.r.smembers(fleet_key(model)))
         if not nodes:
             return 0
         values = self.r.mget([heartbeat_key(model, node) for node in nodes])

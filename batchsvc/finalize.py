@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import redis
 
 from batchsvc import lifecycle
-from batchsvc.batches import ERR, OK, BatchRecord, BatchStore, batch_key
+from batchsvc.batches import ERR, OK, BatchRecord, BatchStore
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.errors import LineError
 from batchsvc.files import FileStore
 from batchsvc.ids import new_file_id
 from batchsvc.jsonl import iter_request_lines
+from batchsvc.keys import batch_key
 from batchsvc.line_index import line_index_key
 from batchsvc.results import error_line
 from batchsvc.storage import Storage, StorageMissing, batch_input_key, upload_key
@@ -101,21 +102,21 @@ class Finalizer:
             return batch.status
         if batch.recorded < batch.total:
             return batch.status
-        if batch.status == lifecycle.IN_PROGRESS and batch.extra.get("expiring") != "1":
+        if batch.status == lifecycle.IN_PROGRESS and not batch.run.expiring:
             self.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.FINALIZING)
             batch = self.batches.get_any(batch_id)
             assert batch is not None
-        if _end_status(batch) is None:
+        if lifecycle.end_status(batch.status, batch.run) is None:
             return batch.status
-        self.batches.set_fields(batch_id, sealed=1)
+        self.batches.seal(batch_id)
         batch = self.batches.get_any(batch_id)
         assert batch is not None
         # Decided on the status read after sealing: a cancel may have landed since the first
         # read, and the end state must be one the status can really move to.
-        source, target = batch.status, _end_status(batch)
+        source, target = batch.status, lifecycle.end_status(batch.status, batch.run)
         if target is None:
             return batch.status
-        if batch.extra.get("files_written") != "1":
+        if not batch.run.files_written:
             if not self._write_files(batch, keepalive):
                 return batch.status
             batch = self.batches.get_any(batch_id)
@@ -126,8 +127,8 @@ class Finalizer:
             [source],
             target,
             fields={
-                "output_file_id": batch.extra.get("result_output_file_id", ""),
-                "error_file_id": batch.extra.get("result_error_file_id", ""),
+                "output_file_id": batch.run.result_output_file_id or "",
+                "error_file_id": batch.run.result_error_file_id or "",
             },
         )
         if moved:
@@ -156,8 +157,7 @@ class Finalizer:
     ) -> bool:
         """Stream the records into the two files; False (nothing published) if any record is
         missing, which a recount never lets happen in normal operation."""
-        output_id = self.batches.set_field_once(batch.id, "planned_output_file_id", new_file_id())
-        error_id = self.batches.set_field_once(batch.id, "planned_error_file_id", new_file_id())
+        output_id, error_id = self.batches.plan_result_files(batch.id, new_file_id(), new_file_id())
         counts = {OK: 0, ERR: 0}
         sizes = {OK: 0, ERR: 0}
         missing = 0
@@ -182,6 +182,7 @@ class Finalizer:
                     raise _Incomplete()
         except _Incomplete:
             return False
+        recount = None
         if counts[OK] != batch.completed or counts[ERR] != batch.failed:
             # The counters and the records disagree: the records are what the files hold, so
             # make the counters match them (each line once, in exactly one counter).
@@ -193,17 +194,16 @@ class Finalizer:
                 counts[OK],
                 counts[ERR],
             )
-            self.batches.set_fields(batch.id, completed=counts[OK], failed=counts[ERR])
-        fields: dict[str, str | int] = {"files_written": 1}
+            recount = (counts[OK], counts[ERR])
+        kept: dict[str, str | None] = {}
         now = self.files.now()
         for kind, file_id, filename, is_error in (
             (OK, output_id, f"{output_id}.jsonl", False),
             (ERR, error_id, f"{batch.id}_errors.jsonl", True),
         ):
-            field = "result_error_file_id" if is_error else "result_output_file_id"
             if counts[kind] == 0:
                 self.storage.delete(upload_key(file_id))
-                fields[field] = ""
+                kept[kind] = None
                 continue
             self.files.create(
                 file_id=file_id,
@@ -215,21 +215,11 @@ class Finalizer:
                 is_error=is_error,
                 created_at=now,
             )
-            fields[field] = file_id
-        self.batches.set_fields(batch.id, **fields)
+            kept[kind] = file_id
+        self.batches.record_files_written(
+            batch.id, output_file_id=kept[OK], error_file_id=kept[ERR], counts=recount
+        )
         return True
-
-
-def _end_status(batch: BatchRecord) -> str | None:
-    """The terminal status an all-recorded batch ends in (spec 6.2, open point 16), or ``None``
-    when it is in no state to end."""
-    if batch.status == lifecycle.FINALIZING:
-        return lifecycle.COMPLETED
-    if batch.status == lifecycle.CANCELLING:
-        return lifecycle.CANCELLED
-    if batch.status == lifecycle.IN_PROGRESS and batch.extra.get("expiring") == "1":
-        return lifecycle.EXPIRED
-    return None
 
 
 class _Incomplete(Exception):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import redis
 
+from batchsvc.redis_types import members
+
 SEQ_KEY = "bs:seq"
 
 
@@ -29,8 +31,9 @@ def page_ids(
         rank = client.zrevrank(key, after) if descending else client.zrank(key, after)
         if rank is None:
             return Page([], False)
-        start = int(rank) + 1
+        assert isinstance(rank, int)  # a [rank, score] pair comes only with withscore=True
+        start = rank + 1
     stop = start + limit  # one extra member tells whether there is more
     fetch = client.zrevrange if descending else client.zrange
-    members = [m.decode() for m in fetch(key, start, stop)]
-    return Page(members[:limit], len(members) > limit)
+    ids = members(fetch(key, start, stop))
+    return Page(ids[:limit], len(ids) > limit)

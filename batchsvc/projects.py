@@ -12,13 +12,14 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
 
 from batchsvc.errors import InvalidCredentials, InvalidRequest, NotFound
 from batchsvc.ids import new_api_key, new_project_id
+from batchsvc.redis_types import members, text, text_fields
 
 KEY_PREFIX_LEN = 12
 _PROJECTS = "bs:projects"
@@ -133,7 +134,7 @@ class ProjectStore:
         }
 
     def list_projects(self) -> list[Project]:
-        ids = [i.decode() for i in self.r.zrange(_PROJECTS, 0, -1)]
+        ids = members(self.r.zrange(_PROJECTS, 0, -1))
         return [p for p in (self.get_project(i) for i in ids) if p is not None]
 
     def create_key(self, project_id: str) -> IssuedKey:
@@ -162,7 +163,7 @@ class ProjectStore:
         many were revoked."""
         if len(prefix) < KEY_PREFIX_LEN:
             raise NotFound(f"a key prefix has {KEY_PREFIX_LEN} characters, got {prefix!r}")
-        digests = [d.decode() for d in self.r.smembers(_prefix_key(prefix[:KEY_PREFIX_LEN]))]
+        digests = [text(d) for d in self.r.smembers(_prefix_key(prefix[:KEY_PREFIX_LEN]))]
         revoked = 0
         for digest in digests:
             if self.r.hget(_api_key_key(digest), "active") == b"1":
@@ -188,7 +189,7 @@ class ProjectStore:
             # (bytes: a header value is any string, and redis-py would refuse a lone surrogate)
             pipe.hgetall(_project_key(project_id).encode("utf-8", "surrogatepass"))
             stored, raw_project = pipe.execute()
-        stored_digest, owner, active = (v.decode() if v is not None else "" for v in stored)
+        stored_digest, owner, active = (text(v) if v is not None else "" for v in stored)
         if not hmac.compare_digest(stored_digest.encode(), digest.encode()) or active != "1":
             raise InvalidCredentials()
         if project_id is None:
@@ -202,10 +203,10 @@ class ProjectStore:
         return project
 
 
-def _parse_project(raw: dict[bytes, bytes]) -> Project | None:
+def _parse_project(raw: Mapping[bytes | str, bytes | str] | None) -> Project | None:
     if not raw:
         return None
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    fields = text_fields(raw)
     models = None if fields["models"] == "*" else tuple(json.loads(fields["models"]))
     # Projects made before weights existed have none: the default share.
     weight = int(fields.get("weight") or 1)

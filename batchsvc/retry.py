@@ -67,7 +67,8 @@ class RetryPolicy:
 
     def backoff(self, failures: int, rand: Callable[[], float] = random.random) -> float:
         """The jittered backoff after ``failures`` failed attempts (1-based)."""
-        ceiling = min(self.cap_s, self.base_s * 2 ** (failures - 1))
+        # (typeshed types int ** int as Any: a negative exponent makes a float)
+        ceiling: float = min(self.cap_s, self.base_s * 2 ** (failures - 1))
         if self.jitter == "none":
             return ceiling
         return ceiling / 2 + rand() * ceiling / 2

@@ -38,7 +38,7 @@ import json
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import tiktoken
 import tiktoken.load
@@ -179,8 +179,10 @@ def count_message_tokens(message: Any, encoding: str) -> int:
     return _fixed_tokens(message, encoding) + _content_tokens(content, encoding)
 
 
-def count_chat_tokens(messages: list[dict[str, Any]], encoding: str) -> int:
-    """Prompt tokens of a chat ``messages`` array, the OpenAI cookbook way (see module doc)."""
+def count_chat_tokens(messages: object, encoding: str) -> int:
+    """Prompt tokens of a chat ``messages`` array, the OpenAI cookbook way (see module doc).
+    Anything but a list (a body's ``messages`` is whatever the client sent) counts as no
+    message."""
     if not isinstance(messages, list):
         return REPLY_PRIMER_TOKENS
     return REPLY_PRIMER_TOKENS + sum(count_message_tokens(m, encoding) for m in messages)
@@ -272,12 +274,28 @@ def _cut_message(
     return cut, count_message_tokens(cut, encoding)
 
 
+#: ``messages`` that is not a list (a body holds whatever the client sent) comes back as it is.
+_NotAList = TypeVar("_NotAList")
+
+
+@overload
 def apply_token_limit(
-    messages: list[dict[str, Any]],
+    messages: list[Any], max_tokens: int, error_on_max_token: bool, encoding: str
+) -> tuple[list[Any], int]: ...
+
+
+@overload
+def apply_token_limit(
+    messages: _NotAList, max_tokens: int, error_on_max_token: bool, encoding: str
+) -> tuple[_NotAList, int]: ...
+
+
+def apply_token_limit(
+    messages: object,
     max_tokens: int,
     error_on_max_token: bool,
     encoding: str,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[object, int]:
     """Fit ``messages`` into ``max_tokens`` input tokens (spec 8.3).
 
     Returns ``(messages to send, their count_chat_tokens)``. Within the limit: unchanged (a new
@@ -297,7 +315,8 @@ def apply_token_limit(
        above.
 
     The input list and dicts are never mutated; every message encodes once (plus a few encodes
-    of the cut text).
+    of the cut text). Anything but a list counts as no message: it comes back as it is (or
+    raises :class:`ContextLengthExceeded` if even the reply primer is over the limit).
     """
     if not isinstance(messages, list):
         total = count_chat_tokens(messages, encoding)

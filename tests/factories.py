@@ -22,6 +22,7 @@ from batchsvc.dispatch_store import DispatchStore
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import new_batch_id
+from batchsvc.keys import batch_key, deliveries_key, lease_prefix, lines_key
 from batchsvc.models_config import ModelSpec
 from batchsvc.results import error_line, internal_error, output_line
 from batchsvc.storage import batch_input_key, upload_key
@@ -224,6 +225,52 @@ def make_batch(
         total=total,
         timestamps=timestamps,
     )
+
+
+# -- raw batch state (what no product setter writes; straight to Redis through batchsvc.keys) ----
+
+
+def set_batch_fields(client: redis.Redis, batch_id: str, **fields: str | int) -> None:
+    """Write ``fields`` into the batch hash as they are: counters set by hand, a raw run-state
+    field, a state no product step leaves. Run state a product setter writes is arranged with
+    that setter (``BatchStore.mark_expiring``, ``seal``, ``set_dispatch_phase``...)."""
+    mapping: dict[Any, str | int] = dict(fields)
+    client.hset(batch_key(batch_id), mapping=mapping)
+
+
+def has_record(client: redis.Redis, batch_id: str, index: int) -> bool:
+    """Whether line ``index`` of ``batch_id`` has a record."""
+    return bool(client.hexists(lines_key(batch_id), index))
+
+
+def hold_lease(
+    client: redis.Redis, batch_id: str, index: int, token: str, ttl_s: float = 30
+) -> bool:
+    """Lease line ``index`` to ``token`` as a run elsewhere holds it (the key ``begin_line``
+    takes), unless it is leased already; True if this call took it."""
+    key = lease_prefix(batch_id) + str(index)
+    return bool(client.set(key, token, nx=True, px=int(ttl_s * 1000)))
+
+
+def lapse_lease(client: redis.Redis, batch_id: str, index: int) -> None:
+    """Line ``index``'s lease lapses now, whoever holds it (its worker died or stalled)."""
+    client.delete(lease_prefix(batch_id) + str(index))
+
+
+def live_leases(client: redis.Redis, batch_id: str) -> int:
+    """How many lines of ``batch_id`` hold a live lease."""
+    return sum(1 for _ in client.scan_iter(match=lease_prefix(batch_id) + "*", count=1000))
+
+
+def add_deliveries(client: redis.Redis, batch_id: str, index: int, runs: int = 1) -> int:
+    """Count ``runs`` earlier runs of line ``index`` (runs whose worker died after
+    ``begin_line`` counted them); returns the runs counted so far."""
+    return int(client.hincrby(deliveries_key(batch_id), str(index), runs))
+
+
+def deliveries(client: redis.Redis, batch_id: str, index: int) -> int:
+    """How many runs of line ``index`` were counted."""
+    return int(client.hget(deliveries_key(batch_id), str(index)) or 0)
 
 
 def write_input_copy(

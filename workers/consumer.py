@@ -23,6 +23,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 FLUSH_DELAY_S = 0.1
 
 
+# Celery ships no types: its Consumer is Any, and subclassing Any is refused unless said so.
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     _flush_scheduled = False
 

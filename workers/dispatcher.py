@@ -205,11 +205,7 @@ class Dispatcher:
         still: dict[str, float] = {}
         for batch_id, indices in by_batch.items():
             batch = self.batches.get_any(batch_id)
-            if (
-                batch is None
-                or lifecycle.is_terminal(batch.status)
-                or batch.extra.get("sealed") == "1"
-            ):
+            if batch is None or lifecycle.is_terminal(batch.status) or batch.run.sealed:
                 leave += [inflight_member(batch_id, i) for i in indices]
                 continue
             for index, (recorded, leased) in zip(

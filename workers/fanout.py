@@ -158,7 +158,7 @@ def start_batch(
     if batch is None or batch.status != lifecycle.IN_PROGRESS:
         return 0
     project = projects.get_project(batch.project_id)
-    batches.set_fields(batch_id, dispatch_state="started")
+    batches.set_dispatch_phase(batch_id, lifecycle.DispatchPhase.STARTED)
 
     # Lines no worker may run are recorded at once (spec open point 26); the rest are indexed
     # per model, beside the input copy.
@@ -192,13 +192,13 @@ def start_batch(
         return 0
     dispatchable = sum(counts.values())
     if dispatchable == 0 or project is None:
-        batches.set_fields(batch_id, dispatch_state="done")
+        batches.set_dispatch_phase(batch_id, lifecycle.DispatchPhase.DONE)
         request_finalize(batch_id)
         return 0
     if dispatch.declare_chord_once(batch_id):
         publisher.declare_chord(batch_id, dispatchable)
     dispatch.register(batch_id, project.id, counts)
-    batches.set_fields(batch_id, dispatch_state="done")
+    batches.set_dispatch_phase(batch_id, lifecycle.DispatchPhase.DONE)
     for model in counts:
         request_dispatch(model)
     log.info("batch %s: %d line(s) ready to dispatch (%s)", batch_id, dispatchable, counts)

@@ -18,6 +18,17 @@ log = logging.getLogger("batchsvc.leases")
 
 
 class LeaseKeeper:
+    """Renews the leases of the lines this process is running.
+
+    A line's lease is taken and released by :class:`~batchsvc.batches.BatchStore`
+    (``begin_line`` / ``finish_line``, one round trip each); the keeper only keeps it alive in
+    between (:meth:`keep`), so one thread serves every line of the process.
+
+    Args:
+        batches: the store whose ``renew_lease`` extends a lease still held with our token.
+        ttl_s: each lease's TTL; renewed every third of it.
+    """
+
     def __init__(self, batches: BatchStore, ttl_s: float) -> None:
         self.batches = batches
         self.ttl_s = ttl_s
@@ -56,18 +67,6 @@ class LeaseKeeper:
             with self._lock:
                 self._held.pop((batch_id, index), None)
 
-    @contextmanager
-    def hold(self, batch_id: str, index: int, token: str) -> Iterator[bool]:
-        """Acquire the lease of line ``index``; yields False (and holds nothing) if a live
-        lease exists. Renewed while held, released on exit."""
-        if not self.batches.acquire_lease(batch_id, index, token, self.ttl_s):
-            yield False
-            return
-        try:
-            with self.keep(batch_id, index, token):
-                yield True
-        finally:
-            self.batches.release_lease(batch_id, index, token)
-
     def stop(self) -> None:
+        """End the renewing thread (leases still kept then lapse within their TTL)."""
         self._stop.set()

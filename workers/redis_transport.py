@@ -34,7 +34,8 @@ class Channel(kombu_redis.Channel):
         # kombu replaces its pool after a fork or a connection reset: follow it. Two threads
         # racing here may both build a client; either is correct and one is kept.
         if shared is None or shared.connection_pool is not self.pool:
-            shared = self._shared_client = self._create_client()
+            # kombu leaves Channel._create_client unannotated (it returns a redis.Redis).
+            shared = self._shared_client = self._create_client()  # type: ignore[no-untyped-call]
         yield shared
 
 

@@ -52,52 +52,88 @@ def sweep(
     now: int,
     stuck_after_s: float,
 ) -> SweepReport:
-    """One pass over the active batches and the expired files.
+    """One pass over the active batches and the expired files, one concern at a time.
 
     Lost line messages are not the sweep's business: the dispatcher's reconciler checks every
-    line in flight (:func:`workers.dispatcher.Dispatcher.reconcile`).
+    line in flight (:meth:`workers.dispatcher.Dispatcher.reconcile`).
     """
     started = expired = finalized = 0
     for batch_id in batches.active_ids():
         batch = batches.get_any(batch_id)
         if batch is None or lifecycle.is_terminal(batch.status):
             continue
-        if (
-            batch.status == lifecycle.IN_PROGRESS
-            and now >= batch.expires_at
-            # Expiry is for lines that had not finished; once every line is recorded the
-            # batch completes instead (spec 6.2).
-            and batch.recorded < batch.total
-        ):
-            if batch.extra.get("expiring") != "1":
-                batches.set_fields(batch_id, expiring=1)
-                expired += 1
-                log.info("batch %s reached expires_at; expiring", batch_id)
-            batch = batches.get_any(batch_id)
-            assert batch is not None
-            finalizer.short_circuit(batch, batch_expired())
+        if is_due_to_expire(batch, now):
+            expired += expire(batches, finalizer, batch)
         elif batch.status == lifecycle.CANCELLING:
             finalizer.short_circuit(batch, batch_cancelled())
-        elif (
-            batch.status == lifecycle.IN_PROGRESS
-            and batch.extra.get("dispatch_state") != "done"
-            and batch.recorded < batch.total
-            and now - (batch.timestamps.get("in_progress_at") or batch.created_at) >= stuck_after_s
-            and _stalled(batches, batch, now, stuck_after_s)
-        ):
-            log.warning(
-                "batch %s: start %s; starting it",
-                batch_id,
-                "never ran" if "dispatch_state" not in batch.extra else "stalled",
-            )
-            start(batch_id)
+        elif restart_stalled_start(batches, batch, now, stuck_after_s, start):
             started += 1
             continue
-        batch = batches.get_any(batch_id)
-        if batch is not None and batch.recorded >= batch.total > 0:
-            status = finalizer.finalize(batch_id)
-            if lifecycle.is_terminal(status):
-                finalized += 1
+        finalized += finalize_if_recorded(batches, finalizer, batch_id)
+    return SweepReport(started, expired, finalized, remove_expired_files(files, storage, now))
+
+
+def is_due_to_expire(batch: BatchRecord, now: int) -> bool:
+    """An in-progress batch past ``expires_at`` with lines not yet recorded (once every line
+    is recorded it completes instead, spec 6.2)."""
+    return (
+        batch.status == lifecycle.IN_PROGRESS
+        and now >= batch.expires_at
+        and batch.recorded < batch.total
+    )
+
+
+def expire(batches: BatchStore, finalizer: Finalizer, batch: BatchRecord) -> int:
+    """Flag ``batch`` expiring and record its unstarted lines ``batch_expired`` (spec open
+    point 16: lines still running finish and count); returns 1 if this call began the expiry.
+    The batch ends ``expired`` once every line is recorded."""
+    began = batches.mark_expiring(batch.id)
+    if began:
+        log.info("batch %s reached expires_at; expiring", batch.id)
+    current = batches.get_any(batch.id)
+    if current is not None:
+        finalizer.short_circuit(current, batch_expired())
+    return int(began)
+
+
+def restart_stalled_start(
+    batches: BatchStore,
+    batch: BatchRecord,
+    now: int,
+    stuck_after_s: float,
+    start: Callable[[str], None],
+) -> bool:
+    """Start ``batch`` again if its start never ran (lost message, API crash after commit) or
+    died midway, once it has made no progress for ``stuck_after_s`` (a start resumes; see
+    :mod:`workers.fanout`). True if it asked for a start."""
+    if (
+        batch.status != lifecycle.IN_PROGRESS
+        or batch.run.dispatch_phase == lifecycle.DispatchPhase.DONE
+        or batch.recorded >= batch.total
+        or now - (batch.timestamps.get("in_progress_at") or batch.created_at) < stuck_after_s
+        or not _stalled(batches, batch, now, stuck_after_s)
+    ):
+        return False
+    log.warning(
+        "batch %s: start %s; starting it",
+        batch.id,
+        "never ran" if batch.run.dispatch_phase is None else "stalled",
+    )
+    start(batch.id)
+    return True
+
+
+def finalize_if_recorded(batches: BatchStore, finalizer: Finalizer, batch_id: str) -> int:
+    """Finalize a batch whose lines are all recorded but whose chord callback never ran (or
+    whose cancel or expiry drain just ended); returns 1 if it is now terminal."""
+    batch = batches.get_any(batch_id)
+    if batch is None or not batch.recorded >= batch.total > 0:
+        return 0
+    return int(lifecycle.is_terminal(finalizer.finalize(batch_id)))
+
+
+def remove_expired_files(files: FileStore, storage: Storage, now: int) -> int:
+    """Files past their retention lose their bytes and behave as deleted; returns how many."""
     removed = 0
     for file_id in list(files.expired_ids(now)):
         record = files.get_any(file_id)
@@ -108,25 +144,27 @@ def sweep(
         files.forget(
             file_id, record.project_id if record else None, record.purpose if record else None
         )
-    return SweepReport(started, expired, finalized, removed)
+    return removed
 
 
 def _stalled(batches: BatchStore, batch: BatchRecord, now: int, stall_after_s: float) -> bool:
     """Whether ``batch`` has made no progress for ``stall_after_s``; progress is a change of
-    its recorded count or its start's phase, remembered in the batch as ``progress_mark``. A
-    batch seen for the first time counts as stalled (its start never ran)."""
-    progress = f"{batch.recorded}/{batch.extra.get('dispatch_state', '')}"
-    if "progress_mark" not in batch.extra and "dispatch_state" not in batch.extra:
-        batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
+    its recorded count or its start's phase, remembered in the batch as its progress mark. A
+    batch seen for the first time whose start never ran counts as stalled."""
+    phase = batch.run.dispatch_phase
+    progress = f"{batch.recorded}/{phase.value if phase else ''}"
+    mark = batch.run.progress_mark
+    if mark is None and phase is None:
+        batches.set_progress_mark(batch.id, f"{progress}@{now}")
         return True
-    seen, _, since = batch.extra.get("progress_mark", "").rpartition("@")
+    seen, _, since = (mark or "").rpartition("@")
     if seen != progress:
-        batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
+        batches.set_progress_mark(batch.id, f"{progress}@{now}")
         return False
     if now - int(since or now) < stall_after_s:
         return False
     # Act, then give what we did a full period before acting again.
-    batches.set_fields(batch.id, progress_mark=f"{progress}@{now}")
+    batches.set_progress_mark(batch.id, f"{progress}@{now}")
     return True
 
 

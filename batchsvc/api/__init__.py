@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import redis
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from batchsvc.api import auth, batches, chat, files, openapi
 from batchsvc.api.dispatch import CeleryDispatcher, Dispatcher
@@ -41,8 +42,10 @@ def create_app(
     app = Flask("batchsvc")
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    json_provider = app.json  # typed as the base JSONProvider: the class is configurable
+    assert isinstance(json_provider, DefaultJSONProvider)
+    json_provider.sort_keys = False
+    json_provider.ensure_ascii = False
     app.extensions["batchsvc"] = Services(
         settings=settings,
         redis=redis_client,

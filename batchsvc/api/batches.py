@@ -43,7 +43,7 @@ def _past_deadline(batch: BatchRecord, now: int) -> bool:
     ``cancelled`` after its deadline. The sweep marks a batch it has begun to expire with
     ``expiring``; the clock check covers the time before the sweep gets to it.
     """
-    return now >= batch.expires_at or batch.extra.get("expiring") == "1"
+    return not lifecycle.may_cancel(batch.run, now, batch.expires_at)
 
 
 def _fail_batch(svc: Services, base: dict[str, Any], error: JsonlInvalid) -> None:
@@ -78,7 +78,7 @@ def create() -> Any:
 def _create() -> dict[str, Any]:
     svc = services()
     project = current_project()
-    body: schemas.CreateBatch = CREATE_BATCH.load(request.get_json(force=True, silent=True))
+    body: schemas.CreateBatch = CREATE_BATCH.load_body(request.get_json(force=True, silent=True))
     input_file_id = body.input_file_id
     record = svc.files.get(project.id, input_file_id)
     if record is None:

@@ -50,8 +50,8 @@ class SyncFailed(BatchsvcError):
             param=error.get("param"),
             headers=advice,
         )
-        self.status = int(error.get("status", 500))  # type: ignore[misc]
-        self.type = str(error.get("type", "internal_error"))  # type: ignore[misc]
+        self.status = int(error.get("status", 500))
+        self.type = str(error.get("type", "internal_error"))
 
 
 class SyncTimeout(BatchsvcError):
@@ -72,7 +72,7 @@ class SyncTimeout(BatchsvcError):
 def create_completion() -> Any:
     svc = services()
     raw = request.get_json(force=True, silent=True)
-    REQUEST.load(raw)  # raises unless raw is an object with a string model and messages
+    REQUEST.load_body(raw)  # raises unless raw is an object with a string model and messages
     # The worker gets the body as the client sent it, not as loaded (loading turns ``stream``
     # into a bool): the schema only decides whether the request may go.
     body = cast(dict[str, Any], raw)

@@ -1,5 +1,7 @@
-"""Idempotent create: the ``Idempotency-Key`` header on ``POST /v1/files`` and
-``POST /v1/batches`` (spec open point 13, issue 5 item 3).
+"""Idempotent create over HTTP: the ``Idempotency-Key`` header on ``POST /v1/files`` and
+``POST /v1/batches`` (spec open point 13, issue 5 item 3). The keys themselves are kept by
+:class:`batchsvc.idempotency.IdempotencyStore`, built once and reached through
+:attr:`Services.idempotency <batchsvc.api.services.Services.idempotency>`.
 
 A repeated key with the same body, from the same project to the same endpoint, within 24 h,
 gets the first response again (same status, same JSON body, plus ``idempotent-replayed: true``)
@@ -7,19 +9,8 @@ and creates nothing. The same key with a different body is ``409 idempotency_key
 ``x-should-retry: false`` (the openai SDK retries a plain 409). Requests without the header are
 untouched.
 
-How a key is kept, in Redis under ``bs:idem:<project>:<scope>:<sha256(key)>`` (the key is hashed
-so client text never shapes our key space), as one JSON string:
-
-- ``{"state": "pending", "fp": ..., "token": ...}``: claimed with ``SET NX`` before anything is
-  created, so two identical requests racing with one key create one object. It lives
-  :data:`CLAIM_TTL_S`, longer than gunicorn's 660 s request timeout, so a request still running
-  never loses its claim; a process killed mid-request blocks the key for at most that long.
-- ``{"state": "done", "fp": ..., "status": ..., "body": ...}``: the answer, kept :data:`TTL_S`.
-  Written only over our own pending value (compare-and-set in Lua), so a claim that expired and
-  was taken over is never overwritten by its late first owner.
-
-A request that finds the key pending with its own fingerprint waits up to :data:`WAIT_S` for
-the answer, then gives up with ``409 idempotency_key_in_use`` sent with ``x-should-retry:
+A request that finds an identical one still running waits for its answer (up to the store's
+``wait_s``), then gives up with ``409 idempotency_key_in_use`` sent with ``x-should-retry:
 true``: unlike a reused key, retrying that request is exactly right, and the SDK's retry of a
 409 does it for the client.
 
@@ -48,13 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import redis
 from flask import Response, jsonify, request
 from marshmallow import ValidationError
 
@@ -62,141 +49,22 @@ from batchsvc.api.auth import current_project
 from batchsvc.api.schemas import api_error
 from batchsvc.api.services import services
 from batchsvc.api.uploads import Upload
-from batchsvc.errors import BatchsvcError, Conflict, InvalidRequest
+from batchsvc.errors import BatchsvcError, InvalidRequest
+from batchsvc.idempotency import Claim, IdempotencyStore, Stored, redis_key
 
 log = logging.getLogger("batchsvc.api")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "idempotent-replayed"
 MAX_KEY_CHARS = 255
-#: How long a finished request's answer is replayed.
-TTL_S = 86_400
-#: How long an unfinished claim lives: above gunicorn's 660 s ``--timeout`` (batchsvc.cli).
-CLAIM_TTL_S = 900
-#: How long a request waits for an identical one in flight before answering 409 (retryable).
-WAIT_S = 10.0
-POLL_MIN_S = 0.02
-POLL_MAX_S = 0.25
-
-# Compare-and-set / compare-and-delete on the whole pending value (it holds a random token).
-_FINISH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
-class IdempotencyKeyReused(Conflict):
-    """The key was first used with a different body: never retry (Conflict says so)."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "This Idempotency-Key was already used with a different request body; "
-            "use a new key for a different request",
-            code="idempotency_key_reused",
-        )
-
-
-class IdempotencyKeyInUse(Conflict):
-    """An identical request with this key is still running: a retry is the right move, so this
-    409 (unlike every other) tells the SDK to retry."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "A request with this Idempotency-Key is still being processed; retry later",
-            code="idempotency_key_in_use",
-        )
-        self.headers = {"x-should-retry": "true"}
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A kept answer."""
-
-    status: int
-    body: dict[str, Any]
-
-    def response(self) -> Response:
-        response = jsonify(self.body)
-        response.status_code = self.status
-        response.headers[REPLAYED_HEADER] = "true"
-        return response
-
-
-@dataclass(frozen=True)
-class Claim:
-    """Our pending marker on one key; :meth:`IdempotencyStore.finish` or ``release`` ends it."""
-
-    redis_key: str
-    fingerprint: str
-    value: str
-
-
-def redis_key(project_id: str, scope: str, key: str) -> str:
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    return f"bs:idem:{project_id}:{scope}:{digest}"
-
-
-class IdempotencyStore:
-    """The Redis side, free of Flask so it can be driven directly."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.r = client
-        self._finish = client.register_script(_FINISH)
-        self._release = client.register_script(_RELEASE)
-
-    def acquire(self, rkey: str, fingerprint: str, wait_s: float | None = None) -> Claim | Stored:
-        """Claim ``rkey`` for a new request, or return the answer kept for it.
-
-        Raises:
-            IdempotencyKeyReused: the key holds (or is running) a different body.
-            IdempotencyKeyInUse: the same body is still running after ``wait_s`` (default
-                :data:`WAIT_S`, read at call time).
-        """
-        deadline = time.monotonic() + (WAIT_S if wait_s is None else wait_s)
-        pause = POLL_MIN_S
-        while True:
-            value = json.dumps(
-                {"state": "pending", "fp": fingerprint, "token": secrets.token_hex(12)},
-                separators=(",", ":"),
-            )
-            if self.r.set(rkey, value, nx=True, ex=CLAIM_TTL_S):
-                return Claim(rkey, fingerprint, value)
-            raw = self.r.get(rkey)
-            if raw is None:
-                continue  # released or expired between SET and GET: claim it now
-            record = json.loads(raw)
-            if record.get("fp") != fingerprint:
-                raise IdempotencyKeyReused()
-            if record.get("state") == "done":
-                return Stored(int(record["status"]), record["body"])
-            if time.monotonic() >= deadline:
-                raise IdempotencyKeyInUse()
-            time.sleep(pause)
-            pause = min(pause * 2, POLL_MAX_S)
-
-    def finish(self, claim: Claim, status: int, body: dict[str, Any]) -> bool:
-        """Keep the answer for :data:`TTL_S`; False if the claim was no longer ours."""
-        done = json.dumps(
-            {"state": "done", "fp": claim.fingerprint, "status": status, "body": body},
-            separators=(",", ":"),
-        )
-        return bool(self._finish(keys=[claim.redis_key], args=[claim.value, done, TTL_S]))
-
-    def release(self, claim: Claim) -> None:
-        """Drop an unfinished claim so a retry can run (only if it is still ours)."""
-        self._release(keys=[claim.redis_key], args=[claim.value])
-
-
-# -- request side ----------------------------------------------------------------------------
+def replay(stored: Stored) -> Response:
+    """The kept answer as a response, marked as a replay."""
+    response = jsonify(stored.body)
+    response.status_code = stored.status
+    response.headers[REPLAYED_HEADER] = "true"
+    return response
 
 
 def request_key() -> str | None:
@@ -254,10 +122,14 @@ def respond(
     when there is no key: then this is just ``create()``). ``discard`` undoes what the request
     did before its key could be checked (an upload's stored bytes) when ``create`` will not
     run: on a replay, a reused key or a key in use.
+
+    Raises:
+        IdempotencyKeyReused: the key was used with another fingerprint.
+        IdempotencyKeyInUse: an identical request still holds the key after the store's wait.
     """
     if key is None:
         return create()
-    store = IdempotencyStore(services().redis)
+    store = services().idempotency
     rkey = redis_key(current_project().id, scope, key)
     try:
         outcome = store.acquire(rkey, fingerprint())
@@ -266,7 +138,7 @@ def respond(
         raise
     if isinstance(outcome, Stored):
         _discard(discard)
-        return outcome.response()
+        return replay(outcome)
     try:
         body = create()
     except ValidationError as error:

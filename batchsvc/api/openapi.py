@@ -105,6 +105,15 @@ def _operation(
     }
 
 
+def _path_of_component_parameters(
+    spec: APISpec, *, path: str, parameters: list[str], operations: dict[str, Any]
+) -> None:
+    """``spec.path`` for a path whose parameters are components, named by their ids."""
+    # apispec annotates ``parameters`` as list[dict], though it documents and resolves a
+    # component id (str) there, as in an operation's parameters.
+    spec.path(path=path, parameters=parameters, operations=operations)  # type: ignore[arg-type]
+
+
 def _json_body(schema: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -225,7 +234,8 @@ def _build() -> APISpec:
             ),
         },
     )
-    spec.path(
+    _path_of_component_parameters(
+        spec,
         path="/v1/files/{file_id}",
         parameters=["FileId"],
         operations={
@@ -249,7 +259,8 @@ def _build() -> APISpec:
         "schema": {"type": "string"},
     }
     download["content"] = {"application/jsonl": {"schema": {"type": "string"}}}
-    spec.path(
+    _path_of_component_parameters(
+        spec,
         path="/v1/files/{file_id}/content",
         parameters=["FileId"],
         operations={
@@ -280,7 +291,8 @@ def _build() -> APISpec:
             ),
         },
     )
-    spec.path(
+    _path_of_component_parameters(
+        spec,
         path="/v1/batches/{batch_id}",
         parameters=["BatchId"],
         operations={
@@ -292,7 +304,8 @@ def _build() -> APISpec:
             )
         },
     )
-    spec.path(
+    _path_of_component_parameters(
+        spec,
         path="/v1/batches/{batch_id}/cancel",
         parameters=["BatchId"],
         operations={

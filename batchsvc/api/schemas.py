@@ -59,10 +59,16 @@ LIMIT_NOT_INTEGER = "limit must be a positive integer"
 _SCHEMA_KEY = "_schema"
 
 
-def _every_failure(message: str, **overrides: str) -> dict[str, str]:
+#: A field's ``error_messages``, typed as marshmallow takes them (a message may also be a list
+#: or a dict of messages).
+ErrorMessages = dict[str, str | list[Any] | dict[Any, Any]]
+
+
+def _every_failure(message: str, **overrides: str) -> ErrorMessages:
     """One text for every way a field can fail to load (marshmallow's own keys)."""
     keys = ("required", "null", "invalid", "invalid_utf8", "validator_failed", "too_large")
-    return {key: message for key in keys} | overrides
+    failures: ErrorMessages = {key: message for key in keys}
+    return failures | overrides
 
 
 def _meta(code: str, description: str, **extra: Any) -> dict[str, Any]:
@@ -123,6 +129,13 @@ class RequestSchema(Schema):
     body_code: str | None = INVALID_REQUEST
     error_messages = {"type": BODY_NOT_OBJECT}
 
+    def load_body(self, body: object) -> Any:
+        """``load`` a JSON body read leniently: ``None`` when it is not JSON, any JSON value
+        otherwise. marshmallow refuses a non-object itself (``error_messages["type"]``)."""
+        # marshmallow annotates load's input as a mapping (or a list of them), though it takes
+        # any value and answers a non-mapping with the "type" error above.
+        return self.load(body)  # type: ignore[arg-type]
+
     def handle_error(self, error: ValidationError, data: Any, *, many: bool, **kwargs: Any) -> None:
         messages = error.normalized_messages()
         if _SCHEMA_KEY in messages:
@@ -175,7 +188,7 @@ def _metadata_is_storable(value: Mapping[str, Any]) -> None:
         raise ValidationError(METADATA_NOT_OBJECT)
 
 
-class FilePart(fields.Field):
+class FilePart(fields.Field[int]):
     """The ``file`` part of an upload. Its bytes stream straight into storage and never reach
     the schema: what is loaded is the byte count stored, so the schema decides presence and
     emptiness. The OpenAPI document shows the binary part."""
@@ -480,24 +493,25 @@ class BatchSchema(Schema):
     metadata = fields.Dict(required=True)
 
 
-class FileListSchema(Schema):
-    """A page of ``GET /v1/files`` (spec 3.2)."""
+def _page_of(item: type[Schema], name: str, doc: str) -> type[Schema]:
+    """The list object of spec 3.2 / 4.3 whose ``data`` holds ``item`` objects (one shape for
+    every paginated list, so the pages cannot drift apart)."""
+    page_schema = Schema.from_dict(
+        {
+            "object": fields.String(required=True, validate=OneOf(["list"])),
+            "data": fields.List(fields.Nested(item), required=True),
+            "first_id": fields.String(required=True, allow_none=True),
+            "last_id": fields.String(required=True, allow_none=True),
+            "has_more": fields.Boolean(required=True),
+        },
+        name=name,
+    )
+    page_schema.__doc__ = doc
+    return page_schema
 
-    object = fields.String(required=True, validate=OneOf(["list"]))
-    data = fields.List(fields.Nested(FileObjectSchema), required=True)
-    first_id = fields.String(required=True, allow_none=True)
-    last_id = fields.String(required=True, allow_none=True)
-    has_more = fields.Boolean(required=True)
 
-
-class BatchListSchema(Schema):
-    """A page of ``GET /v1/batches`` (spec 4.3)."""
-
-    object = fields.String(required=True, validate=OneOf(["list"]))
-    data = fields.List(fields.Nested(BatchSchema), required=True)
-    first_id = fields.String(required=True, allow_none=True)
-    last_id = fields.String(required=True, allow_none=True)
-    has_more = fields.Boolean(required=True)
+FileListSchema = _page_of(FileObjectSchema, "FileListSchema", "A page of GET /v1/files (3.2).")
+BatchListSchema = _page_of(BatchSchema, "BatchListSchema", "A page of GET /v1/batches (4.3).")
 
 
 class ErrorSchema(Schema):

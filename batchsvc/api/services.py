@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from flask import current_app
@@ -12,6 +12,7 @@ from flask import current_app
 from batchsvc.api.dispatch import Dispatcher
 from batchsvc.batches import BatchStore
 from batchsvc.files import FileStore
+from batchsvc.idempotency import IdempotencyStore
 from batchsvc.models_config import ModelRegistry
 from batchsvc.projects import ProjectStore
 from batchsvc.settings import Settings
@@ -29,10 +30,17 @@ class Services:
     registry: ModelRegistry
     dispatcher: Dispatcher
     clock: Callable[[], float] = time.time
+    #: The ``Idempotency-Key`` store, on ``redis``. Built here, with the rest, so request code
+    #: never constructs one (registering its scripts once, not per request).
+    idempotency: IdempotencyStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.idempotency = IdempotencyStore(self.redis)
 
     def now(self) -> int:
         return int(self.clock())
 
 
 def services() -> Services:
-    return current_app.extensions["batchsvc"]  # type: ignore[no-any-return]
+    svc: Services = current_app.extensions["batchsvc"]  # put there by create_app
+    return svc

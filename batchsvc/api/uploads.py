@@ -11,7 +11,7 @@ import hashlib
 import ntpath
 import posixpath
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -74,7 +74,7 @@ def _boundary(content_type: str | None) -> bytes:
 
 
 def receive_upload(
-    stream: BinaryIO,
+    stream: IO[bytes],
     content_type: str | None,
     storage: Storage,
     key: str,

@@ -17,6 +17,7 @@ def test_the_sweep_finalizes_a_batch_whose_chord_never_fired(stack: Stack) -> No
     # Given a batch whose lines were all recorded but whose chord callback was lost (made
     # directly in Redis: no start task, no chord)
     from batchsvc.batches import BatchStore
+    from batchsvc.lifecycle import DispatchPhase
     from batchsvc.results import output_line
 
     creds = stack.create_project("orphan")
@@ -36,7 +37,7 @@ def test_the_sweep_finalizes_a_batch_whose_chord_never_fired(stack: Stack) -> No
         total=2,
         timestamps={"in_progress_at": now},
     )
-    store.set_fields(batch_id, dispatch_state="done")
+    store.set_dispatch_phase(batch_id, DispatchPhase.DONE)
     body = {
         "id": "chatcmpl-1",
         "object": "chat.completion",

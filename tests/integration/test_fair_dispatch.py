@@ -11,10 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import redis
+from openai import OpenAI
+from openai.types import Batch
 
 from tests.integration.batch_helpers import create, jsonl, line, results, upload, wait_terminal
 from tests.integration.stack import Proc, Stack, running, wait_until
@@ -69,17 +72,22 @@ def _redis(stack: Stack) -> redis.Redis:
     return redis.Redis.from_url(stack.redis_url())
 
 
-def _completed(client: object, batch_id: str) -> int:
-    counts = client.batches.retrieve(batch_id).request_counts  # type: ignore[attr-defined]
+def _completed(client: OpenAI, batch_id: str) -> int:
+    counts = client.batches.retrieve(batch_id).request_counts
     return (counts.completed or 0) + (counts.failed or 0)
 
 
-def _slow(prefix: str, n: int, model: str, delay: float) -> list[dict[str, object]]:
+def _submit(client: OpenAI, lines: list[dict[str, Any]]) -> Batch:
+    """Upload ``lines`` and create their batch; returns the Batch."""
+    return create(client, upload(client, jsonl(lines)).id)
+
+
+def _slow(prefix: str, n: int, model: str, delay: float) -> list[dict[str, Any]]:
     return [line(f"{prefix}{i}", model=model, metadata={"echo_delay_s": delay}) for i in range(n)]
 
 
-def _all_once(client: object, batch: object, lines: list[dict[str, object]]) -> None:
-    outputs, errors = results(client, batch, [str(item["custom_id"]) for item in lines])  # type: ignore[arg-type]
+def _all_once(client: OpenAI, batch: Batch, lines: list[dict[str, Any]]) -> None:
+    outputs, errors = results(client, batch, [str(item["custom_id"]) for item in lines])
     assert len(outputs) == len(lines) and not errors
 
 
@@ -107,12 +115,12 @@ def test_a_small_batch_overtakes_a_big_one_on_a_shared_model(fair: FairStack) ->
     client_a = fair.client(fair.create_project("fair-a"))
     client_b = fair.client(fair.create_project("fair-b"))
     big_lines = _slow("a", 160, "fd-slow", 0.1)  # 4 s at 40 lines/s alone
-    big = create(client_a, upload(client_a, jsonl(big_lines)).id)
+    big = _submit(client_a, big_lines)
     wait_until(lambda: _completed(client_a, big.id) >= 10, 30, "the big batch to run")
 
     # When project B sends 8 lines
     small_lines = _slow("b", 8, "fd-slow", 0.1)
-    small = create(client_b, upload(client_b, jsonl(small_lines)).id)
+    small = _submit(client_b, small_lines)
 
     # Then B finishes while A still has most of its lines to go: B's lines did not queue
     # behind A's
@@ -132,7 +140,7 @@ def test_a_killed_workers_lines_come_back_long_before_the_visibility_timeout(
     client = fair.client(fair.create_project("victim"))
     doomed = fair.start_worker(models="fd-slow", concurrency=4)
     lines = _slow("v", 30, "fd-slow", 0.4)
-    batch = create(client, upload(client, jsonl(lines)).id)
+    batch = _submit(client, lines)
     wait_until(lambda: _completed(client, batch.id) >= 6, 30, "some lines to finish")
 
     # When it is killed, and another worker takes over
@@ -153,7 +161,7 @@ def test_the_dispatcher_killed_mid_dispatch_and_restarted_loses_nothing(fair: Fa
     client = fair.client(fair.create_project("dispatcher-crash"))
     worker = fair.start_worker(models="fd-fast", concurrency=8)
     lines = [line(f"d{i}", model="fd-fast") for i in range(900)]
-    batch = create(client, upload(client, jsonl(lines)).id)
+    batch = _submit(client, lines)
     control = [p for p in fair.procs if p.name == "control" and p.alive()][-1]
 
     # When the dispatcher process is SIGKILLed three times while it runs (its supervisor
@@ -195,7 +203,7 @@ def test_two_control_workers_at_once_keep_the_window_and_run_each_line_once(
     # When two projects run batches on it
     clients = [fair.client(fair.create_project(f"twin-{i}")) for i in range(2)]
     inputs = [_slow(f"t{i}-", 60, "fd-fixed", 0.02) for i in range(2)]
-    batches = [create(c, upload(c, jsonl(li)).id) for c, li in zip(clients, inputs, strict=True)]
+    batches = [_submit(c, li) for c, li in zip(clients, inputs, strict=True)]
 
     # Then both complete with each line once, and the window was never exceeded
     for client, batch, lines in zip(clients, batches, inputs, strict=True):
@@ -217,7 +225,7 @@ def test_a_cancel_while_three_batches_share_a_model_leaves_the_others_alone(
     worker = fair.start_worker(models="fd-slow", concurrency=4)
     clients = [fair.client(fair.create_project(f"share-{i}")) for i in range(3)]
     inputs = [_slow(f"s{i}-", 40, "fd-slow", 0.1) for i in range(3)]
-    batches = [create(c, upload(c, jsonl(li)).id) for c, li in zip(clients, inputs, strict=True)]
+    batches = [_submit(c, li) for c, li in zip(clients, inputs, strict=True)]
     wait_until(lambda: _completed(clients[1], batches[1].id) >= 3, 30, "the middle batch to run")
 
     # When the middle one is cancelled
@@ -243,12 +251,12 @@ def test_one_worker_serving_two_models_runs_both_batches(fair: FairStack) -> Non
     worker = fair.start_worker(models="fd-a,fd-b", concurrency=2)
     client = fair.client(fair.create_project("two-models"))
     long_lines = _slow("a", 40, "fd-a", 0.25)  # 5 s with both threads on it
-    long = create(client, upload(client, jsonl(long_lines)).id)
+    long = _submit(client, long_lines)
     wait_until(lambda: _completed(client, long.id) >= 2, 30, "the fd-a batch to run")
 
     # When a batch on fd-b comes
     short_lines = _slow("b", 4, "fd-b", 0.25)
-    short = create(client, upload(client, jsonl(short_lines)).id)
+    short = _submit(client, short_lines)
 
     # Then it completes while fd-a still has lines to run: the worker shares its threads
     # between its models' queues instead of draining fd-a first

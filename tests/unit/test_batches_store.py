@@ -4,6 +4,7 @@ short-circuit, leases (spec 4, 5.2, 5.4, 6)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -18,17 +19,32 @@ from batchsvc.batches import (
     lease_prefix,
     lines_key,
 )
-from batchsvc.keys import inflight_key, inflight_member, wake_key, window_key
+from batchsvc.keys import (
+    batch_key,
+    deliveries_key,
+    inflight_key,
+    inflight_member,
+    wake_key,
+    window_key,
+)
 from tests.factories import (
     SPEC_BATCH_FIELDS,
     T0,
     WINDOW_S,
     FakeClock,
+    add_deliveries,
+    deliveries,
     err_result,
     fake_redis,
+    has_record,
+    hold_lease,
+    lapse_lease,
+    live_leases,
     make_batch,
     ok_result,
 )
+
+MODEL = "demo-echo"
 
 
 def make_store(clock: FakeClock | None = None) -> BatchStore:
@@ -245,7 +261,7 @@ def test_record_line_is_idempotent_per_index() -> None:
     assert batch is not None
     assert (batch.completed, batch.failed) == (1, 0)
     assert list(store.iter_records("batch_1", 1)) == [(0, OK, ok_result("batch_1", 0))]
-    assert store.has_record("batch_1", 0) and not store.has_record("batch_1", 1)
+    assert store.line_presence("batch_1", [0, 1]) == [(True, False), (False, False)]
 
 
 def test_ok_and_failed_records_go_to_their_own_counters_until_all_recorded() -> None:
@@ -266,11 +282,11 @@ def test_a_sealed_batch_refuses_records() -> None:
     store = make_store()
     make_batch(store, batch_id="batch_1", total=2)
     store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
-    store.set_fields("batch_1", sealed=1)
+    store.seal("batch_1")
     outcome = store.record_line("batch_1", 1, True, ok_result("batch_1", 1))
     assert outcome.written is False
     assert (outcome.recorded, outcome.total) == (1, 2)
-    assert not store.has_record("batch_1", 1)
+    assert not has_record(store.r, "batch_1", 1)
     batch = store.get_any("batch_1")
     assert batch is not None and batch.completed == 1
 
@@ -319,13 +335,94 @@ def test_delete_records_removes_the_line_hash_but_not_the_counts() -> None:
     assert batch is not None and batch.completed == 1
 
 
-def test_set_field_once_keeps_the_first_value() -> None:
+# -- the run state (lifecycle.RunState) ----------------------------------------------------------
+
+
+def test_a_new_batch_has_an_empty_run_state() -> None:
+    store = make_store()
+    batch = make_batch(store, batch_id="batch_1")
+    assert batch.run == lifecycle.RunState()
+    assert "run" not in batch.to_api()
+
+
+def test_mark_expiring_says_whether_this_call_began_the_expiry() -> None:
     store = make_store()
     make_batch(store, batch_id="batch_1")
-    assert store.set_field_once("batch_1", "planned", "a") == "a"
-    assert store.set_field_once("batch_1", "planned", "b") == "a"
+    assert store.mark_expiring("batch_1") is True
+    assert store.mark_expiring("batch_1") is False
     batch = store.get_any("batch_1")
-    assert batch is not None and batch.extra["planned"] == "a"
+    assert batch is not None and batch.run.expiring
+    assert batch.status == lifecycle.IN_PROGRESS  # the flag moves no status
+
+
+def test_plan_result_files_fixes_the_ids_of_the_first_attempt() -> None:
+    # Given a first assembly attempt that planned its two ids
+    store = make_store()
+    make_batch(store, batch_id="batch_1")
+    assert store.plan_result_files("batch_1", "file-o1", "file-e1") == ("file-o1", "file-e1")
+    # When a retry plans new ids, Then it gets the first attempt's (it overwrites those files)
+    assert store.plan_result_files("batch_1", "file-o2", "file-e2") == ("file-o1", "file-e1")
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert (batch.run.planned_output_file_id, batch.run.planned_error_file_id) == (
+        "file-o1",
+        "file-e1",
+    )
+    # And planning publishes nothing: the batch names no file yet
+    assert (batch.output_file_id, batch.error_file_id) == (None, None)
+    assert not batch.run.files_written
+
+
+def test_plan_result_files_of_another_batch_is_its_own() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1")
+    make_batch(store, batch_id="batch_2")
+    store.plan_result_files("batch_1", "file-o1", "file-e1")
+    assert store.plan_result_files("batch_2", "file-o2", "file-e2") == ("file-o2", "file-e2")
+
+
+def test_record_files_written_keeps_the_files_and_leaves_the_counters() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=2)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    store.record_line("batch_1", 1, False, err_result("batch_1", 1))
+    store.record_files_written("batch_1", output_file_id="file-o", error_file_id="file-e")
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert batch.run.files_written
+    assert (batch.run.result_output_file_id, batch.run.result_error_file_id) == (
+        "file-o",
+        "file-e",
+    )
+    assert (batch.completed, batch.failed) == (1, 1)
+    # The batch object names its files only once it ends (the end transition sets them)
+    assert (batch.output_file_id, batch.error_file_id) == (None, None)
+
+
+def test_record_files_written_without_a_file_keeps_none() -> None:
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=1)
+    store.record_files_written("batch_1", output_file_id=None, error_file_id="file-e")
+    batch = store.get_any("batch_1")
+    assert batch is not None and batch.run.files_written
+    assert batch.run.result_output_file_id is None
+    assert batch.run.result_error_file_id == "file-e"
+
+
+def test_record_files_written_with_counts_replaces_the_counters() -> None:
+    # Counters that disagree with the records (a record lost, one counted twice): the files
+    # hold the records, so the counters are made to match them
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=3)
+    for index in range(3):
+        store.record_line("batch_1", index, True, ok_result("batch_1", index))
+    store.record_files_written(
+        "batch_1", output_file_id="file-o", error_file_id=None, counts=(2, 1)
+    )
+    batch = store.get_any("batch_1")
+    assert batch is not None
+    assert (batch.completed, batch.failed) == (2, 1)
+    assert (batch.run.result_output_file_id, batch.run.result_error_file_id) == ("file-o", None)
 
 
 # -- short-circuit -------------------------------------------------------------------------------
@@ -336,7 +433,7 @@ def test_short_circuit_skips_recorded_and_leased_lines_and_counts_failed_once() 
     store = make_store()
     make_batch(store, batch_id="batch_1", total=5)
     store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
-    assert store.acquire_lease("batch_1", 1, "tok", 30)
+    assert hold_lease(store.r, "batch_1", 1, "tok")
     lines = [(i, err_result("batch_1", i)) for i in range(5)]
     # When cancel short-circuits every line
     outcome = store.short_circuit("batch_1", lines)
@@ -351,10 +448,10 @@ def test_short_circuit_skips_recorded_and_leased_lines_and_counts_failed_once() 
     assert again == RecordOutcome(False, 4, 5)
     batch = store.get_any("batch_1")
     assert batch is not None and batch.failed == 3
-    # When the leased line finishes, it records normally and completes the count
-    store.release_lease("batch_1", 1, "tok")
-    final = store.record_line("batch_1", 1, True, ok_result("batch_1", 1))
-    assert final.all_recorded
+    # When the leased line finishes, it records normally, completes the count and lets go
+    final = store.finish_line("batch_1", 1, True, ok_result("batch_1", 1), "tok", MODEL)
+    assert final.written and final.all_recorded
+    assert store.line_presence("batch_1", [1]) == [(True, False)]
 
 
 def test_short_circuit_works_in_chunks_over_many_lines() -> None:
@@ -362,7 +459,7 @@ def test_short_circuit_works_in_chunks_over_many_lines() -> None:
     total = 1234
     make_batch(store, batch_id="batch_1", total=total)
     store.record_line("batch_1", 700, True, ok_result("batch_1", 700))
-    store.acquire_lease("batch_1", 1000, "tok", 30)
+    assert hold_lease(store.r, "batch_1", 1000, "tok")
     calls: list[int] = []
     original = store._short_circuit
 
@@ -386,10 +483,10 @@ def test_short_circuit_on_a_sealed_batch_writes_nothing_and_reports_the_counts()
     store = make_store()
     make_batch(store, batch_id="batch_1", total=2)
     store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
-    store.set_fields("batch_1", sealed=1)
+    store.seal("batch_1")
     outcome = store.short_circuit("batch_1", [(1, err_result("batch_1", 1))])
     assert outcome == RecordOutcome(False, 1, 2)
-    assert not store.has_record("batch_1", 1)
+    assert not has_record(store.r, "batch_1", 1)
 
 
 def test_short_circuit_with_no_lines_is_a_no_op() -> None:
@@ -398,41 +495,51 @@ def test_short_circuit_with_no_lines_is_a_no_op() -> None:
     assert store.short_circuit("batch_1", []) == RecordOutcome(False, 0, 2)
 
 
-# -- leases --------------------------------------------------------------------------------------
+# -- leases: taken by begin_line, renewed by LeaseKeeper, released by finish_line ----------------
 
 
 def test_a_lease_is_exclusive_and_only_its_token_renews_or_releases_it() -> None:
     store = make_store()
-    key = "bs:lease:batch_1:3"
-    # Given a lease held with token A
-    assert store.acquire_lease("batch_1", 3, "A", 30)
+    make_batch(store, batch_id="batch_1", total=5)
+    key = lease_prefix("batch_1") + "3"
+    # Given line 3 taken by a run with token A
+    assert store.begin_line("batch_1", 3, "A", 30, MODEL).verdict == "run"
     assert 0 < store.r.pttl(key) <= 30_000
-    # Then nobody else can take it
-    assert not store.acquire_lease("batch_1", 3, "B", 30)
-    # and a wrong token can neither renew nor release it
+    # Then no other copy can take it
+    assert store.begin_line("batch_1", 3, "B", 30, MODEL).verdict == "leased"
+    # and a wrong token cannot renew it, while the right one does
     assert not store.renew_lease("batch_1", 3, "B", 300)
     assert store.r.pttl(key) <= 30_000
-    store.release_lease("batch_1", 3, "B")
-    assert store.r.get(key) == b"A"
-    assert store.live_leases("batch_1") == 1
-    # while the right token does both
     assert store.renew_lease("batch_1", 3, "A", 300)
     assert store.r.pttl(key) > 30_000
-    store.release_lease("batch_1", 3, "A")
-    assert store.r.get(key) is None
-    assert store.live_leases("batch_1") == 0
-    # and then the line can be leased again; renewing a lost lease fails
+    # When A's lease lapses (its worker stalled) and a copy with token B takes the line
+    lapse_lease(store.r, "batch_1", 3)
+    assert store.begin_line("batch_1", 3, "B", 30, MODEL).verdict == "run"
+    # Then A can no longer renew it, and A's late finish records (first record wins) but
+    # leaves B's lease alone
     assert not store.renew_lease("batch_1", 3, "A", 30)
-    assert store.acquire_lease("batch_1", 3, "B", 30)
+    late = store.finish_line("batch_1", 3, True, ok_result("batch_1", 3), "A", MODEL)
+    assert late.written
+    assert store.r.get(key) == b"B"
+    assert live_leases(store.r, "batch_1") == 1
+    # And B's finish, a duplicate now, still releases its own lease
+    own = store.finish_line("batch_1", 3, True, ok_result("batch_1", 3), "B", MODEL)
+    assert not own.written
+    assert store.r.get(key) is None
+    assert live_leases(store.r, "batch_1") == 0
 
 
 def test_leases_of_different_lines_and_batches_are_independent() -> None:
     store = make_store()
-    assert store.acquire_lease("batch_1", 1, "A", 30)
-    assert store.acquire_lease("batch_1", 10, "A", 30)
-    assert store.acquire_lease("batch_2", 1, "A", 30)
-    assert store.live_leases("batch_1") == 2
-    assert store.live_leases("batch_2") == 1
+    make_batch(store, batch_id="batch_1", total=11)
+    make_batch(store, batch_id="batch_2", total=2)
+    for batch_id, index in (("batch_1", 1), ("batch_1", 10), ("batch_2", 1)):
+        assert store.begin_line(batch_id, index, "A", 30, MODEL).verdict == "run"
+    assert live_leases(store.r, "batch_1") == 2
+    assert live_leases(store.r, "batch_2") == 1
+    # Line 0 of either batch is still free to take
+    assert store.begin_line("batch_1", 0, "B", 30, MODEL).verdict == "run"
+    assert store.begin_line("batch_2", 0, "B", 30, MODEL).verdict == "run"
 
 
 def test_to_api_parses_as_the_openai_sdks_batch_for_running_and_failed_batches() -> None:
@@ -458,62 +565,75 @@ def test_short_circuit_of_a_missing_batch_creates_nothing() -> None:
     assert store.get_any("batch_nope") is None
 
 
-# -- deliveries and lease filtering (the reconciler and poison lines) ----------------------------
+# -- deliveries and line presence (the reconciler and poison lines) -----------------------------
 
 
-def _deliveries_key(batch_id: str) -> str:
-    from batchsvc.batches import deliveries_key
-
-    return deliveries_key(batch_id)
-
-
-def test_count_delivery_counts_runs_per_index_independently() -> None:
+def test_begin_line_counts_runs_per_index_independently() -> None:
     store = make_store()
     make_batch(store, batch_id="batch_1", total=3)
-    assert [store.count_delivery("batch_1", 0) for _ in range(3)] == [1, 2, 3]
+    make_batch(store, batch_id="batch_2", total=1)
+
+    def run_that_dies(batch_id: str, index: int) -> int:
+        """A run that takes the line and dies unrecorded (its lease then lapses)."""
+        start = store.begin_line(batch_id, index, "tok", 30, MODEL)
+        assert start.verdict == "run"
+        lapse_lease(store.r, batch_id, index)
+        return start.deliveries
+
+    assert [run_that_dies("batch_1", 0) for _ in range(3)] == [1, 2, 3]
     # Another line of the same batch, and the same line of another batch, start from one
-    assert store.count_delivery("batch_1", 2) == 1
-    assert store.count_delivery("batch_2", 0) == 1
-    assert store.count_delivery("batch_1", 0) == 4
-    assert store.r.hgetall(_deliveries_key("batch_1")) == {b"0": b"4", b"2": b"1"}
-    # Counting deliveries records nothing and counts nothing in the batch
+    assert run_that_dies("batch_1", 2) == 1
+    assert run_that_dies("batch_2", 0) == 1
+    assert run_that_dies("batch_1", 0) == 4
+    assert store.r.hgetall(deliveries_key("batch_1")) == {b"0": b"4", b"2": b"1"}
+    # Counting runs records nothing and counts nothing in the batch
     assert [r[1] for r in store.iter_records("batch_1", 3)] == [None, None, None]
     batch = store.get_any("batch_1")
     assert batch is not None and batch.recorded == 0
+    # And a copy that finds the line leased is no run: it is not counted
+    assert store.begin_line("batch_1", 1, "A", 30, MODEL).deliveries == 1
+    assert store.begin_line("batch_1", 1, "B", 30, MODEL).verdict == "leased"
+    assert deliveries(store.r, "batch_1", 1) == 1
 
 
-def test_unleased_keeps_only_indices_without_a_live_lease_in_their_order() -> None:
+def test_line_presence_reports_each_lines_record_and_lease_in_the_order_asked() -> None:
     store = make_store()
-    assert store.acquire_lease("batch_1", 1, "A", 30)
-    assert store.acquire_lease("batch_1", 4, "B", 30)
-    assert store.acquire_lease("batch_2", 0, "C", 30)  # another batch's lease does not count
-    assert store.unleased("batch_1", [0, 1, 2, 3, 4, 5]) == [0, 2, 3, 5]
-    assert store.unleased("batch_1", [5, 4, 0]) == [5, 0]
-    assert store.unleased("batch_1", [1, 4]) == []
-    assert store.unleased("batch_1", []) == []
+    make_batch(store, batch_id="batch_1", total=6)
+    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
+    store.record_line("batch_1", 4, False, err_result("batch_1", 4))
+    assert hold_lease(store.r, "batch_1", 1, "A")
+    assert hold_lease(store.r, "batch_1", 4, "B")  # recorded, lease not yet released
+    assert hold_lease(store.r, "batch_2", 0, "C")  # another batch's lease does not count
+    assert store.line_presence("batch_1", [0, 1, 2, 3, 4, 5]) == [
+        (True, False),
+        (False, True),
+        (False, False),
+        (False, False),
+        (True, True),
+        (False, False),
+    ]
+    assert store.line_presence("batch_1", [5, 4, 0]) == [
+        (False, False),
+        (True, True),
+        (True, False),
+    ]
+    assert store.line_presence("batch_1", []) == []
+    assert store.line_presence("batch_missing", [0]) == [(False, False)]
 
 
-def test_unleased_sees_a_released_or_lapsed_lease_as_gone() -> None:
-    import time
-
+def test_line_presence_sees_a_released_or_lapsed_lease_as_gone() -> None:
     store = make_store()
-    assert store.acquire_lease("batch_1", 0, "A", 30)
-    assert store.acquire_lease("batch_1", 1, "B", 30)
-    store.release_lease("batch_1", 0, "A")
-    assert store.unleased("batch_1", [0, 1]) == [0]
+    make_batch(store, batch_id="batch_1", total=2)
+    assert store.begin_line("batch_1", 0, "A", 30, MODEL).verdict == "run"
+    assert store.begin_line("batch_1", 1, "B", 30, MODEL).verdict == "run"
+    # Line 0 finishes (recorded, lease released)
+    store.finish_line("batch_1", 0, True, ok_result("batch_1", 0), "A", MODEL)
+    assert store.line_presence("batch_1", [0, 1]) == [(True, False), (False, True)]
     # Line 1's lease lapses (its worker died): its TTL runs out now rather than after a short
     # TTL set above, which a stalled test process could have let lapse too early
     store.r.pexpire(lease_prefix("batch_1") + "1", 1)
     time.sleep(0.05)
-    assert store.unleased("batch_1", [0, 1]) == [0, 1]
-
-
-def test_unleased_does_not_care_about_records() -> None:
-    # Filtering recorded lines is the caller's job (redispatch_missing reads the records first)
-    store = make_store()
-    make_batch(store, batch_id="batch_1", total=2)
-    store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
-    assert store.unleased("batch_1", [0, 1]) == [0, 1]
+    assert store.line_presence("batch_1", [0, 1]) == [(True, False), (False, False)]
 
 
 def test_delete_records_also_removes_the_delivery_counts() -> None:
@@ -521,15 +641,15 @@ def test_delete_records_also_removes_the_delivery_counts() -> None:
     make_batch(store, batch_id="batch_1", total=2)
     make_batch(store, batch_id="batch_2", total=1)
     store.record_line("batch_1", 0, True, ok_result("batch_1", 0))
-    store.count_delivery("batch_1", 0)
-    store.count_delivery("batch_1", 1)
-    store.count_delivery("batch_2", 0)
+    add_deliveries(store.r, "batch_1", 0)
+    add_deliveries(store.r, "batch_1", 1)
+    add_deliveries(store.r, "batch_2", 0)
     store.delete_records("batch_1")
     assert not store.r.exists(lines_key("batch_1"))
-    assert not store.r.exists(_deliveries_key("batch_1"))
+    assert not store.r.exists(deliveries_key("batch_1"))
     # Only that batch's counts go; a later run of the line starts counting afresh
-    assert store.r.hgetall(_deliveries_key("batch_2")) == {b"0": b"1"}
-    assert store.count_delivery("batch_1", 1) == 1
+    assert store.r.hgetall(deliveries_key("batch_2")) == {b"0": b"1"}
+    assert store.begin_line("batch_1", 1, "tok", 30, MODEL).deliveries == 1
 
 
 def test_delete_records_without_deliveries_or_records_is_harmless() -> None:
@@ -541,8 +661,6 @@ def test_delete_records_without_deliveries_or_records_is_harmless() -> None:
 
 
 # -- the line steps and the model's in-flight set (DESIGN "Sharing the fleet") -------------------
-
-MODEL = "demo-echo"
 
 
 def in_flight_with(store: BatchStore, batch_id: str, indices: range, window: int) -> None:
@@ -634,9 +752,9 @@ def test_a_copy_whose_batch_is_gone_leaves_the_in_flight_set(how: str) -> None:
     make_batch(store, batch_id="batch_1", total=2)
     in_flight_with(store, "batch_1", range(2), window=100)
     if how == "missing":
-        store.r.delete("bs:batch:batch_1")
+        store.r.delete(batch_key("batch_1"))
     elif how == "sealed":
-        store.set_fields("batch_1", sealed=1)
+        store.seal("batch_1")
     else:
         store.r.hset("bs:batch:batch_1", "status", how)
     start = store.begin_line("batch_1", 0, "copy", 30, MODEL)
@@ -650,7 +768,7 @@ def test_a_copy_that_finds_the_line_leased_leaves_the_set_alone() -> None:
     store = make_store()
     make_batch(store, batch_id="batch_1", total=2)
     in_flight_with(store, "batch_1", range(2), window=2)
-    assert store.acquire_lease("batch_1", 0, "elsewhere", 30)
+    assert hold_lease(store.r, "batch_1", 0, "elsewhere")
     # When a copy begins, Then it is leased: the line stays in flight, no wake
     start = store.begin_line("batch_1", 0, "copy", 30, MODEL)
     assert (start.verdict, start.wake) == ("leased", False)
@@ -678,10 +796,10 @@ def test_a_finish_into_a_sealed_batch_records_nothing_but_leaves_the_set() -> No
     in_flight_with(store, "batch_1", range(2), window=100)
     start = store.begin_line("batch_1", 0, "t", 30, MODEL)
     assert start.verdict == "run"
-    store.set_fields("batch_1", sealed=1)
+    store.seal("batch_1")
     outcome = store.finish_line("batch_1", 0, True, ok_result("batch_1", 0), "t", MODEL)
     assert not outcome.written
-    assert not store.has_record("batch_1", 0)
+    assert not has_record(store.r, "batch_1", 0)
     assert in_flight(store) == {"batch_1.1"}
 
 
@@ -694,7 +812,7 @@ def test_an_expiring_batch_is_not_moved_to_cancelling(how: str) -> None:
     store = make_store(clock)
     batch = make_batch(store, batch_id="batch_1", total=2)
     if how == "flagged":
-        store.set_fields("batch_1", expiring=1)
+        assert store.mark_expiring("batch_1")
     else:
         clock.now = batch.expires_at + (0 if how == "at_expires_at" else 100)
     moved, status = store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
@@ -721,9 +839,25 @@ def test_an_expiring_batch_still_takes_its_other_transitions() -> None:
     clock = FakeClock()
     store = make_store(clock)
     batch = make_batch(store, batch_id="batch_1", total=2)
-    store.set_fields("batch_1", expiring=1)
+    assert store.mark_expiring("batch_1")
     clock.now = batch.expires_at + 5
     assert store.transition("batch_1", [lifecycle.IN_PROGRESS], lifecycle.EXPIRED) == (
         True,
         lifecycle.EXPIRED,
     )
+
+
+def test_a_retried_begin_line_with_its_own_token_is_the_same_delivery() -> None:
+    # Given a line taken by a run whose reply was lost (Redis blinked)
+    store = make_store()
+    make_batch(store, batch_id="batch_1", total=1)
+    first = store.begin_line("batch_1", 0, "tok", 30, MODEL)
+    assert (first.verdict, first.deliveries) == ("run", 1)
+
+    # When the same run retries the step with its own token
+    retry = store.begin_line("batch_1", 0, "tok", 30, MODEL)
+
+    # Then it is still its run, and no second delivery is counted (each blip would otherwise
+    # bring the line closer to the poison limit)
+    assert (retry.verdict, retry.deliveries) == ("run", 1)
+    assert deliveries(store.r, "batch_1", 0) == 1

@@ -10,6 +10,7 @@ import pytest
 from batchsvc import lifecycle
 from batchsvc.dispatch_store import MODELS_KEY
 from batchsvc.keys import (
+    batch_key,
     cursor_key,
     heartbeat_key,
     inflight_key,
@@ -126,13 +127,13 @@ def test_a_batch_that_may_no_longer_dispatch_is_refused_and_unregistered(
     if how == "cancelling":
         d.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     elif how == "expiring":
-        d.batches.set_fields(batch_id, expiring=1)
+        assert d.batches.mark_expiring(batch_id)
     elif how == "expires_at":
         d.clock.now = batch.expires_at  # the store's clock: no sweep has flagged it yet
     elif how == "sealed":
-        d.batches.set_fields(batch_id, sealed=1)
+        d.batches.seal(batch_id)
     else:
-        d.redis.delete(f"bs:batch:{batch_id}")
+        d.redis.delete(batch_key(batch_id))
     # When it claims more lines
     result = claim(d, batch_id, range(2, 4), cursor=2)
     # Then it is refused, nothing joins the set, and the batch leaves the pending batches
@@ -150,7 +151,7 @@ def test_the_last_batch_refused_takes_the_model_out_of_the_models_with_pending(
     d: Domain,
 ) -> None:
     batch_id = registered(d)
-    d.batches.set_fields(batch_id, expiring=1)
+    assert d.batches.mark_expiring(batch_id)
     assert claim(d, batch_id, range(2)) == (-1, 0)
     assert d.dispatch.models_with_pending() == []
     assert in_flight(d) == set()

@@ -33,6 +33,7 @@ DOMAIN_MODULES = [
     "batchsvc.storage.local",
     "batchsvc.celery_config",
     "batchsvc.embedded_redis",
+    "batchsvc.idempotency",
 ]
 #: Allowed to import Flask/Celery: the web edge and the CLI.
 EDGE = ("batchsvc.api", "batchsvc.cli")

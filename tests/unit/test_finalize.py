@@ -9,20 +9,25 @@ from batchsvc import lifecycle
 from batchsvc.batches import BatchRecord, lines_key
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import line_record_id
+from batchsvc.keys import batch_key
 from batchsvc.line_index import IndexEntry, line_index_key, write_entry
 from batchsvc.results import batch_cancelled, batch_expired
 from batchsvc.storage import batch_input_key, upload_key
 from tests.factories import (
+    DEMO_MODEL,
     RETENTION_S,
     T0,
     Domain,
     err_result,
+    has_record,
+    hold_lease,
     make_batch,
     make_domain,
     ok_result,
     parse_jsonl,
     read_file,
     request_lines,
+    set_batch_fields,
     storage_files,
     write_input_copy,
 )
@@ -157,7 +162,7 @@ def test_a_batch_with_unrecorded_lines_stays_in_progress_and_nothing_is_written(
     after = get(d, batch.id)
     assert after.status == lifecycle.IN_PROGRESS
     assert after.timestamps["finalizing_at"] is None
-    assert "sealed" not in after.extra
+    assert not after.run.sealed
     assert file_records(d) == []
     assert storage_files(d.storage.root) == [batch_input_key(batch.id)]
     # and the last line can still be recorded, after which finalize completes
@@ -188,7 +193,7 @@ def test_an_expiring_batch_ends_expired(tmp_path: Path) -> None:
     write_input_copy(d.storage, batch.id, request_lines(3))
     d.batches.record_line(batch.id, 0, True, ok_result(batch.id, 0))
     d.clock.now = batch.expires_at
-    d.batches.set_fields(batch.id, expiring=1)
+    assert d.batches.mark_expiring(batch.id)
     recorded = d.finalizer.short_circuit(get(d, batch.id), batch_expired())
     assert recorded == 3
     # When
@@ -231,7 +236,9 @@ def test_a_crash_after_the_files_were_written_reuses_the_same_ids(tmp_path: Path
     record_all(d, batch, failed={0})
     assert d.finalizer._write_files(get(d, batch.id))
     crashed = get(d, batch.id)
-    planned = (crashed.extra["result_output_file_id"], crashed.extra["result_error_file_id"])
+    out_id, err_id = crashed.run.result_output_file_id, crashed.run.result_error_file_id
+    assert crashed.run.files_written and out_id is not None and err_id is not None
+    planned = (out_id, err_id)
     assert crashed.status == lifecycle.IN_PROGRESS
     files_before = file_records(d)
     # When finalize runs again
@@ -250,14 +257,15 @@ def test_a_crash_in_the_middle_of_writing_rewrites_under_the_planned_ids(tmp_pat
     batch = make_batch(d.batches, total=2)
     record_all(d, batch, failed={1})
     assert d.finalizer._write_files(get(d, batch.id))
-    state = get(d, batch.id).extra
-    d.batches.r.hdel(f"bs:batch:{batch.id}", "files_written")
+    state = get(d, batch.id).run
+    d.redis.hdel(batch_key(batch.id), lifecycle.FILES_WRITTEN)
+    assert not get(d, batch.id).run.files_written
     # When finalize runs again
     assert d.finalizer.finalize(batch.id) == lifecycle.COMPLETED
     # Then it reuses the planned ids
     done = get(d, batch.id)
-    assert done.output_file_id == state["planned_output_file_id"]
-    assert done.error_file_id == state["planned_error_file_id"]
+    assert done.output_file_id == state.planned_output_file_id is not None
+    assert done.error_file_id == state.planned_error_file_id is not None
     assert len(file_records(d)) == 2
 
 
@@ -269,16 +277,15 @@ def test_short_circuit_on_cancel_records_unstarted_lines_from_the_input_copy(
     batch = make_batch(d.batches, total=5)
     write_input_copy(d.storage, batch.id, request_lines(5, prefix="q-"))
     d.batches.record_line(batch.id, 0, True, ok_result(batch.id, 0, "q-0"))
-    assert d.batches.acquire_lease(batch.id, 1, "tok", 30)
+    assert hold_lease(d.redis, batch.id, 1, "tok")
     d.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     # When cancel short-circuits
     recorded = d.finalizer.short_circuit(get(d, batch.id), batch_cancelled())
     # Then 3 lines were short-circuited; finalize must wait for the running one
     assert recorded == 4
     assert d.finalizer.finalize(batch.id) == lifecycle.CANCELLING
-    # When the running line finishes
-    d.batches.record_line(batch.id, 1, False, err_result(batch.id, 1, "q-1"))
-    d.batches.release_lease(batch.id, 1, "tok")
+    # When the running line finishes (records its result and lets go of its lease)
+    d.batches.finish_line(batch.id, 1, False, err_result(batch.id, 1, "q-1"), "tok", DEMO_MODEL)
     assert d.finalizer.finalize(batch.id) == lifecycle.CANCELLED
     # Then the error file holds the failed line and the never-run lines, each once
     done = get(d, batch.id)
@@ -313,7 +320,7 @@ def test_short_circuit_without_an_input_copy_records_nothing(tmp_path: Path) -> 
     batch = make_batch(d.batches, total=2)
     d.batches.record_line(batch.id, 0, True, ok_result(batch.id, 0))
     assert d.finalizer.short_circuit(get(d, batch.id), batch_cancelled()) == 1
-    assert not d.batches.has_record(batch.id, 1)
+    assert not has_record(d.redis, batch.id, 1)
 
 
 def test_a_cancel_landing_while_finalize_starts_ends_cancelled_not_an_error(
@@ -394,7 +401,7 @@ def _bulk_record(d: Domain, batch: BatchRecord) -> None:
         lines_key(batch.id),
         mapping={str(i): "o" + ok_result(batch.id, i) for i in range(batch.total)},
     )
-    d.batches.set_fields(batch.id, completed=batch.total)
+    set_batch_fields(d.redis, batch.id, completed=batch.total)
 
 
 def _spy_lock_ttl(d: Domain, batch_id: str) -> list[int]:
@@ -453,7 +460,7 @@ def test_a_killed_finalizes_lock_lapses_after_lock_ttl_s_and_finalize_then_proce
     assert finalizer.finalize(batch.id) == lifecycle.IN_PROGRESS
     blocked = get(d, batch.id)
     assert blocked.status == lifecycle.IN_PROGRESS
-    assert "sealed" not in blocked.extra and "planned_output_file_id" not in blocked.extra
+    assert not blocked.run.sealed and blocked.run.planned_output_file_id is None
     assert file_records(d) == []
     assert storage_files(d.storage.root) == stored_before
     # When lock_ttl_s has passed, Then finalize proceeds and ends the batch
@@ -485,7 +492,8 @@ def test_write_files_calls_the_keepalive_every_1000_records(tmp_path: Path) -> N
         written = d.finalizer._write_files(get(d, batch.id), lambda c=calls: c.append(1))
         assert written is True
         assert len(calls) == renewals, total
-        out_id = get(d, batch.id).extra["result_output_file_id"]
+        out_id = get(d, batch.id).run.result_output_file_id
+        assert out_id is not None
         assert len(parse_jsonl(read_file(d.storage, out_id))) == total
 
 
@@ -548,7 +556,7 @@ def test_a_finalize_whose_lock_was_taken_over_stops_without_publishing(tmp_path:
     with pytest.raises(redis_lib.exceptions.LockError):
         finalizer.finalize(batch.id)
     after = get(d, batch.id)
-    assert "files_written" not in after.extra
+    assert not after.run.files_written
     assert not lifecycle.is_terminal(after.status)
     assert file_records(d) == []
     assert storage_files(d.storage.root) == []  # the half-written files were dropped
@@ -636,8 +644,40 @@ def test_a_cancel_after_expires_at_leaves_the_batch_to_end_expired(tmp_path: Pat
     moved, status = d.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     assert (moved, status) == (False, lifecycle.IN_PROGRESS)
     # And expiry ends it expired, never cancelled (spec 6.2)
-    d.batches.set_fields(batch.id, expiring=1)
+    assert d.batches.mark_expiring(batch.id)
     assert d.finalizer.short_circuit(get(d, batch.id), batch_expired()) == 2
     assert d.finalizer.finalize(batch.id) == lifecycle.EXPIRED
     done = get(d, batch.id)
     assert done.timestamps["cancelling_at"] is None and done.timestamps["cancelled_at"] is None
+
+
+def test_counters_that_disagree_with_the_records_are_made_to_match_the_files(
+    tmp_path: Path,
+) -> None:
+    # Given 3 lines recorded (2 ok, 1 failed) but counters that say 3 ok (a count gone wrong)
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=3)
+    record_all(d, batch, failed={1})
+    set_batch_fields(d.redis, batch.id, completed=3, failed=0)
+    # When it is finalized
+    assert d.finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    # Then the counts are those of the files
+    done = get(d, batch.id)
+    assert done.to_api()["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert done.output_file_id is not None and done.error_file_id is not None
+    assert len(parse_jsonl(read_file(d.storage, done.output_file_id))) == 2
+    assert len(parse_jsonl(read_file(d.storage, done.error_file_id))) == 1
+    assert done.run.files_written and done.run.sealed
+
+
+def test_a_retried_assembly_writes_under_the_ids_planned_first(tmp_path: Path) -> None:
+    # Given a first assembly attempt that planned its ids and died before writing anything
+    d = make_domain(tmp_path)
+    batch = make_batch(d.batches, total=2)
+    record_all(d, batch, failed={0})
+    planned = d.batches.plan_result_files(batch.id, "file-planned-out", "file-planned-err")
+    # When finalize runs, Then the files it publishes are the planned ones
+    assert d.finalizer.finalize(batch.id) == lifecycle.COMPLETED
+    done = get(d, batch.id)
+    assert (done.output_file_id, done.error_file_id) == planned
+    assert sorted(file_records(d)) == sorted(planned)

@@ -293,7 +293,7 @@ def test_cancel_of_a_batch_the_sweep_is_expiring_is_409_expired(tmp_path: Path) 
     # Given a batch the expiry sweep has flagged (its clock may run ahead of ours)
     env = make_env(tmp_path)
     record = store_batch(env, "in_progress", in_progress_at=int(env.clock()))
-    env.batches.set_fields(record.id, expiring="1")
+    assert env.batches.mark_expiring(record.id)
     assert_cancel_answers_expired(env, record.id)
 
 

@@ -13,9 +13,8 @@ import pytest
 import redis
 from werkzeug.test import TestResponse
 
-from batchsvc.api import idempotency
-from batchsvc.api.idempotency import IdempotencyStore, Stored
 from batchsvc.api.uploads import receive_upload
+from batchsvc.idempotency import CLAIM_TTL_S, IdempotencyStore
 from tests.unit.api.helpers import (
     URL,
     ApiEnv,
@@ -286,9 +285,8 @@ def test_the_answer_is_kept_24_hours_and_a_claim_less(tmp_path: Path) -> None:
     assert key.startswith(f"bs:idem:{env.a.project_id}:batches:".encode())
     assert KEY.encode() not in key  # client text never becomes part of our key space
     assert 86_000 < env.redis.ttl(key) <= 86_400
-    store = IdempotencyStore(env.redis)
-    claim = store.acquire("bs:idem:t:batches:x", "fp")
-    assert 800 < env.redis.ttl(claim.redis_key) <= idempotency.CLAIM_TTL_S  # type: ignore[union-attr]
+    claim = env.services.idempotency.acquire("bs:idem:t:batches:x", "fp")
+    assert 800 < env.redis.ttl(claim.redis_key) <= CLAIM_TTL_S  # type: ignore[union-attr]
 
 
 def test_without_the_header_nothing_changes(tmp_path: Path) -> None:
@@ -386,7 +384,7 @@ def test_a_request_still_in_flight_after_the_wait_is_409_in_use_and_retryable(
     gate = Gate(env, monkeypatch)
     first_thread, first = in_thread(env, body)
     assert gate.entered.wait(10)
-    monkeypatch.setattr(idempotency, "WAIT_S", 0.2)
+    monkeypatch.setattr(env.services.idempotency, "wait_s", 0.2)
     try:
         # the same body: in use, and the SDK is told a retry is right
         waited = post_batch(env, body)
@@ -426,28 +424,24 @@ def test_many_identical_requests_at_once_create_one_batch(tmp_path: Path) -> Non
     assert len(batch_ids(env)) == 1 and len(env.dispatcher.started) == 1
 
 
-# -- the store on its own ---------------------------------------------------------------------
+# -- wiring ----------------------------------------------------------------------------------
 
 
-def test_a_late_owner_never_overwrites_a_claim_taken_over_after_expiry(tmp_path: Path) -> None:
+def test_requests_use_the_store_built_with_the_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the app (and with it the store) is built
     env = make_env(tmp_path)
-    store = IdempotencyStore(env.redis)
-    old = store.acquire("bs:idem:p:batches:k", "fp")
-    env.redis.delete("bs:idem:p:batches:k")  # the claim expired
-    new = store.acquire("bs:idem:p:batches:k", "fp")
-    assert not store.finish(old, 200, {"id": "old"})  # type: ignore[arg-type]
-    store.release(old)  # type: ignore[arg-type]
-    assert store.finish(new, 200, {"id": "new"})  # type: ignore[arg-type]
-    assert store.acquire("bs:idem:p:batches:k", "fp") == Stored(200, {"id": "new"})
+    file_id = upload_id(env)
 
+    def no_new_store(self: IdempotencyStore, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("request code built an IdempotencyStore")
 
-def test_a_released_claim_can_be_taken_again(tmp_path: Path) -> None:
-    env = make_env(tmp_path)
-    store = IdempotencyStore(env.redis)
-    claim = store.acquire("bs:idem:p:files:k", "fp")
-    store.release(claim)  # type: ignore[arg-type]
-    assert env.redis.get("bs:idem:p:files:k") is None
-    assert not isinstance(store.acquire("bs:idem:p:files:k", "fp"), Stored)
+    # When no further store can be built, Then keyed requests still work and replay
+    monkeypatch.setattr(IdempotencyStore, "__init__", no_new_store)
+    first = post_batch(env, batch_body(file_id))
+    assert first.status_code == 200
+    assert_replay(first, post_batch(env, batch_body(file_id)))
 
 
 # -- POST /v1/files --------------------------------------------------------------------------

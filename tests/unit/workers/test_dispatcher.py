@@ -450,7 +450,7 @@ def test_a_batch_past_expires_at_expiring_or_cancelled_dispatches_no_more(
     if how == "expires_at":
         w.env.clock.now = batch.expires_at
     elif how == "expiring":
-        w.batches.set_fields(stopped, expiring=1)
+        assert w.batches.mark_expiring(stopped)
     else:
         assert w.batches.transition(stopped, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)[0]
     published = len(w.publisher.published)

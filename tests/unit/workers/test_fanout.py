@@ -195,7 +195,7 @@ def test_unservable_lines_are_recorded_at_once_and_the_rest_indexed_for_dispatch
     after = env.batches.get_any(batch.id)
     assert after is not None
     assert (after.completed, after.failed) == (0, 4)
-    assert after.extra["dispatch_state"] == "done"
+    assert after.run.dispatch_phase == lifecycle.DispatchPhase.DONE
     # And nothing asks for finalize: the chord callback will
     assert finalize.calls == []
 
@@ -241,7 +241,7 @@ def test_all_unknown_requests_finalize_and_register_nothing(tmp_path: Path) -> N
     assert store.model_counts(batch.id) == {} and store.models_with_pending() == []
     after = env.batches.get_any(batch.id)
     assert after is not None and after.failed == 2 and after.recorded == after.total
-    assert after.extra["dispatch_state"] == "done"
+    assert after.run.dispatch_phase == lifecycle.DispatchPhase.DONE
 
 
 def test_blank_lines_do_not_shift_indices(tmp_path: Path) -> None:
@@ -308,7 +308,7 @@ def test_a_start_that_died_before_registering_is_completed_by_the_next_start(
     with pytest.raises(ConnectionError):
         run(env, batch.id, first, store=DiesRegistering(env.redis, env.clock))
     mid = env.batches.get_any(batch.id)
-    assert mid is not None and mid.extra["dispatch_state"] == "started"
+    assert mid is not None and mid.run.dispatch_phase == lifecycle.DispatchPhase.STARTED
     store = DispatchStore(env.redis, env.clock)
     assert store.models_with_pending() == []
     # When the start runs again
@@ -321,7 +321,7 @@ def test_a_start_that_died_before_registering_is_completed_by_the_next_start(
     assert dispatch.calls == [MODEL]
     after = env.batches.get_any(batch.id)
     assert after is not None
-    assert (after.failed, after.extra["dispatch_state"]) == (1, "done")
+    assert (after.failed, after.run.dispatch_phase) == (1, lifecycle.DispatchPhase.DONE)
 
 
 @pytest.mark.parametrize("status", ["cancelling", "cancelled", "completed", "failed"])
@@ -361,5 +361,5 @@ def test_a_completed_start_marks_the_batch_done(tmp_path: Path) -> None:
     run(env, batch.id, RecordingPublisher())
     after = env.batches.get_any(batch.id)
     assert after is not None
-    assert after.extra["dispatch_state"] == "done"
+    assert after.run.dispatch_phase == lifecycle.DispatchPhase.DONE
     assert after.status == lifecycle.IN_PROGRESS

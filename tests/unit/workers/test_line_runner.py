@@ -12,8 +12,9 @@ import pytest
 from batchsvc import lifecycle
 from batchsvc.errors import LineError
 from batchsvc.ids import line_record_id
-from batchsvc.keys import inflight_key, inflight_member, window_key
+from batchsvc.keys import inflight_key, inflight_member, lease_prefix, window_key
 from batchsvc.models_config import ModelRegistry, ModelSpec
+from tests.factories import hold_lease
 from tests.unit.api.helpers import (
     MODEL,
     WorkerEnv,
@@ -198,14 +199,14 @@ def test_a_live_lease_elsewhere_means_leased(world: tuple[WorkerEnv, Harness]) -
     # Given another worker holding line 0's lease
     env, h = world
     batch_id = two_line_batch(env)
-    assert env.batches.acquire_lease(batch_id, 0, "someone-else", 30)
+    assert hold_lease(env.redis, batch_id, 0, "someone-else")
     # When line 0 is delivered here, Then it leaves without running or recording
     assert h.run(batch_id, 0) == "leased"
     assert h.backend.calls == 0
     assert line_records(env, batch_id) == {}
     assert counts(env, batch_id) == (0, 0)
     # And the other worker's lease is untouched
-    assert env.redis.get(f"bs:lease:{batch_id}:0") == b"someone-else"
+    assert env.redis.get(lease_prefix(batch_id) + "0") == b"someone-else"
 
 
 def test_a_cancelling_batch_short_circuits_without_the_backend(
@@ -233,7 +234,7 @@ def test_an_expiring_batch_short_circuits_as_batch_expired(
 ) -> None:
     env, h = world
     batch_id = two_line_batch(env)
-    env.batches.set_fields(batch_id, expiring=1)
+    assert env.batches.mark_expiring(batch_id)
     assert h.run(batch_id, 0) == "short_circuited"
     assert h.backend.calls == 0
     error = only_error(env, batch_id)
@@ -249,18 +250,18 @@ def test_a_redelivered_copy_never_overrides_a_line_still_running_elsewhere(
     # Given line 0 running on another worker (live lease) when the batch is cancelled/expires
     env, h = world
     batch_id = two_line_batch(env)
-    assert env.batches.acquire_lease(batch_id, 0, "first-worker", 30)
+    assert hold_lease(env.redis, batch_id, 0, "first-worker")
     if how == "cancel":
         env.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     else:
-        env.batches.set_fields(batch_id, expiring=1)
+        assert env.batches.mark_expiring(batch_id)
     # When a redelivered copy of line 0 arrives here
     assert h.run(batch_id, 0) == "leased"
     # Then it records nothing: the running line will record its real result
     assert line_records(env, batch_id) == {}
     assert counts(env, batch_id) == (0, 0)
     assert h.finalized == []
-    env.batches.release_lease(batch_id, 0, "first-worker")
+    assert env.redis.get(lease_prefix(batch_id) + "0") == b"first-worker"
 
 
 def test_the_last_running_line_of_a_cancelling_batch_requests_finalize(
@@ -389,7 +390,7 @@ def test_an_unknown_batch_is_gone(world: tuple[WorkerEnv, Harness]) -> None:
 def test_a_sealed_batch_records_nothing(world: tuple[WorkerEnv, Harness]) -> None:
     env, h = world
     batch_id = two_line_batch(env)
-    env.batches.set_fields(batch_id, sealed=1)
+    env.batches.seal(batch_id)
     # Sealed for assembly: the line is not even run (the backend is never called).
     assert h.run(batch_id, 0) == "gone"
     assert line_records(env, batch_id) == {}
@@ -449,7 +450,7 @@ def test_a_copy_of_a_line_running_elsewhere_stays_in_flight(
     env, h = world
     batch_id = two_line_batch(env)
     dispatched(env, batch_id, range(1), window=2)
-    assert env.batches.acquire_lease(batch_id, 0, "elsewhere", 30)
+    assert hold_lease(env.redis, batch_id, 0, "elsewhere")
     assert h.run(batch_id, 0) == "leased"
     assert in_flight(env) == {f"{batch_id}.0"}
     assert h.dispatches == []

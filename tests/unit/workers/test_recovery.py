@@ -18,9 +18,10 @@ from batchsvc import lifecycle
 from batchsvc.batches import BatchStore
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.finalize import Finalizer
-from batchsvc.keys import inflight_member
+from batchsvc.keys import batch_key, inflight_member
 from batchsvc.models_config import ModelSpec
 from batchsvc.storage import batch_input_key
+from tests.factories import add_deliveries, deliveries, hold_lease, lapse_lease
 from tests.unit.api.helpers import (
     MODEL,
     WorkerEnv,
@@ -81,11 +82,11 @@ def test_members_of_a_terminal_sealed_or_missing_batch_leave(tmp_path: Path, how
     other = w.submit(w.project("b"), [MODEL] * 2)
     assert w.dispatcher().dispatch(MODEL) == 2
     if how == "sealed":
-        w.batches.set_fields(batch_id, sealed=1)
+        w.batches.seal(batch_id)
     elif how == "missing":
-        w.env.redis.delete(f"bs:batch:{batch_id}")
+        w.env.redis.delete(batch_key(batch_id))
     else:
-        w.env.redis.hset(f"bs:batch:{batch_id}", "status", how)
+        w.env.redis.hset(batch_key(batch_id), "status", how)
     # When the reconciler runs, long after, Then the batch's members all leave, unpublished
     reconciler = w.dispatcher()
     reconciler.reconcile(MODEL)
@@ -101,7 +102,7 @@ def test_a_leased_or_queued_member_is_left_alone(tmp_path: Path, why: str) -> No
     w, batch_id = dispatched(tmp_path, lines=2)
     record_ok(w.env, batch_id, 0, "r0")
     if why == "leased":
-        assert w.batches.acquire_lease(batch_id, 1, "worker-1", 3600)
+        assert hold_lease(w.env.redis, batch_id, 1, "worker-1", 3600)
     else:
         w.queued.add(inflight_member(batch_id, 1))
     reconciler = w.dispatcher()
@@ -119,7 +120,7 @@ def test_a_lost_member_is_republished_after_lease_ttl_plus_10_s_and_once_per_per
 ) -> None:
     # Given lines 0-2 in flight with no record, no lease and no queued message; line 3 leased
     w, batch_id = dispatched(tmp_path)
-    assert w.batches.acquire_lease(batch_id, 3, "worker-1", 3600)
+    assert hold_lease(w.env.redis, batch_id, 3, "worker-1", 3600)
     reconciler = w.dispatcher()
     t0 = w.env.clock.now
     # When the reconciler first sees them, and again just before lease TTL + 10 s
@@ -171,9 +172,9 @@ def test_a_member_seen_running_again_starts_a_fresh_lost_period(tmp_path: Path) 
     t0 = w.env.clock.now
     reconciler.reconcile(MODEL)
     w.env.clock.now = t0 + LOST_AFTER - 5
-    assert w.batches.acquire_lease(batch_id, 0, "worker-1", 3600)
+    assert hold_lease(w.env.redis, batch_id, 0, "worker-1", 3600)
     reconciler.reconcile(MODEL)
-    w.batches.release_lease(batch_id, 0, "worker-1")  # its worker died before recording
+    lapse_lease(w.env.redis, batch_id, 0)  # its worker died before recording
     # When the reconciler runs after the first period would have ended
     w.env.clock.now = t0 + LOST_AFTER
     # Then it waits a full period from when it was next seen lost
@@ -221,21 +222,25 @@ def run_sweep(env: WorkerEnv, now: int, start: Starts | None = None) -> SweepRep
     )
 
 
-def three_line_batch(env: WorkerEnv, state: str | None = None) -> str:
+STARTED = lifecycle.DispatchPhase.STARTED
+DONE = lifecycle.DispatchPhase.DONE
+
+
+def three_line_batch(env: WorkerEnv, phase: lifecycle.DispatchPhase | None = None) -> str:
     batch = make_worker_batch(env, jsonl(request_line("a"), request_line("b"), request_line("c")))
-    if state is not None:
-        env.batches.set_fields(batch.id, dispatch_state=state)
+    if phase is not None:
+        env.batches.set_dispatch_phase(batch.id, phase)
     return batch.id
 
 
-def extra(env: WorkerEnv, batch_id: str) -> dict[str, str]:
+def run_state(env: WorkerEnv, batch_id: str) -> lifecycle.RunState:
     batch = env.batches.get_any(batch_id)
     assert batch is not None
-    return batch.extra
+    return batch.run
 
 
 def test_a_start_that_never_ran_is_started_again_once_per_period(tmp_path: Path) -> None:
-    # Given a batch whose start message was lost (no dispatch_state at all)
+    # Given a batch whose start message was lost (no dispatch phase at all)
     env = make_worker_env(tmp_path)
     batch_id = three_line_batch(env)
     t0 = int(env.clock())
@@ -251,14 +256,14 @@ def test_a_start_that_never_ran_is_started_again_once_per_period(tmp_path: Path)
 
 
 def test_a_stalled_start_is_started_again(tmp_path: Path) -> None:
-    # Given a batch whose start stopped half way (dispatch_state "started")
+    # Given a batch whose start stopped half way (dispatch phase "started")
     env = make_worker_env(tmp_path)
-    batch_id = three_line_batch(env, state="started")
+    batch_id = three_line_batch(env, STARTED)
     t0 = int(env.clock())
     start = Starts()
     # When the sweep first sees it, it only remembers its progress
     assert run_sweep(env, t0 + STUCK_AFTER, start) == SweepReport()
-    assert extra(env, batch_id)["progress_mark"] == f"0/started@{t0 + STUCK_AFTER}"
+    assert run_state(env, batch_id).progress_mark == f"0/started@{t0 + STUCK_AFTER}"
     # When no progress is made for stuck_after_s more, Then it is started again (a start
     # resumes), once
     report = run_sweep(env, t0 + 2 * STUCK_AFTER, start)
@@ -269,7 +274,7 @@ def test_a_stalled_start_is_started_again(tmp_path: Path) -> None:
 
 def test_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
-    batch_id = three_line_batch(env, state="started")
+    batch_id = three_line_batch(env, STARTED)
     t0 = int(env.clock())
     start = Starts()
     run_sweep(env, t0 + STUCK_AFTER, start)
@@ -277,7 +282,7 @@ def test_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
     record_ok(env, batch_id, 0, "a")
     # When the sweep runs at the end of the period, Then that is progress, not a stall
     assert run_sweep(env, t0 + 2 * STUCK_AFTER, start).started == 0
-    assert extra(env, batch_id)["progress_mark"] == f"1/started@{t0 + 2 * STUCK_AFTER}"
+    assert run_state(env, batch_id).progress_mark == f"1/started@{t0 + 2 * STUCK_AFTER}"
     assert run_sweep(env, t0 + 3 * STUCK_AFTER - 1, start).started == 0
     assert start.calls == []
     assert run_sweep(env, t0 + 3 * STUCK_AFTER, start).started == 1
@@ -286,22 +291,22 @@ def test_progress_restarts_the_stall_clock(tmp_path: Path) -> None:
 def test_a_finished_start_is_never_started_again(tmp_path: Path) -> None:
     # Lost lines of a started batch are the reconciler's business, not the sweep's
     env = make_worker_env(tmp_path)
-    batch_id = three_line_batch(env, state="done")
+    batch_id = three_line_batch(env, DONE)
     t0 = int(env.clock())
     start = Starts()
     for k in range(1, 6):
         assert run_sweep(env, t0 + k * STUCK_AFTER, start) == SweepReport()
     assert start.calls == []
-    assert "progress_mark" not in extra(env, batch_id)
+    assert run_state(env, batch_id).progress_mark is None
 
 
 def test_batches_the_restart_must_leave_to_other_branches(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
     t0 = int(env.clock())
     # A cancelling batch and one with every line recorded, both with a start that stalled
-    cancelling = three_line_batch(env, state="started")
+    cancelling = three_line_batch(env, STARTED)
     env.batches.transition(cancelling, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
-    recorded = three_line_batch(env, state="started")
+    recorded = three_line_batch(env, STARTED)
     for index, custom_id in enumerate("abc"):
         record_ok(env, recorded, index, custom_id)
     start = Starts()
@@ -315,15 +320,15 @@ def test_batches_the_restart_must_leave_to_other_branches(tmp_path: Path) -> Non
 
 def test_an_expiring_batch_is_not_started_again(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
-    batch_id = three_line_batch(env, state="started")
-    assert env.batches.acquire_lease(batch_id, 0, "running", 600)
+    batch_id = three_line_batch(env, STARTED)
+    assert hold_lease(env.redis, batch_id, 0, "running", 600)
     batch = env.batches.get_any(batch_id)
     assert batch is not None
     start = Starts()
     for k in range(3):
         run_sweep(env, batch.expires_at + k * STUCK_AFTER, start)
     assert start.calls == []
-    assert extra(env, batch_id)["expiring"] == "1"
+    assert run_state(env, batch_id).expiring
 
 
 # -- run_batch_line: poison lines and Redis blips --------------------------------------------
@@ -379,10 +384,6 @@ def two_lines(env: WorkerEnv) -> str:
     return make_worker_batch(env, jsonl(request_line("req-1"), request_line("req-2"))).id
 
 
-def deliveries(env: WorkerEnv, batch_id: str, index: int) -> int:
-    return int(env.redis.hget(f"bs:batch:{batch_id}:deliveries", str(index)) or 0)
-
-
 #: What run_batch_line reports for a poison line: "short_circuited" at 09d4511, "done" in the
 #: line runner being reworked alongside these tests (the label is only for logs).
 POISONED = ("short_circuited", "done")
@@ -396,13 +397,13 @@ def test_the_first_and_second_runs_call_the_backend(
 ) -> None:
     batch_id = two_lines(env)
     for _ in range(earlier_runs):
-        env.batches.count_delivery(batch_id, 0)  # a run whose worker died
+        add_deliveries(env.redis, batch_id, 0)  # a run whose worker died
     lines = Lines(env, CountingBackend(), max_deliveries=2)
     runners.append(lines)
     assert lines.run(batch_id) == "done"
     assert lines.backend.calls == 1
     assert line_records(env, batch_id)[0][0] == "o"
-    assert deliveries(env, batch_id, 0) == earlier_runs + 1
+    assert deliveries(env.redis, batch_id, 0) == earlier_runs + 1
 
 
 @pytest.mark.parametrize("earlier_runs", [2, 7])
@@ -414,7 +415,7 @@ def test_a_run_past_max_deliveries_is_a_poison_line(
     # Given a line whose earlier runs all died with their worker
     batch_id = two_lines(env)
     for _ in range(earlier_runs):
-        env.batches.count_delivery(batch_id, 0)
+        add_deliveries(env.redis, batch_id, 0)
     lines = Lines(env, MustNotRun(), max_deliveries=2)
     runners.append(lines)
     # When it is delivered once more, Then it ends as internal_error without the backend
@@ -468,18 +469,18 @@ def test_a_line_leased_elsewhere_is_not_counted_as_a_delivery(
     runners: list[Lines],
 ) -> None:
     batch_id = two_lines(env)
-    assert env.batches.acquire_lease(batch_id, 0, "elsewhere", 30)
+    assert hold_lease(env.redis, batch_id, 0, "elsewhere")
     lines = Lines(env, MustNotRun(), max_deliveries=1)
     runners.append(lines)
     assert lines.run(batch_id) == "leased"
-    assert deliveries(env, batch_id, 0) == 0
+    assert deliveries(env.redis, batch_id, 0) == 0
 
 
 #: The step that records a line's result: record_line, or finish_line (record + release in
 #: one round trip) in the line runner being reworked alongside these tests.
 RECORDING_STEPS = ("record_line", "finish_line")
-#: The step that takes a line's lease.
-LEASE_STEPS = ("acquire_lease", "begin_line")
+#: The step that takes a line's lease (and counts the run), in the same round trip.
+LEASE_STEPS = ("begin_line",)
 
 
 class FlakyStore:
@@ -565,8 +566,7 @@ def test_a_poison_line_record_is_retried_too(
     recorded_sleeps: list[float],
 ) -> None:
     batch_id = two_lines(env)
-    for _ in range(3):
-        env.batches.count_delivery(batch_id, 0)
+    add_deliveries(env.redis, batch_id, 0, runs=3)
     store = FlakyStore(env.batches, RECORDING_STEPS, failures=2, error=redis.TimeoutError)
     lines = Lines(env, MustNotRun(), batches=store, max_deliveries=3)
     runners.append(lines)

@@ -1,19 +1,27 @@
-"""workers.sweeps.sweep: recovery of stranded batches, expiry (spec open point 16), cancel
-drains and file retention (spec 3, open point 15)."""
+"""workers.sweeps: recovery of stranded batches, expiry (spec open point 16), cancel drains and
+file retention (spec 3, open point 15); first through ``sweep``, which composes the concerns,
+then each concern's function alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchsvc import lifecycle
+from batchsvc.batches import BatchRecord
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import line_record_id
+from batchsvc.keys import batch_key
 from batchsvc.results import output_line
 from batchsvc.storage import upload_key
+from tests.factories import RETENTION_S, has_record, hold_lease, lapse_lease, set_batch_fields
 from tests.unit.api.helpers import (
+    MODEL,
     T0,
     ApiEnv,
     WorkerEnv,
@@ -24,7 +32,16 @@ from tests.unit.api.helpers import (
     request_line,
     upload_id,
 )
-from workers.sweeps import SweepReport, remove_abandoned_parts, sweep
+from workers.sweeps import (
+    SweepReport,
+    expire,
+    finalize_if_recorded,
+    is_due_to_expire,
+    remove_abandoned_parts,
+    remove_expired_files,
+    restart_stalled_start,
+    sweep,
+)
 
 STUCK_AFTER = 60
 
@@ -37,14 +54,18 @@ class Starts:
         self.calls.append(batch_id)
 
 
+def make_finalizer(env: WorkerEnv) -> Finalizer:
+    return Finalizer(
+        env.redis, env.batches, env.files, env.storage, DispatchStore(env.redis, env.clock)
+    )
+
+
 def run_sweep(env: WorkerEnv, start: Starts, now: int | None = None) -> SweepReport:
     return sweep(
         batches=env.batches,
         files=env.files,
         storage=env.storage,
-        finalizer=Finalizer(
-            env.redis, env.batches, env.files, env.storage, DispatchStore(env.redis, env.clock)
-        ),
+        finalizer=make_finalizer(env),
         start=start,
         now=int(env.clock()) if now is None else now,
         stuck_after_s=STUCK_AFTER,
@@ -121,7 +142,7 @@ def test_a_batch_whose_start_is_under_way_is_not_started_again_at_first_sight(
     # (only one that made no progress for a whole period is: see test_recovery.py)
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
-    env.batches.set_fields(batch.id, dispatch_state="started")
+    env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.STARTED)
     env.clock.advance(STUCK_AFTER * 10)
     start = Starts()
     assert run_sweep(env, start).started == 0
@@ -132,7 +153,7 @@ def test_an_all_recorded_batch_is_finalized_to_completed(tmp_path: Path) -> None
     # Given a dispatched batch whose lines are all recorded but whose callback never ran
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
-    env.batches.set_fields(batch.id, dispatch_state="done")
+    env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
     env.clock.advance(5)
@@ -152,7 +173,7 @@ def test_an_all_recorded_batch_is_finalized_to_completed(tmp_path: Path) -> None
 def test_a_partly_recorded_batch_is_left_running(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
-    env.batches.set_fields(batch.id, dispatch_state="done")
+    env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     record_ok(env, batch.id, 0, "a")
     report = run_sweep(env, Starts())
     assert report == SweepReport()
@@ -164,9 +185,9 @@ def test_a_batch_past_expires_at_expires(tmp_path: Path) -> None:
     # Given a batch with line 0 done, line 1 running under a live lease, line 2 never started
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
-    env.batches.set_fields(batch.id, dispatch_state="done")
+    env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     record_ok(env, batch.id, 0, "a")
-    assert env.batches.acquire_lease(batch.id, 1, "worker-1", 60)
+    assert hold_lease(env.redis, batch.id, 1, "worker-1", 60)
     # When the sweep runs at expires_at
     env.clock.now = batch.expires_at
     first = run_sweep(env, Starts())
@@ -175,13 +196,14 @@ def test_a_batch_past_expires_at_expires(tmp_path: Path) -> None:
     assert first.expired == 1 and first.finalized == 0
     mid = env.batches.get_any(batch.id)
     assert mid is not None
-    assert mid.extra["expiring"] == "1"
+    assert mid.run.expiring
     assert mid.status == lifecycle.IN_PROGRESS
     assert (mid.completed, mid.failed) == (1, 1)
-    assert not env.batches.has_record(batch.id, 1)
-    # When the running line finishes and the sweep runs again
-    record_ok(env, batch.id, 1, "b")
-    env.batches.release_lease(batch.id, 1, "worker-1")
+    assert not has_record(env.redis, batch.id, 1)
+    # When the running line finishes (records, lets go of its lease) and the sweep runs again
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m"}
+    line = output_line(batch.id, 1, "b", body, "req_1")
+    env.batches.finish_line(batch.id, 1, True, line, "worker-1", MODEL)
     env.clock.advance(30)
     second = run_sweep(env, Starts())
     # Then the batch ends expired, with both files, counted once
@@ -214,7 +236,7 @@ def test_a_batch_whose_lines_all_finished_before_the_deadline_completes(tmp_path
     # Given every line recorded before expires_at, but the chord callback has not run yet
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
-    env.batches.set_fields(batch.id, dispatch_state="done")
+    env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
     # When the sweep runs at expires_at
@@ -268,12 +290,12 @@ def test_a_cancelling_batch_waits_for_a_leased_line(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
     batch = make_worker_batch(env, three_lines())
     env.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
-    assert env.batches.acquire_lease(batch.id, 0, "worker", 60)
+    assert hold_lease(env.redis, batch.id, 0, "worker", 60)
     report = run_sweep(env, Starts())
     assert report.finalized == 0
     after = env.batches.get_any(batch.id)
     assert after is not None and after.status == lifecycle.CANCELLING
-    assert after.failed == 2 and not env.batches.has_record(batch.id, 0)
+    assert after.failed == 2 and not has_record(env.redis, batch.id, 0)
 
 
 def test_terminal_batches_are_left_alone(tmp_path: Path) -> None:
@@ -351,3 +373,307 @@ def test_abandoned_parts_are_removed_by_one_sweep_per_quarter_of_their_age(
 
     # Then the first removed it, and the second did not walk the storage tree at all
     assert (first, second) == (1, 0) and part.exists()
+
+
+def test_one_sweep_takes_each_batch_to_its_own_concern(tmp_path: Path) -> None:
+    # Given a file whose retention ends in STUCK_AFTER s and, side by side, batches created
+    # then: one whose start never ran, one whose window ends in STUCK_AFTER s, one cancelling,
+    # one with every line recorded, and one started and partly recorded
+    env = make_worker_env(tmp_path)
+    old_file = stored_file(env, "file-old")
+    env.clock.advance(RETENTION_S - STUCK_AFTER)
+    never_started = make_worker_batch(env, three_lines())
+    expiring = make_worker_batch(env, three_lines())
+    set_batch_fields(env.redis, expiring.id, expires_at=int(env.clock()) + STUCK_AFTER)
+    cancelling = make_worker_batch(env, three_lines())
+    env.batches.transition(cancelling.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    recorded = make_worker_batch(env, three_lines())
+    env.batches.set_dispatch_phase(recorded.id, lifecycle.DispatchPhase.DONE)
+    for index, custom_id in enumerate("abc"):
+        record_ok(env, recorded.id, index, custom_id)
+    running = make_worker_batch(env, three_lines())
+    env.batches.set_dispatch_phase(running.id, lifecycle.DispatchPhase.DONE)
+    record_ok(env, running.id, 0, "a")
+    start = Starts()
+    # When one sweep runs STUCK_AFTER s later
+    env.clock.advance(STUCK_AFTER)
+    report = run_sweep(env, start)
+    # Then each concern saw its batch, and only its batch
+    assert report == SweepReport(started=1, expired=1, finalized=3, files_removed=1)
+    assert start.calls == [never_started.id]
+    for batch, status in (
+        (expiring, lifecycle.EXPIRED),
+        (cancelling, lifecycle.CANCELLED),
+        (recorded, lifecycle.COMPLETED),
+        (never_started, lifecycle.IN_PROGRESS),
+        (running, lifecycle.IN_PROGRESS),
+    ):
+        after = env.batches.get_any(batch.id)
+        assert after is not None and after.status == status, batch
+    after = env.batches.get_any(running.id)
+    assert after is not None and after.recorded == 1 and not after.run.expiring
+    assert not env.storage.exists(upload_key(old_file))
+
+
+# -- is_due_to_expire ---------------------------------------------------------------------------
+
+
+def a_record(**changes: Any) -> BatchRecord:
+    """A 3-line in_progress batch record, nothing recorded, expiring at T0 + 100."""
+    base = BatchRecord(
+        id="batch_x",
+        project_id="proj_x",
+        endpoint="/v1/chat/completions",
+        input_file_id="file-x",
+        completion_window="24h",
+        status=lifecycle.IN_PROGRESS,
+        created_at=T0,
+        expires_at=T0 + 100,
+        total=3,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "now", "due"),
+    [
+        ({}, T0 + 100, True),  # at expires_at
+        ({}, T0 + 5000, True),
+        ({}, T0 + 99, False),  # one second before
+        ({"completed": 1, "failed": 1}, T0 + 100, True),  # one line still unrecorded
+        ({"completed": 2, "failed": 1}, T0 + 100, False),  # all recorded: it completes instead
+        ({"status": lifecycle.CANCELLING}, T0 + 100, False),  # ends cancelled, drained
+        ({"status": lifecycle.FINALIZING}, T0 + 100, False),
+        ({"status": lifecycle.VALIDATING}, T0 + 100, False),
+        ({"status": lifecycle.EXPIRED}, T0 + 100, False),
+        ({"total": 0}, T0 + 100, False),
+    ],
+)
+def test_is_due_to_expire(changes: dict[str, Any], now: int, due: bool) -> None:
+    assert is_due_to_expire(a_record(**changes), now) is due
+
+
+def test_is_due_to_expire_does_not_depend_on_the_expiring_flag() -> None:
+    # A batch already flagged stays due (its drain is run again) until every line is recorded
+    flagged = lifecycle.RunState(expiring=True)
+    assert is_due_to_expire(a_record(run=flagged), T0 + 100)
+    assert not is_due_to_expire(a_record(run=flagged, completed=3), T0 + 100)
+
+
+# -- expire --------------------------------------------------------------------------------------
+
+
+def test_expire_flags_the_batch_and_records_its_unstarted_lines_batch_expired(
+    tmp_path: Path,
+) -> None:
+    # Given a batch with line 0 done and line 1 running under a live lease
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    record_ok(env, batch.id, 0, "a")
+    assert hold_lease(env.redis, batch.id, 1, "worker-1", 60)
+    current = env.batches.get_any(batch.id)
+    assert current is not None
+    # When it expires
+    assert expire(env.batches, make_finalizer(env), current) == 1
+    # Then it is flagged, line 2 is recorded batch_expired, and line 1 is left to its run
+    after = env.batches.get_any(batch.id)
+    assert after is not None
+    assert after.run.expiring
+    assert (after.completed, after.failed) == (1, 1)
+    assert not has_record(env.redis, batch.id, 1)
+    kinds = [kind for _, kind, _ in env.batches.iter_records(batch.id, 3)]
+    assert kinds == ["o", None, "e"]
+    # And expire ends nothing itself: the batch stays in_progress until finalized
+    assert after.status == lifecycle.IN_PROGRESS
+    assert after.timestamps["expired_at"] is None
+
+
+def test_expire_again_drains_again_but_does_not_count_a_second_expiry(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    assert hold_lease(env.redis, batch.id, 0, "worker-1", 60)
+    finalizer = make_finalizer(env)
+    assert expire(env.batches, finalizer, batch) == 1
+    # When the running line's worker dies (its lease lapses) and the sweep expires it again
+    lapse_lease(env.redis, batch.id, 0)
+    again = env.batches.get_any(batch.id)
+    assert again is not None
+    assert expire(env.batches, finalizer, again) == 0
+    # Then the line it left is recorded now, each line once
+    after = env.batches.get_any(batch.id)
+    assert after is not None and (after.completed, after.failed) == (0, 3)
+
+
+def test_expire_reads_the_batch_afresh_rather_than_trusting_the_record_it_is_given(
+    tmp_path: Path,
+) -> None:
+    # Given a stale record: line 0 was recorded after it was read
+    env = make_worker_env(tmp_path)
+    stale = make_worker_batch(env, three_lines())
+    record_ok(env, stale.id, 0, "a")
+    # When it expires from the stale record, Then line 0 keeps its result, counted once
+    assert expire(env.batches, make_finalizer(env), stale) == 1
+    after = env.batches.get_any(stale.id)
+    assert after is not None and (after.completed, after.failed) == (1, 2)
+
+
+# -- restart_stalled_start -----------------------------------------------------------------------
+
+
+def restart(env: WorkerEnv, batch_id: str, now: int, start: Starts) -> bool:
+    """One restart check, on the batch as it is now (the sweep reads it afresh each pass)."""
+    batch = env.batches.get_any(batch_id)
+    assert batch is not None
+    return restart_stalled_start(env.batches, batch, now, STUCK_AFTER, start)
+
+
+def test_a_start_that_never_ran_is_restarted_once_the_batch_is_old_enough(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    start = Starts()
+    # Too young: nothing, and nothing remembered
+    assert not restart(env, batch.id, T0 + STUCK_AFTER - 1, start)
+    after = env.batches.get_any(batch.id)
+    assert after is not None and after.run.progress_mark is None
+    # Old enough: started at first sight, and the time remembered
+    assert restart(env, batch.id, T0 + STUCK_AFTER, start)
+    assert start.calls == [batch.id]
+    after = env.batches.get_any(batch.id)
+    assert after is not None and after.run.progress_mark == f"0/@{T0 + STUCK_AFTER}"
+    # Not again before a whole period
+    assert not restart(env, batch.id, T0 + 2 * STUCK_AFTER - 1, start)
+    assert restart(env, batch.id, T0 + 2 * STUCK_AFTER, start)
+    assert start.calls == [batch.id, batch.id]
+
+
+def test_a_start_under_way_is_restarted_only_after_a_period_without_progress(
+    tmp_path: Path,
+) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.STARTED)
+    start = Starts()
+    # First sight: only its progress is remembered
+    assert not restart(env, batch.id, T0 + STUCK_AFTER, start)
+    after = env.batches.get_any(batch.id)
+    assert after is not None and after.run.progress_mark == f"0/started@{T0 + STUCK_AFTER}"
+    # A line recorded in the meantime is progress: the clock starts again
+    record_ok(env, batch.id, 0, "a")
+    assert not restart(env, batch.id, T0 + 2 * STUCK_AFTER, start)
+    # A whole period with no progress: restarted, once
+    assert restart(env, batch.id, T0 + 3 * STUCK_AFTER, start)
+    assert not restart(env, batch.id, T0 + 3 * STUCK_AFTER, start)
+    assert start.calls == [batch.id]
+
+
+@pytest.mark.parametrize("why", ["done", "cancelling", "all_recorded"])
+def test_batches_whose_start_must_not_run_again_are_never_restarted(
+    tmp_path: Path, why: str
+) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    if why == "done":
+        env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
+    elif why == "cancelling":
+        env.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    else:
+        for index, custom_id in enumerate("abc"):
+            record_ok(env, batch.id, index, custom_id)
+    start = Starts()
+    for k in range(1, 5):
+        assert not restart(env, batch.id, T0 + k * STUCK_AFTER, start)
+    assert start.calls == []
+    after = env.batches.get_any(batch.id)
+    assert after is not None and after.run.progress_mark is None
+
+
+# -- finalize_if_recorded ------------------------------------------------------------------------
+
+
+def test_finalize_if_recorded_ends_an_all_recorded_batch(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    for index, custom_id in enumerate("abc"):
+        record_ok(env, batch.id, index, custom_id)
+    assert finalize_if_recorded(env.batches, make_finalizer(env), batch.id) == 1
+    done = env.batches.get_any(batch.id)
+    assert done is not None and done.status == lifecycle.COMPLETED
+    # Run again on the ended batch, it changes nothing (sweep skips terminal batches first)
+    finalize_if_recorded(env.batches, make_finalizer(env), batch.id)
+    assert env.batches.get_any(batch.id) == done
+
+
+def test_finalize_if_recorded_leaves_a_partly_recorded_batch(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    record_ok(env, batch.id, 0, "a")
+    assert finalize_if_recorded(env.batches, make_finalizer(env), batch.id) == 0
+    after = env.batches.get_any(batch.id)
+    assert after is not None
+    assert after.status == lifecycle.IN_PROGRESS and not after.run.sealed
+
+
+def test_finalize_if_recorded_ignores_a_missing_or_empty_batch(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    empty = make_worker_batch(env, b"", total=0)
+    finalizer = make_finalizer(env)
+    assert finalize_if_recorded(env.batches, finalizer, "batch_missing") == 0
+    assert finalize_if_recorded(env.batches, finalizer, empty.id) == 0
+    after = env.batches.get_any(empty.id)
+    assert after is not None and after.status == lifecycle.IN_PROGRESS
+
+
+def test_finalize_if_recorded_counts_only_a_batch_that_ended(tmp_path: Path) -> None:
+    # Given an all-recorded batch whose finalize lock another finalize holds
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    for index, custom_id in enumerate("abc"):
+        record_ok(env, batch.id, index, custom_id)
+    lock = env.redis.lock(batch_key(batch.id) + ":finalize", timeout=60)
+    assert lock.acquire(blocking=False)
+    # When the sweep tries, Then it did not end it and does not count it
+    assert finalize_if_recorded(env.batches, make_finalizer(env), batch.id) == 0
+    lock.release()
+
+
+# -- remove_expired_files ------------------------------------------------------------------------
+
+
+def stored_file(env: WorkerEnv, file_id: str) -> str:
+    record = env.files.create(
+        file_id=file_id,
+        project_id=env.project_id,
+        size=3,
+        filename=f"{file_id}.jsonl",
+        purpose="batch",
+        storage_key=upload_key(file_id),
+    )
+    with env.storage.open_writer(record.storage_key) as out:
+        out.write(b"{}\n")
+    return file_id
+
+
+def test_remove_expired_files_removes_only_files_past_their_retention(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    old = stored_file(env, "file-old")
+    env.clock.advance(100)
+    fresh = stored_file(env, "file-fresh")
+    retention_ends = T0 + RETENTION_S
+    # Before its retention ends nothing goes
+    assert remove_expired_files(env.files, env.storage, retention_ends - 1) == 0
+    # At its end the old file loses its bytes and behaves as deleted; the fresh one stays
+    assert remove_expired_files(env.files, env.storage, retention_ends) == 1
+    assert not env.storage.exists(upload_key(old))
+    assert env.files.get(env.project_id, old) is None
+    assert env.storage.exists(upload_key(fresh))
+    assert env.files.get(env.project_id, fresh) is not None
+    # And nothing is removed twice
+    assert remove_expired_files(env.files, env.storage, retention_ends) == 0
+
+
+def test_remove_expired_files_touches_no_batch(tmp_path: Path) -> None:
+    env = make_worker_env(tmp_path)
+    batch = make_worker_batch(env, three_lines())
+    before = env.batches.get_any(batch.id)
+    assert remove_expired_files(env.files, env.storage, T0 + 10 * RETENTION_S) == 0
+    assert env.batches.get_any(batch.id) == before
