@@ -32,6 +32,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         b3_validation,
         b4_memory,
         b5_polling,
+        b6_fairness,
     )
 
     return {
@@ -40,6 +41,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         "B3": ("create-time validation", b3_validation.run),
         "B4": ("memory stays flat", b4_memory.run),
         "B5": ("polling under load", b5_polling.run),
+        "B6": ("fairness", b6_fairness.run),
     }
 
 

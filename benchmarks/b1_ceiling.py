@@ -1,14 +1,22 @@
 """B1 orchestration ceiling: a 50,000-line batch on the echo model end to end, against a raw
 Celery chord of as many no-op tasks on the same Redis with the same worker settings (run once
-before and once after the batch, so both sides see the machine alike), and the fan-out's
-publish rate three ways.
+before and once after the batch, so both sides see the machine alike), and the publish rate of
+batchsvc's line messages three ways.
 
 Phases, timed by polling the batch's Redis hash at 20 Hz:
 
 - validation: the ``POST /v1/batches`` call (it validates synchronously);
-- fan-out publish: create answered -> ``dispatch_state`` = ``done``;
-- processing: create answered -> every line recorded (overlaps the fan-out);
+- start: create answered -> ``dispatch_state`` = ``done``: the control worker's start task
+  indexes the lines per model and registers the batch with the dispatcher (it publishes
+  nothing);
+- processing: create answered -> every line recorded. The dispatcher (a Celery process of its
+  own in ``batchsvc control``) publishes the lines a window at a time all along: the same
+  20 Hz poll reads the model's in-flight count, window and queue depth (the dispatch profile);
 - assembly: every line recorded -> ``completed`` (the chord callback writes both files).
+
+Redis memory is read beside it once a second: ``used_memory`` and the exact size of every key
+of the batch and its model, in three parts (per-line records; chord and delivery bookkeeping;
+queued messages), reported at the sampled peak.
 """
 
 from __future__ import annotations
@@ -17,17 +25,21 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from batchsvc.queues import model_queue
 from benchmarks import publish, raw_celery
 from benchmarks.common import Options
 from benchmarks.harness import (
+    BOOKKEEPING,
+    QUEUED,
+    RECORDS,
     BatchSampler,
     BenchStack,
+    RedisMemorySampler,
     RssSampler,
     create_batch,
     download,
@@ -49,6 +61,9 @@ CONCURRENCY = 8
 CONTROL_CONCURRENCY = 4
 ERROR_EVERY = 1000
 TARGET_RATIO = 0.8
+#: Issue 12: the queued messages' share of Redis's peak falls from ~40 MiB (the old fan-out
+#: queued all 50,000 messages at once) to at most this.
+QUEUED_TARGET = 2 << 20
 
 
 def _first_body(path: Path) -> dict[str, Any]:
@@ -131,6 +146,24 @@ def _start_raw_workers(stack: BenchStack, suffix: str = "", **env: str) -> list[
     ]
 
 
+def _mean(values: Iterable[float]) -> float:
+    items = list(values)
+    return sum(items) / len(items) if items else 0.0
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f} %" if whole else "n/a"
+
+
+def _fmt_size(n: float) -> str:
+    """MiB, or KiB below one MiB (the queued messages of a window are a few KiB)."""
+    return fmt_mib(n) if abs(n) >= 1 << 20 else f"{n / 1024:,.1f} KiB"
+
+
+def _short_key(key: str, batch_id: str) -> str:
+    return key.replace(batch_id, "<id>")
+
+
 def _measured_raw_chord(
     stack: BenchStack, size: int, body: dict[str, Any], max_s: float
 ) -> dict[str, Any]:
@@ -176,8 +209,13 @@ def run(opts: Options) -> list[Section]:
 
         t_upload = time.monotonic()
         file_id = upload_file(stack, creds, path)["id"]
+        dispatcher_pid = control.node_pid("dispatch-")
         rss = RssSampler(
-            {"control": control.service_pid, "worker": worker.service_pid},
+            {
+                "control": control.service_pid,
+                "dispatcher": dispatcher_pid,
+                "worker": worker.service_pid,
+            },
             interval=0.1,
             max_s=max_s,
         )
@@ -186,22 +224,30 @@ def run(opts: Options) -> list[Section]:
         t_c0 = time.monotonic()
         with (
             profiled(
-                opts.profile, control.service_pid, opts.profile_dir / "b1-control.pyspy.txt", max_s
+                opts.profile, dispatcher_pid, opts.profile_dir / "b1-dispatcher.pyspy.txt", max_s
             ) as prof,
+            profiled(
+                opts.profile, control.service_pid, opts.profile_dir / "b1-control.pyspy.txt", max_s
+            ) as prof_control,
             profiled(
                 opts.profile, worker.service_pid, opts.profile_dir / "b1-worker.pyspy.txt", max_s
             ) as prof_worker,
         ):
             batch = create_batch(stack, creds, file_id)
             t_c1 = time.monotonic()
-            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20, max_s=max_s)
+            sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
+            memory = RedisMemorySampler(stack.redis, batch["id"], MODEL, interval=1.0, max_s=max_s)
             sampler.start()
+            memory.start()
             sampler.join(timeout=max_s + 30)
             sampler.stop()
+            memory.stop()
         meter.stop()
         rss.stop()
         if sampler.error is not None:
             raise sampler.error
+        if memory.error is not None:
+            raise memory.error
         final = get_batch(stack, creds, batch["id"])
         t_dl0 = time.monotonic()
         out_bytes, out_lines = download(stack, creds, final["output_file_id"])
@@ -211,6 +257,7 @@ def run(opts: Options) -> list[Section]:
         mem_after = used_memory(stack.redis)
 
         s_dispatch = sampler.first(lambda s: s.dispatch_state == "done")
+        s_first = sampler.first(lambda s: s.recorded > errors_expected)
         s_all = sampler.first(lambda s: s.total > 0 and s.recorded >= s.total)
         s_done = sampler.first(lambda s: s.status == "completed")
 
@@ -243,9 +290,9 @@ def run(opts: Options) -> list[Section]:
     create_s = t_c1 - t_c0
     total_s = rel(s_done)
     dispatched = n - errors_expected
-    fanout_s = (s_dispatch.t - t_c1) if s_dispatch else None
+    start_s = (s_dispatch.t - t_c1) if s_dispatch else None
+    first_s = (s_first.t - t_c1) if s_first else None
     processing_s = (s_all.t - t_c1) if s_all else None
-    after_fanout_s = (s_all.t - s_dispatch.t) if (s_all and s_dispatch) else None
     assembly_s = (s_done.t - s_all.t) if (s_done and s_all) else None
     bs_rate = n / total_s if total_s else None
     # Both raw runs together: as many tasks over the time they took in all, so a drift in
@@ -269,11 +316,34 @@ def run(opts: Options) -> list[Section]:
     section.info("upload", fmt_s(t_c0 - t_upload))
     section.info("validation (create call)", fmt_s(create_s))
     section.info(
-        "fan-out publish (create -> dispatch_state done)",
-        f"{fmt_s(fanout_s)} = {fmt_rate(dispatched / fanout_s if fanout_s else None)}",
+        "start: indexing (create -> dispatch_state done; nothing published)",
+        f"{fmt_s(start_s)} = {fmt_rate(n / start_s if start_s else None)} indexed",
     )
+    running_samples = [s for s in sampler.samples if s.status == "in_progress"]
+    window = max((s.window for s in running_samples), default=0)
+    section.info(
+        "dispatch profile: window W / peak in flight / peak queue depth",
+        f"{window} / "
+        f"{max((s.in_flight for s in running_samples), default=0)} / "
+        f"{max((s.queue_depth for s in running_samples), default=0)} messages "
+        f"(mean while in progress: {_mean(s.in_flight for s in running_samples):.1f} in flight, "
+        f"{_mean(s.queue_depth for s in running_samples):.1f} queued; 20 Hz)",
+    )
+    # While the batch surely has lines left to dispatch (more than W unrecorded): how often
+    # the worker could have found nothing to take.
+    feeding = [
+        s
+        for s in running_samples
+        if s.dispatch_state == "done" and s.total - s.recorded > max(window, 1)
+    ]
+    section.info(
+        "dispatch profile: samples with the queue empty / fewer in flight than worker threads",
+        f"{_pct(sum(s.queue_depth == 0 for s in feeding), len(feeding))} / "
+        f"{_pct(sum(s.in_flight < CONCURRENCY for s in feeding), len(feeding))} "
+        f"of {len(feeding):,} samples with more than W lines left",
+    )
+    section.info("first line recorded (create answered -> first recorded)", fmt_s(first_s))
     section.info("processing (create -> all lines recorded)", fmt_s(processing_s))
-    section.info("  of which after the fan-out", fmt_s(after_fanout_s))
     section.info("assembly (all recorded -> completed)", fmt_s(assembly_s))
     section.info("download both files", fmt_s(t_dl1 - t_dl0))
     section.info("batchsvc create -> completed", f"{fmt_s(total_s)} = {fmt_rate(bs_rate)}")
@@ -325,11 +395,44 @@ def run(opts: Options) -> list[Section]:
         f"{fmt_mib(mem_before)} / {fmt_mib(sampler.peak_memory())} / "
         f"{fmt_mib(mem_after)} (after the second raw chord: {fmt_mib(mem_raw_after)})",
     )
+    peak = memory.at_peak()
+    if peak is not None:
+        above = peak.used_memory - mem_before
+        counted = sum(peak.parts.values())
+        section.info(
+            "Redis peak above idle (1 s samples), in parts",
+            f"{fmt_mib(above)} at {peak.t - t_c0:.0f} s: per-line records "
+            f"{fmt_mib(peak.parts[RECORDS])}; chord and delivery bookkeeping "
+            f"{fmt_mib(peak.parts[BOOKKEEPING])}; queued messages {_fmt_size(peak.parts[QUEUED])}; "
+            f"the rest {_fmt_size(above - counted)} (in no key of the batch: allocator, "
+            "client buffers, other keys)",
+        )
+        section.info(
+            "  each part's own peak (records / bookkeeping / queued)",
+            f"{fmt_mib(memory.peak_part(RECORDS))} / {fmt_mib(memory.peak_part(BOOKKEEPING))} / "
+            f"{_fmt_size(memory.peak_part(QUEUED))} over {len(memory.samples)} samples",
+        )
+        biggest = sorted(peak.keys.items(), key=lambda kv: -kv[1])[:6]
+        section.info(
+            "  largest keys at the peak",
+            "; ".join(f"`{_short_key(k, batch['id'])}` {_fmt_size(v)}" for k, v in biggest),
+        )
+    queued_peak = memory.peak_part(QUEUED)
+    section.check(
+        "Redis: queued messages (model queue + kombu unacked), peak",
+        _fmt_size(queued_peak),
+        f"<= {fmt_mib(QUEUED_TARGET)} (old fan-out: ~40 MiB)",
+        bool(memory.samples) and queued_peak <= QUEUED_TARGET,
+    )
     assembly_from = s_all.t if s_all else t_c1
     section.info(
         "control worker RSS at assembly start / peak in assembly",
         f"{fmt_mib(rss.at('control', assembly_from))} / "
         f"{fmt_mib(rss.peak('control', since=assembly_from))}",
+    )
+    section.info(
+        "dispatcher RSS before the batch / peak",
+        f"{fmt_mib(rss.samples[0][1]['dispatcher'])} / {fmt_mib(rss.peak('dispatcher'))}",
     )
     section.info(
         "inference worker RSS before the batch / peak",
@@ -344,10 +447,11 @@ def run(opts: Options) -> list[Section]:
         )
     section.note(
         "ratio = batchsvc lines/s from the create call to `completed` (validation, "
-        "fan-out, processing, assembly) over raw Celery's lines/s from sending its "
-        "start task to its callback, over its two runs (one before, one after the "
-        "batch); all fan-outs are published from a celery "
-        "worker thread while the line workers consume, on the same 2 cores"
+        "start, windowed dispatch and processing, assembly) over raw Celery's lines/s from "
+        "sending its start task to its callback, over its two runs (one before, one after the "
+        "batch); batchsvc's lines are published by its dispatcher process a window at a time, "
+        "the raw chord's all at once from a celery worker thread, while the line workers "
+        "consume, on the same 2 cores"
     )
     section.note(
         "publish rates are client-side: one process publishing batchsvc's own line "
@@ -355,6 +459,8 @@ def run(opts: Options) -> list[Section]:
     )
     opts.shared["b1_redis"] = (sampler.peak_memory(), mem_after)
     for line in summarize(prof):
+        section.note(f"py-spy dispatcher (whole batch): {line}")
+    for line in summarize(prof_control):
         section.note(f"py-spy control worker (whole batch): {line}")
     for line in summarize(prof_worker):
         section.note(f"py-spy inference worker (whole batch): {line}")
@@ -364,7 +470,11 @@ def run(opts: Options) -> list[Section]:
     markers = [("create answered", create_s)]
     markers += [
         (label, x)
-        for label, x in (("fan-out done", t_disp), ("all recorded", t_all), ("completed", total_s))
+        for label, x in (
+            ("start indexed", t_disp),
+            ("all recorded", t_all),
+            ("completed", total_s),
+        )
         if x is not None
     ]
     section.charts.append(
@@ -376,14 +486,6 @@ def run(opts: Options) -> list[Section]:
                     "batchsvc: lines recorded",
                     [s.t - t_c0 for s in sampler.samples],
                     [s.recorded for s in sampler.samples],
-                ),
-                (
-                    "batchsvc: lines published (marks every 1,000)",
-                    [s.t - t_c0 for s in sampler.samples],
-                    [
-                        s.total if s.dispatch_state == "done" else s.published
-                        for s in sampler.samples
-                    ],
                 ),
                 *(
                     (

@@ -13,7 +13,6 @@ import time
 
 import requests
 
-from batchsvc.queues import model_queue
 from batchsvc.settings import Settings
 from benchmarks.common import Options
 from benchmarks.harness import (
@@ -88,9 +87,7 @@ def run(opts: Options) -> list[Section]:
                 with profiled(opts.profile, workers[0].service_pid, prof_out, max_s) as prof:
                     batch = create_batch(stack, creds, file_id)
                     t1 = time.monotonic()
-                    sampler = BatchSampler(
-                        stack.redis, batch["id"], model_queue(MODEL), hz=20, max_s=max_s
-                    )
+                    sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
                     sampler.start()
                     sampler.join(timeout=max_s + 30)
                     sampler.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from batchsvc.queues import model_queue
 from benchmarks.b3_validation import measured, warm_up
 from benchmarks.common import Options
 from benchmarks.harness import (
@@ -66,7 +65,7 @@ def run(opts: Options) -> list[Section]:
             opts.profile, control.service_pid, opts.profile_dir / "b4-control.pyspy.txt", max_s
         ) as prof:
             batch = create_batch(stack, creds, file_id)
-            sampler = BatchSampler(stack.redis, batch["id"], model_queue(MODEL), hz=20, max_s=max_s)
+            sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
             sampler.start()
             sampler.join(timeout=max_s + 30)
             sampler.stop()
@@ -107,7 +106,7 @@ def run(opts: Options) -> list[Section]:
         "  control RSS: before the batch / at assembly start / peak in assembly",
         f"{fmt_mib(base)} / {fmt_mib(at_start)} / {fmt_mib(peak)}",
     )
-    section.info("  control RSS growth over the whole batch (fan-out included)", fmt_mib(overall))
+    section.info("  control RSS growth over the whole batch (its start included)", fmt_mib(overall))
     section.info(
         "batch",
         f"{batch_lines:,} lines, {size / 1e6:.1f} MB in, "

@@ -5,7 +5,7 @@ itself adds next to nothing), while a batch runs. Requests/s and p50/p99 latency
 Three loads, in turn:
 
 - none (a finished batch is polled): the API's own baseline;
-- an echo batch (CPU-bound: the fan-out and the line tasks compete with the API for the two
+- an echo batch (CPU-bound: the dispatcher and the line tasks compete with the API for the two
   cores), the worst case on this machine;
 - a batch on an upstream with 250 ms latency and 64 worker threads (the workers mostly wait, as
   they do in front of a real GPU server).

@@ -10,6 +10,7 @@ look at). Callers stop it with :func:`running` (or :meth:`BenchStack.stop_all` i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -17,8 +18,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import psutil
 import redis
 import requests
 
+from batchsvc import keys
+from batchsvc.queues import model_queue
 from testsupport import launcher
 from testsupport.launcher import BIN, HOST, auth_headers, running, wait_until
 
@@ -34,16 +37,26 @@ __all__ = [
     "HOST",
     "BatchSampler",
     "BenchStack",
+    "Counts",
+    "CountsSample",
+    "CountsSampler",
     "CpuMeter",
+    "MemorySample",
     "MultipartFile",
     "Proc",
+    "RedisMemorySampler",
     "RssSampler",
     "auth_headers",
     "cancel_batch",
     "create_batch",
+    "create_project_weighted",
     "download",
     "get_batch",
+    "listed_projects",
+    "match_nodes",
+    "memory_part",
     "mib",
+    "node_of",
     "run_warmup_batch",
     "running",
     "upload_file",
@@ -57,18 +70,61 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class Proc(launcher.Proc):
     #: The process doing the work when ``popen`` is a supervisor (``batchsvc worker`` and
-    #: ``control`` run Celery as their child): what RSS, CPU and py-spy must look at.
+    #: ``control`` run Celery as their children): what RSS, CPU and py-spy must look at.
     work_pid: int | None = None
+    #: Each Celery node the supervisor runs, by name, and the pid of the child running it.
+    node_pids: dict[str, int] = field(default_factory=dict)
 
     @property
     def service_pid(self) -> int:
         return self.work_pid or self.popen.pid
+
+    def node_pid(self, prefix: str) -> int:
+        """The pid of the Celery child whose node name starts with ``prefix`` (``dispatch-``,
+        ``control-``)."""
+        for node, pid in self.node_pids.items():
+            if node.startswith(prefix):
+                return pid
+        raise KeyError(f"{self.name}: no Celery node {prefix}* in {sorted(self.node_pids)}")
 
     def children(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.pid).children()
         except psutil.Error:
             return []
+
+
+def node_of(cmdline: Sequence[str]) -> str | None:
+    """The Celery node name a ``celery ... worker ... -n NODE`` command line runs (also
+    ``--hostname NODE`` / ``-nNODE`` / ``--hostname=NODE``), or ``None``."""
+    for i, arg in enumerate(cmdline):
+        if arg in ("-n", "--hostname"):
+            return cmdline[i + 1] if i + 1 < len(cmdline) else None
+        if arg.startswith("--hostname="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-n") and len(arg) > 2 and not arg.startswith("--"):
+            return arg[2:]
+    return None
+
+
+def match_nodes(nodes: Sequence[str], children: Mapping[int, Sequence[str]]) -> dict[str, int]:
+    """Each of ``nodes`` with the pid (a key of ``children``, pid -> command line) whose
+    command line runs it.
+
+    Raises:
+        RuntimeError: a node no child runs, or one run by two children.
+    """
+    found: dict[str, list[int]] = {node: [] for node in nodes}
+    for pid, cmdline in children.items():
+        node = node_of(cmdline)
+        if node in found:
+            found[node].append(pid)
+    bad = {node: pids for node, pids in found.items() if len(pids) != 1}
+    if bad:
+        raise RuntimeError(
+            f"Celery children by node: {bad} (expected one each; children {dict(children)})"
+        )
+    return {node: pids[0] for node, pids in found.items()}
 
 
 def _ours(proc: launcher.Proc) -> Proc:
@@ -107,25 +163,33 @@ class BenchStack(launcher.Stack):
         wait_until(lambda: len(proc.children()) >= 2, self.timeouts.api, "gunicorn workers")
         return proc
 
-    def start_control(self, **env: str) -> Proc:
-        return self._find_celery_child(_ours(super().start_control(**env)))
-
     def start_worker(
         self, models: str = "", concurrency: int = 8, processes: int | None = None, **env: str
     ) -> Proc:
         proc = _ours(super().start_worker(models, concurrency, processes, **env))
         return self._find_celery_child(proc)
 
+    def start_control(self, **env: str) -> Proc:
+        """``batchsvc control``: its two Celery children, the dispatcher (node
+        ``dispatch-<pid>@host``, which publishes the lines) and the control worker (node
+        ``control-<pid>@host``: starts, cancels, assembly). ``service_pid`` is the control
+        worker's (what B4 watches assemble); ``node_pid("dispatch-")`` is the dispatcher's."""
+        proc = self._find_celery_child(_ours(super().start_control(**env)))
+        proc.work_pid = proc.node_pid("control-")
+        return proc
+
     @staticmethod
     def _find_celery_child(proc: Proc) -> Proc:
         """``batchsvc worker`` / ``control`` supervise their Celery worker processes, one per
-        node: find them (the first is the one profiled)."""
-        children = proc.children()
-        if len(children) != len(proc.nodes):
-            raise RuntimeError(
-                f"{proc.name}: expected {len(proc.nodes)} Celery children, found {children}"
-            )
-        proc.work_pid = children[0].pid
+        node: match each node to its child by the child's command line (``-n NODE``); the
+        first node's child is ``service_pid`` (the one profiled) unless the caller picks
+        another."""
+        cmdlines: dict[int, list[str]] = {}
+        for child in proc.children():
+            with contextlib.suppress(psutil.Error):
+                cmdlines[child.pid] = child.cmdline()
+        proc.node_pids = match_nodes(proc.nodes, cmdlines)
+        proc.work_pid = proc.node_pids[proc.nodes[0]]
         return proc
 
     def start_celery(
@@ -159,6 +223,15 @@ class BenchStack(launcher.Stack):
         for proc in self.procs:
             if not proc.alive():
                 continue
+            if proc.name == "control" and isinstance(proc, Proc) and len(proc.node_pids) > 1:
+                # ``batchsvc control``'s two Celery children apart: the dispatcher publishes
+                # the lines, the control worker starts (indexes) and assembles batches. The
+                # supervisor itself (a 0.1 s poll loop) is left out.
+                for node, pid in proc.node_pids.items():
+                    role = "dispatcher" if node.startswith("dispatch-") else "control"
+                    name = role if role not in pids else f"{role}#{pid}"
+                    pids[name] = pid
+                continue
             name = proc.name if proc.name not in pids else f"{proc.name}#{proc.pid}"
             pids[name] = proc.pid
         pids["benchmark"] = os.getpid()
@@ -171,6 +244,31 @@ class BenchStack(launcher.Stack):
                 self._redis.close()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- admin CLI helpers -----------------------------------------------------------------------
+
+
+def create_project_weighted(
+    stack: BenchStack, name: str, weight: int | None = None, models: str | None = None
+) -> dict[str, str]:
+    """``batchsvc projects create --name NAME [--models M] [--weight N]``: the new project and
+    its first key. ``weight=None`` leaves the flag out (the product's default weight, 1)."""
+    args = ["projects", "create", "--name", name]
+    if models:
+        args += ["--models", models]
+    if weight is not None:
+        args += ["--weight", str(weight)]
+    lines = stack.cli(*args).stdout.strip().splitlines()
+    if len(lines) != 1:
+        raise RuntimeError(f"batchsvc {' '.join(args)} printed {lines!r}, not one line")
+    return dict(json.loads(lines[0]))
+
+
+def listed_projects(stack: BenchStack) -> list[dict[str, Any]]:
+    """What ``batchsvc projects list`` prints (one JSON list)."""
+    out = stack.cli("projects", "list").stdout.strip()
+    return list(json.loads(out)) if out else []
 
 
 # -- HTTP helpers ----------------------------------------------------------------------------
@@ -351,7 +449,7 @@ class RssSampler(threading.Thread):
         return best
 
 
-BATCH_FIELDS = ("status", "completed", "failed", "total", "dispatch_state", "published")
+BATCH_FIELDS = ("status", "completed", "failed", "total", "dispatch_state")
 
 
 @dataclass
@@ -360,16 +458,23 @@ class BatchSample:
     status: str
     recorded: int
     total: int
+    #: ``started`` while the start task indexes the lines, ``done`` once they are registered
+    #: with the dispatcher (nothing is published by the start any more).
     dispatch_state: str
-    published: int
+    #: The model's lines dispatched and not yet recorded (``SCARD bs:inflight:<model>``), of
+    #: every batch: at most the window.
+    in_flight: int
+    #: The window the dispatcher last computed for the model (0 before its first round).
+    window: int
+    #: Messages waiting in the model's queue (``LLEN``); at most the window.
     queue_depth: int
     used_memory: int | None
 
 
 class BatchSampler(threading.Thread):
-    """Polls the batch's Redis hash (``bs:batch:<id>``) directly at ``hz``, with the depth of
-    its model queue and, every few ticks, Redis ``used_memory``; stops at a terminal status,
-    on :meth:`stop`, or after ``max_s``."""
+    """Polls the batch's Redis hash (``bs:batch:<id>``) directly at ``hz``, with its model's
+    in-flight count, window and queue depth and, every few ticks, Redis ``used_memory``; stops
+    at a terminal status, on :meth:`stop`, or after ``max_s``."""
 
     TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -377,15 +482,17 @@ class BatchSampler(threading.Thread):
         self,
         client: redis.Redis,
         batch_id: str,
-        queue: str,
+        model: str,
         hz: float = 20,
         max_s: float = 1800,
         memory_every: int = 4,
     ) -> None:
         super().__init__(name="batch-sampler", daemon=True)
         self.client = client
-        self.key = f"bs:batch:{batch_id}"
-        self.queue = queue
+        self.key = keys.batch_key(batch_id)
+        self.queue = model_queue(model)
+        self.inflight = keys.inflight_key(model)
+        self.window_key = keys.window_key(model)
         self.interval = 1.0 / hz
         self.max_s = max_s
         self.memory_every = memory_every
@@ -406,13 +513,15 @@ class BatchSampler(threading.Thread):
         while not self._stop_event.is_set() and time.monotonic() < deadline:
             pipe = self.client.pipeline(transaction=False)
             pipe.hmget(self.key, *BATCH_FIELDS)
+            pipe.scard(self.inflight)
+            pipe.get(self.window_key)
             pipe.llen(self.queue)
             memory = tick % self.memory_every == 0
             if memory:
                 pipe.info("memory")
             replies = pipe.execute()
             now = time.monotonic()
-            status, completed, failed, total, dispatch, published = (
+            status, completed, failed, total, dispatch = (
                 (v.decode() if v is not None else "") for v in replies[0]
             )
             self.samples.append(
@@ -422,9 +531,10 @@ class BatchSampler(threading.Thread):
                     recorded=int(completed or 0) + int(failed or 0),
                     total=int(total or 0),
                     dispatch_state=dispatch,
-                    published=int(published or 0),
-                    queue_depth=int(replies[1]),
-                    used_memory=int(replies[2]["used_memory"]) if memory else None,
+                    in_flight=int(replies[1]),
+                    window=int(replies[2] or 0),
+                    queue_depth=int(replies[3]),
+                    used_memory=int(replies[4]["used_memory"]) if memory else None,
                 )
             )
             tick += 1
@@ -442,6 +552,220 @@ class BatchSampler(threading.Thread):
 
     def peak_memory(self) -> int:
         return max((s.used_memory or 0 for s in self.samples), default=0)
+
+    def peak(self, attr: str) -> int:
+        """The largest ``in_flight`` / ``window`` / ``queue_depth`` sampled."""
+        return max((int(getattr(s, attr)) for s in self.samples), default=0)
+
+
+# -- Redis memory by part --------------------------------------------------------------------
+
+#: The three parts a batch's Redis memory is reported in (issue 12), in order.
+RECORDS = "per-line records"
+BOOKKEEPING = "chord and delivery bookkeeping"
+QUEUED = "queued messages"
+PARTS = (RECORDS, BOOKKEEPING, QUEUED)
+#: kombu's Redis transport: messages delivered and not yet acknowledged (``unacked``, a hash
+#: of delivery tag -> message) and its index by time (``unacked_index``, a sorted set).
+KOMBU_UNACKED = ("unacked", "unacked_index")
+
+
+def memory_part(key: str, batch_id: str, model: str) -> str | None:
+    """Which part of the batch's Redis memory ``key`` is in, or ``None`` if none.
+
+    - per-line records: ``bs:batch:<id>:lines`` (one field per recorded line);
+    - queued messages: the model's queue (and kombu's priority sub-queues of it) and kombu's
+      ``unacked`` / ``unacked_index``;
+    - chord and delivery bookkeeping: every other key naming the batch (its hash, cursors,
+      per-model counts, deliveries, leases, the chord guard, Celery's chord keys of its group
+      ``<batch>.lines``) and the model's in-flight set.
+    """
+    if key == keys.lines_key(batch_id):
+        return RECORDS
+    queue = model_queue(model)
+    if key in KOMBU_UNACKED or key == queue or key.startswith(queue + "\x06\x16"):
+        return QUEUED
+    if batch_id in key or key == keys.inflight_key(model):
+        return BOOKKEEPING
+    return None
+
+
+@dataclass
+class MemorySample:
+    t: float
+    used_memory: int
+    #: ``MEMORY USAGE key SAMPLES 0`` summed per part (:data:`PARTS`).
+    parts: dict[str, int]
+    #: The keys counted, with their sizes.
+    keys: dict[str, int]
+
+
+class RedisMemorySampler(threading.Thread):
+    """Every ``interval`` seconds, Redis ``used_memory`` and the exact size (``MEMORY USAGE
+    key SAMPLES 0``) of every key of one batch and its model, by :func:`memory_part`. The keys
+    are found by a ``SCAN`` of the keyspace (small here: a windowed batch has at most W leases
+    and W queued messages) plus the fixed queue keys."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        batch_id: str,
+        model: str,
+        interval: float = 1.0,
+        max_s: float = 1800,
+    ) -> None:
+        super().__init__(name="redis-memory-sampler", daemon=True)
+        self.client = client
+        self.batch_id = batch_id
+        self.model = model
+        self.interval = interval
+        self.max_s = max_s
+        self.samples: list[MemorySample] = []
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def _keys(self) -> list[str]:
+        found = {
+            k.decode() if isinstance(k, bytes) else str(k)
+            for k in self.client.scan_iter(match=f"*{self.batch_id}*", count=1000)
+        }
+        found |= {
+            k.decode() if isinstance(k, bytes) else str(k)
+            for k in self.client.scan_iter(match=f"{model_queue(self.model)}*", count=1000)
+        }
+        found |= {*KOMBU_UNACKED, keys.inflight_key(self.model)}
+        return sorted(k for k in found if memory_part(k, self.batch_id, self.model))
+
+    def sample(self) -> MemorySample:
+        names = self._keys()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.info("memory")
+        for name in names:
+            pipe.memory_usage(name, samples=0)
+        replies = pipe.execute()
+        sizes = {name: int(size) for name, size in zip(names, replies[1:], strict=True) if size}
+        parts = dict.fromkeys(PARTS, 0)
+        for name, size in sizes.items():
+            part = memory_part(name, self.batch_id, self.model)
+            if part is not None:
+                parts[part] += size
+        return MemorySample(time.monotonic(), int(replies[0]["used_memory"]), parts, sizes)
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + self.max_s
+            next_at = time.monotonic()
+            while not self._stop_event.is_set() and time.monotonic() < deadline:
+                self.samples.append(self.sample())
+                next_at += self.interval
+                self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+        except BaseException as exc:  # reported by the benchmark
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=30)
+
+    def at_peak(self) -> MemorySample | None:
+        """The sample with the highest ``used_memory``."""
+        return max(self.samples, key=lambda s: s.used_memory, default=None)
+
+    def peak_part(self, part: str) -> int:
+        """A part's own peak over every sample (it may not coincide with Redis's)."""
+        return max((s.parts.get(part, 0) for s in self.samples), default=0)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One batch at one poll: ``recorded`` is ``request_counts.completed + failed`` (the
+    batch hash's ``completed`` and ``failed``, the very fields ``GET /v1/batches/{id}``
+    reports), ``total`` its ``total`` (0 until the batch is parsed), and its status."""
+
+    recorded: int
+    total: int
+    status: str
+
+
+@dataclass(frozen=True)
+class CountsSample:
+    t: float
+    counts: dict[str, Counts]
+
+
+class CountsSampler(threading.Thread):
+    """Polls the request counts of several batches at ``hz``, all of them in one Redis round
+    trip (so their counts are from the same instant), each under a caller's label; batches can
+    be added while it runs (:meth:`watch`). Polls run on a fixed schedule (a slow poll is not
+    followed by a late one), until :meth:`stop` or ``max_s``."""
+
+    def __init__(self, client: redis.Redis, hz: float = 1.0, max_s: float = 1800) -> None:
+        super().__init__(name="counts-sampler", daemon=True)
+        self.client = client
+        self.interval = 1.0 / hz
+        self.max_s = max_s
+        self.samples: list[CountsSample] = []
+        self.error: BaseException | None = None
+        self._watched: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+
+    def watch(self, label: str, batch_id: str) -> None:
+        with self._lock:
+            self._watched[label] = batch_id
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the benchmark
+            self.error = exc
+
+    def poll(self) -> CountsSample:
+        with self._lock:
+            watched = dict(self._watched)
+        pipe = self.client.pipeline(transaction=False)
+        for batch_id in watched.values():
+            pipe.hmget(f"bs:batch:{batch_id}", "completed", "failed", "total", "status")
+        replies = pipe.execute() if watched else []
+        now = time.monotonic()
+        counts = {}
+        for label, reply in zip(watched, replies, strict=True):
+            completed, failed, total, status = (v.decode() if v is not None else "" for v in reply)
+            counts[label] = Counts(int(completed or 0) + int(failed or 0), int(total or 0), status)
+        return CountsSample(now, counts)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        next_at = time.monotonic()
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            self.samples.append(self.poll())
+            next_at += self.interval
+            self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+        if self.error is not None:
+            raise self.error
+
+    def wait(
+        self, predicate: Callable[[CountsSample], bool], timeout: float, since: float = 0.0
+    ) -> CountsSample | None:
+        """The first sample taken at or after ``since`` (monotonic) that satisfies
+        ``predicate``, waiting up to ``timeout`` seconds for it; ``None`` on timeout."""
+        deadline = time.monotonic() + timeout
+        index = 0
+        while True:
+            samples = self.samples  # appended to by the thread only
+            while index < len(samples):
+                sample = samples[index]
+                index += 1
+                if sample.t >= since and predicate(sample):
+                    return sample
+            if self.error is not None:
+                raise self.error
+            if time.monotonic() > deadline or not self.is_alive():
+                return None
+            time.sleep(min(0.01, self.interval / 2))
 
 
 class CpuMeter:
