@@ -28,13 +28,15 @@ run: install ## start Redis, the API, workers, beat and Flower (Procfile, honcho
 run-worker: install ## inference worker: make run-worker MODELS=a,b CONCURRENCY=64
 	PATH="$(abspath $(BIN)):$$PATH" MODELS="$(MODELS)" CONCURRENCY="$(CONCURRENCY)" $(BIN)/batchsvc worker
 
-test: lint ## lint (ruff, mypy), then every test but the slow ones
+test: lint ## lint (ruff, mypy), then every test but the slow ones (installs Debian's chromium if missing)
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: install ## the fast unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: install ## the integration tests (real redis-server, gunicorn, celery workers)
+test-integration: install ## the integration tests (real redis-server, gunicorn, celery workers, chromium)
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest -m "integration and not slow" $(PYTEST_ARGS)
 
 test-slow: install ## the slow end-to-end tests

@@ -1,6 +1,7 @@
 """The ``batchsvc`` command: admin (projects, keys, models) and the process launchers the
-Procfile uses. Admin commands print exactly one compact JSON line on stdout; everything else
-goes to stderr, so scripts can parse the output."""
+Procfile uses. Admin commands print exactly one compact JSON line on stdout (``status`` prints
+a table unless given ``--json``); everything else goes to stderr, so scripts can parse the
+output."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
 from batchsvc import embedded_redis
+from batchsvc.client import add_commands as add_client_commands
 from batchsvc.cpu_priority import lower_cpu_priority
 from batchsvc.errors import BatchsvcError, ConfigError
 from batchsvc.models_config import load_registry
 from batchsvc.projects import ProjectStore
 from batchsvc.queues import CONTROL_QUEUE, DISPATCH_QUEUE
 from batchsvc.settings import Settings
+
+if TYPE_CHECKING:
+    from batchsvc.metrics.exposition import GroupExport
 
 DEMO_FILE = "demo.env"
 DEMO_PROJECT_NAME = "demo"
@@ -86,6 +92,19 @@ def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """The fleet and the running batches: a table, or one JSON line with ``--json``."""
+    from batchsvc.metrics.status import read_status, render
+
+    report = read_status(_connect(settings), load_registry(settings.config_path).ids())
+    if args.json:
+        _emit(report.to_dict())
+    else:
+        sys.stdout.write(render(report, limit=args.batches))
+        sys.stdout.flush()
+    return 0
+
+
 # -- the demo project ----------------------------------------------------------------------
 
 
@@ -147,8 +166,10 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 # -- process launchers (the Procfile's lines) ----------------------------------------------
 
 
-def _exec(argv: list[str], redis_url: str) -> int:  # pragma: no cover - replaces the process
-    env = dict(os.environ, REDIS_URL=redis_url)
+def _exec(
+    argv: list[str], redis_url: str, extra_env: dict[str, str] | None = None
+) -> int:  # pragma: no cover - replaces the process
+    env = dict(os.environ, REDIS_URL=redis_url, **(extra_env or {}))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(argv[0], argv, env)
@@ -168,7 +189,9 @@ def _supervise(argv: list[str], redis_url: str, nice: int = 0) -> int:  # pragma
     return _supervise_all([(argv, {})], redis_url, nice)
 
 
-def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
+def _supervise_all(
+    children: list[Child], redis_url: str, nice: int = 0, metrics: GroupExport | None = None
+) -> int:
     """Run Celery workers and start each again whenever it dies of an error.
 
     celery 5.7 / kombu 5.7 can die with "Unrecoverable error: AttributeError ... 'hostname'"
@@ -177,8 +200,10 @@ def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
     stays up as the workers' supervisor: SIGTERM and SIGINT are passed on to every worker and
     end the launcher once all have exited; any other exit of a worker is a crash, followed by
     its restart. ``nice`` lowers the CPU priority of the supervisor, which every worker it
-    starts inherits (:func:`batchsvc.cpu_priority.lower_cpu_priority`). Returns the first
-    non-zero exit status of the last runs, or 0.
+    starts inherits (:func:`batchsvc.cpu_priority.lower_cpu_priority`). ``metrics`` is the
+    launcher's metrics export (:mod:`batchsvc.metrics.exposition`): every worker writes into its
+    directory, a worker that dies has its live gauges dropped, and it is closed at the end.
+    Returns the first non-zero exit status of the last runs, or 0.
     """
     import signal
     import subprocess
@@ -186,7 +211,7 @@ def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
 
     lower_cpu_priority(nice)
 
-    base_env = dict(os.environ, REDIS_URL=redis_url)
+    base_env = dict(os.environ, REDIS_URL=redis_url, **(metrics.child_env() if metrics else {}))
     stopping = False
     running: list[subprocess.Popen[bytes] | None] = [None] * len(children)
 
@@ -203,26 +228,32 @@ def _supervise_all(children: list[Child], redis_url: str, nice: int = 0) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for i in range(len(children)):
-        start(i)
-    restart_at: dict[int, float] = {}
-    while True:
-        if stopping:
-            codes = [proc.wait() for proc in running if proc is not None]
-            return next((code for code in codes if code), 0)
-        now = time.monotonic()
-        for i, proc in enumerate(running):
-            if i in restart_at:
-                if now >= restart_at[i]:
-                    del restart_at[i]
-                    start(i)
-            elif proc is not None and (code := proc.poll()) is not None:
-                _say(
-                    f"batchsvc: {children[i][0][0]} exited with {code}; starting it again in "
-                    f"{RESTART_PAUSE_S:.0f} s"
-                )
-                restart_at[i] = now + RESTART_PAUSE_S
-        time.sleep(0.1)
+    try:
+        for i in range(len(children)):
+            start(i)
+        restart_at: dict[int, float] = {}
+        while True:
+            if stopping:
+                codes = [proc.wait() for proc in running if proc is not None]
+                return next((code for code in codes if code), 0)
+            now = time.monotonic()
+            for i, proc in enumerate(running):
+                if i in restart_at:
+                    if now >= restart_at[i]:
+                        del restart_at[i]
+                        start(i)
+                elif proc is not None and (code := proc.poll()) is not None:
+                    _say(
+                        f"batchsvc: {children[i][0][0]} exited with {code}; starting it again "
+                        f"in {RESTART_PAUSE_S:.0f} s"
+                    )
+                    if metrics is not None:
+                        metrics.process_exited(proc.pid)
+                    restart_at[i] = now + RESTART_PAUSE_S
+            time.sleep(0.1)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def _bin(name: str) -> str:
@@ -258,20 +289,50 @@ ACCESS_LOG_FORMAT = (
 )
 
 
+#: The gunicorn configuration of ``batchsvc web``: its hooks serve the metrics from the master.
+GUNICORN_CONFIG = "python:batchsvc.metrics.gunicorn_hooks"
+
+
+def _start_metrics(settings: Settings, kind: str) -> GroupExport | None:
+    """The metrics export of this launcher (``None``: off, or its port is taken)."""
+    from batchsvc.metrics import exposition  # prometheus_client: only for the launchers
+
+    export = exposition.start_group_export(settings, kind, os.getpid())
+    if export is not None:
+        _say(f"{kind} metrics: {export.url}")
+    return export
+
+
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     url = embedded_redis.resolve_url(settings, wait_s=60)
     load_registry(settings.config_path)  # fail now, with the config error, not per request
     demo = ensure_demo(settings, redis.Redis.from_url(url))
+    metrics_env: dict[str, str] = {}
+    if settings.metrics_enabled:
+        from batchsvc.metrics import exposition
+
+        # Named after this pid, which gunicorn's master keeps (exec): its hooks find it there.
+        directory = exposition.prepare_group_dir(settings, "web", os.getpid())
+        metrics_env[exposition.MULTIPROC_ENV] = str(directory)
     _say(
         "\n".join(
             [
                 "",
                 "batchsvc is up",
-                f"  base URL:    {demo['BATCHSVC_BASE_URL']}",
-                f"  project id:  {demo['BATCHSVC_PROJECT_ID']}",
-                f"  API key:     {demo['BATCHSVC_API_KEY']}",
+                f"  base URL:     {demo['BATCHSVC_BASE_URL']}",
+                f"  batches page: {demo['BATCHSVC_BASE_URL'].removesuffix('/v1')}/ui",
+                f"  project id:   {demo['BATCHSVC_PROJECT_ID']}",
+                f"  API key:      {demo['BATCHSVC_API_KEY']}",
                 f"  (kept in {settings.data_dir / DEMO_FILE}; `. {settings.data_dir / DEMO_FILE}`"
                 " exports them)",
+                *(
+                    [
+                        f"  metrics:     http://{settings.metrics_host}:"
+                        f"{settings.metrics_listen_port}/metrics (operators only)"
+                    ]
+                    if settings.metrics_enabled
+                    else []
+                ),
                 "",
             ]
         )
@@ -297,9 +358,12 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
             "--access-logformat",
             ACCESS_LOG_FORMAT,
             "--no-control-socket",
+            "--config",
+            GUNICORN_CONFIG,
             "batchsvc.api:create_app()",
         ],
         url,
+        metrics_env,
     )
 
 
@@ -345,6 +409,7 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
         ],
         url,
         nice=settings.batch_nice,
+        metrics=_start_metrics(settings, "control"),
     )
 
 
@@ -397,7 +462,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         ]
         # CONCURRENCY sizes the process's HTTP connection pool: its own threads.
         children.append((argv, {"CONCURRENCY": str(threads)}))
-    return _supervise_all(children, url, nice=settings.batch_nice)
+    return _supervise_all(
+        children, url, nice=settings.batch_nice, metrics=_start_metrics(settings, "worker")
+    )
 
 
 def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:
@@ -437,6 +504,7 @@ def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchsvc", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
+    add_client_commands(sub)
 
     projects = sub.add_parser("projects", help="manage projects").add_subparsers(
         dest="action", required=True
@@ -471,6 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     models.add_parser("list", help="print the registry").set_defaults(func=cmd_models_list)
+
+    status = sub.add_parser(
+        "status",
+        help="workers, queues and pending lines per model, and the running batches",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON line instead")
+    status.add_argument(
+        "--batches", type=int, default=50, help="most batches the table lists (default 50)"
+    )
+    status.set_defaults(func=cmd_status)
 
     sub.add_parser("demo", help="ensure the demo project; print it").set_defaults(func=cmd_demo)
     sub.add_parser("redis-server", help="run the embedded Redis").set_defaults(

@@ -125,6 +125,26 @@ return 1
 
 
 @dataclass(frozen=True)
+class DispatchView:
+    """What an operator sees of one model's dispatch (metrics, ``batchsvc status``): read in two
+    round trips for every model at once, and changing nothing."""
+
+    #: Live workers (node name) and the concurrency each advertises.
+    workers: dict[str, int]
+    #: Lines dispatched and not yet recorded.
+    in_flight: int
+    #: The window the dispatcher last published (``None`` before its first round).
+    window: int | None
+    #: Batches with lines of this model still to dispatch, and how many lines those are.
+    pending_batches: int
+    pending_lines: int
+
+    @property
+    def concurrency(self) -> int:
+        return sum(self.workers.values())
+
+
+@dataclass(frozen=True)
 class ModelSnapshot:
     """One read of a model's dispatch state (not atomic: the claim re-checks what matters)."""
 
@@ -300,6 +320,49 @@ class DispatchStore:
             pipe.delete(heartbeat_key(model, node))
             pipe.srem(fleet_key(model), node)
         pipe.execute()
+
+    def views(self, models: list[str]) -> dict[str, DispatchView]:
+        """Every model's :class:`DispatchView`, in two pipelined round trips. Read-only: a node
+        whose beat lapsed is left out, not removed (:meth:`fleet_concurrency` removes it)."""
+        pipe = self.r.pipeline(transaction=False)
+        for model in models:
+            pipe.smembers(fleet_key(model))
+            pipe.scard(inflight_key(model))
+            pipe.get(window_key(model))
+            pipe.hkeys(pending_key(model))
+        first = pipe.execute()
+        nodes: dict[str, list[str]] = {}
+        pending: dict[str, list[str]] = {}
+        pipe = self.r.pipeline(transaction=False)
+        for i, model in enumerate(models):
+            nodes[model] = sorted(text(n) for n in first[4 * i])
+            pending[model] = sorted(text(b) for b in first[4 * i + 3])
+            if nodes[model]:
+                pipe.mget([heartbeat_key(model, node) for node in nodes[model]])
+            for batch_id in pending[model]:
+                pipe.hget(model_counts_key(batch_id), model)
+                pipe.hget(cursor_key(batch_id), model)
+        replies = iter(pipe.execute())
+        views: dict[str, DispatchView] = {}
+        for i, model in enumerate(models):
+            beats = next(replies) if nodes[model] else []
+            left = 0
+            for _ in pending[model]:
+                total, cursor = next(replies), next(replies)
+                left += max(0, int(total or 0) - int(cursor or 0))
+            window = first[4 * i + 2]
+            views[model] = DispatchView(
+                workers={
+                    node: int(beat)
+                    for node, beat in zip(nodes[model], beats, strict=True)
+                    if beat is not None
+                },
+                in_flight=int(first[4 * i + 1]),
+                window=None if window is None else int(window),
+                pending_batches=len(pending[model]),
+                pending_lines=left,
+            )
+        return views
 
     def fleet_concurrency(self, model: str) -> int:
         """The concurrency the live workers offer ``model``; nodes whose beat lapsed are

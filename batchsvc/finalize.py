@@ -19,6 +19,7 @@ A retry after a crash redoes only what is missing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from batchsvc.ids import new_file_id
 from batchsvc.jsonl import iter_request_lines
 from batchsvc.keys import batch_key
 from batchsvc.line_index import line_index_key
+from batchsvc.metrics import instruments
 from batchsvc.results import error_line
 from batchsvc.storage import Storage, StorageMissing, batch_input_key, upload_key
 
@@ -117,8 +119,10 @@ class Finalizer:
         if target is None:
             return batch.status
         if not batch.run.files_written:
+            assembly_started = time.perf_counter()
             if not self._write_files(batch, keepalive):
                 return batch.status
+            instruments.batch_assembled(str(target), time.perf_counter() - assembly_started)
             batch = self.batches.get_any(batch_id)
             assert batch is not None
         self._forget_run(batch_id)

@@ -109,6 +109,15 @@ class Settings:
     file_retention_s: int = 2_592_000
     #: The storage backend; only ``local`` (files under ``data_dir/files``) exists today.
     storage_backend: str = "local"
+    #: Whether processes record Prometheus metrics and serve them (``BATCHSVC_METRICS``).
+    metrics_enabled: bool = True
+    #: Address of the metrics listeners; loopback by default: labels name models and
+    #: statuses an API client has no business reading.
+    metrics_host: str = "127.0.0.1"
+    #: Port of this launcher's metrics listener; ``None`` means ``port + 1`` (under honcho each
+    #: Procfile line has its own ``PORT``, 100 apart, so ``web``, ``control`` and ``worker``
+    #: never collide).
+    metrics_port: int | None = None
 
     def worker_layout(self, cpus: int) -> list[int]:
         """Threads of each inference worker process, ``worker_concurrency`` in all.
@@ -128,6 +137,16 @@ class Settings:
         processes = max(1, min(processes, self.worker_concurrency))
         share, extra = divmod(self.worker_concurrency, processes)
         return [share + (1 if i < extra else 0) for i in range(processes)]
+
+    @property
+    def metrics_listen_port(self) -> int:
+        """Where this launcher serves its metrics: ``metrics_port``, else ``port + 1``."""
+        return self.metrics_port if self.metrics_port is not None else self.port + 1
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where each launcher keeps the per-process metric files its processes write."""
+        return self.data_dir / "metrics"
 
     @property
     def storage_root(self) -> Path:
@@ -206,4 +225,11 @@ class Settings:
                 minimum=1,
             ),
             storage_backend=storage_backend,
+            metrics_enabled=_bool("BATCHSVC_METRICS", get("BATCHSVC_METRICS", "true")),
+            metrics_host=get("BATCHSVC_METRICS_HOST") or "127.0.0.1",
+            metrics_port=_int(
+                "BATCHSVC_METRICS_PORT", get("BATCHSVC_METRICS_PORT"), minimum=1, maximum=65_535
+            )
+            if get("BATCHSVC_METRICS_PORT")
+            else None,
         )

@@ -274,6 +274,9 @@ class Stack:
     def start_control(self, **env: str) -> Proc:
         """``batchsvc control``: waits for both its nodes, the dispatcher's and the control
         worker's (in that order in ``proc.nodes``)."""
+        # Each launcher's metrics listener on a port of its own (the default, PORT + 1, would
+        # be the same for every process a test starts without PORT).
+        env.setdefault("BATCHSVC_METRICS_PORT", str(free_port()))
         proc = self.spawn("control", [str(BIN / "batchsvc"), "control"], **env)
         for node in control_nodes(proc.pid, socket.gethostname()):
             self.wait_node(proc, node)
@@ -285,6 +288,7 @@ class Stack:
         """``batchsvc worker`` with ``concurrency`` threads in all, split across ``processes``
         Celery processes (``None``: the product's own ``auto``); waits for each node."""
         # WORKER_PROCESSES is always set, so the caller's shell cannot change the layout.
+        env.setdefault("BATCHSVC_METRICS_PORT", str(free_port()))
         worker_env = {
             "MODELS": models,
             "CONCURRENCY": str(concurrency),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery, signals
 
 from batchsvc.celery_config import celery_config
+from batchsvc.metrics import instruments
 from batchsvc.queues import (
     CANCEL_BATCH,
     CONTROL_QUEUE,
@@ -33,6 +34,8 @@ WORKER_TUNING = {
 
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
+    # The launcher serves what this process records (batchsvc.metrics.exposition).
+    instruments.set_enabled(settings.metrics_enabled)
     app = Celery("batchsvc", include=TASK_MODULES)
     app.conf.update(celery_config(settings, redis_url))
     app.conf.update(WORKER_TUNING)

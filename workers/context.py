@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -87,7 +88,8 @@ class WorkerContext:
             projects=self.projects,
             registry=self.registry,
             storage=self.storage,
-            publisher=lambda: CeleryPublisher(current_app),
+            # Each line's message carries its publish time: the worker measures queue wait.
+            publisher=lambda: CeleryPublisher(current_app, sent_clock=time.time),
             queued_task_ids=lambda model: queued_task_ids(self.redis, model_queue(model)),
             lease_ttl_s=self.settings.lease_ttl_s,
         )

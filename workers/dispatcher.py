@@ -37,6 +37,7 @@ from batchsvc.fair_share import BatchShare, ProjectShare, plan
 from batchsvc.jsonl import decode_request_line
 from batchsvc.keys import inflight_member, split_member
 from batchsvc.line_index import find_entry, line_index_key, read_entries, read_lines, within_span
+from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry
 from batchsvc.projects import ProjectStore
 from batchsvc.storage import Storage, StorageMissing, batch_input_key
@@ -107,6 +108,7 @@ class Dispatcher:
                     break
         finally:
             publisher.flush()
+            instruments.lines_dispatched(model, published)
         return published
 
     def _plan(self, model: str, snapshot: ModelSnapshot, free: int) -> list[tuple[str, int]]:
@@ -232,6 +234,7 @@ class Dispatcher:
                     republished += self._republish(model, batch_id, indices, publisher)
             finally:
                 publisher.flush()
+                instruments.lines_republished(model, republished)
             log.warning("model %s: republished %d lost line(s)", model, republished)
         return republished
 

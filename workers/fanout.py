@@ -42,6 +42,11 @@ log = logging.getLogger("batchsvc.fanout")
 #: Messages kombu pipelines into one Redis round trip.
 PIPELINE = 1000
 
+#: The message header carrying the time a line was published (epoch seconds), from which the
+#: worker that runs it measures its queue wait (``batchsvc_line_queue_wait_seconds``). Celery
+#: puts no send time in a message; a header leaves the task's signature alone.
+SENT_AT_HEADER = "batchsvc_sent_at"
+
 
 class Publisher(Protocol):
     def declare_chord(self, batch_id: str, size: int) -> None:
@@ -65,10 +70,15 @@ def line_task_id(batch_id: str, index: int) -> str:
 
 
 class CeleryPublisher:
-    """Publishes line tasks into their model's queue, pipelined."""
+    """Publishes line tasks into their model's queue, pipelined.
 
-    def __init__(self, app: Celery) -> None:
+    Given ``sent_clock``, each message carries its reading as :data:`SENT_AT_HEADER`; without
+    it, a message is exactly the one ``send_task`` would queue.
+    """
+
+    def __init__(self, app: Celery, sent_clock: Callable[[], float] | None = None) -> None:
         self.app = app
+        self.sent_clock = sent_clock
         self._callbacks: dict[str, Signature] = {}
         self._producer_cm: Any = None
         self._producer: Any = None
@@ -111,6 +121,8 @@ class CeleryPublisher:
             ignore_result=True,
             reply_to=self.app.thread_oid,
         )
+        if self.sent_clock is not None:
+            headers[SENT_AT_HEADER] = self.sent_clock()
         self._producer.publish(
             message,
             exchange="",

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from batchsvc.dispatch_store import DispatchStore
+from batchsvc.metrics import instruments
 from batchsvc.queues import MODEL_QUEUE_PREFIX
 
 log = logging.getLogger("batchsvc.heartbeat")
@@ -34,6 +35,8 @@ class Heartbeat:
     def start(self) -> None:
         self.beat()
         self._thread.start()
+        for model, concurrency in self.concurrency_by_model.items():
+            instruments.worker_threads(model, concurrency)
 
     def beat(self) -> None:
         self.store.heartbeat(self.node, self.concurrency_by_model, TTL_S)
@@ -47,6 +50,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        for model in self.concurrency_by_model:
+            instruments.worker_threads(model, 0)
         try:
             self.store.leave(self.node, self.concurrency_by_model)
         except Exception:  # shutting down: the TTL ends the beat anyway

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from batchsvc import lifecycle
 from batchsvc.batches import BatchStore
 from batchsvc.errors import LineError
+from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from batchsvc.results import (
     batch_cancelled,
@@ -100,6 +102,7 @@ def run_batch_line(
     the lease its first try took as its own.
     """
     token = token or secrets.token_hex(8)
+    started = time.perf_counter()
     start = ctx.batches.begin_line(batch_id, index, token, ctx.leases.ttl_s, model)
     if start.wake:
         ctx.request_dispatch(model)
@@ -109,20 +112,21 @@ def run_batch_line(
     # running elsewhere (this is a redelivered copy), and that run records its real result.
     skip = _short_circuit_error(start.status, start.expiring)
     with ctx.leases.keep(batch_id, index, token):
+        code: str | None = None
         if skip is not None:
-            ok, line = False, error_line(batch_id, index, custom_id, skip)
+            ok, line, code = False, error_line(batch_id, index, custom_id, skip), skip.code
         elif start.deliveries > ctx.max_deliveries:
-            ok, line = (
-                False,
-                error_line(batch_id, index, custom_id, poison_line(ctx.max_deliveries)),
-            )
+            poison = poison_line(ctx.max_deliveries)
+            ok, line, code = False, error_line(batch_id, index, custom_id, poison), poison.code
         else:
-            ok, line = _run(ctx, batch_id, index, custom_id, model, body)
+            ok, line, code = _run(ctx, batch_id, index, custom_id, model, body)
         # The model's answer is not asked for twice because Redis blinked.
         outcome = retry_redis(
             lambda: ctx.batches.finish_line(batch_id, index, ok, line, token, model),
             ctx.redis_patience_s,
         )
+    if outcome.written:
+        instruments.line_recorded(model, ok, code, time.perf_counter() - started)
     if outcome.wake:
         ctx.request_dispatch(model)
     # Cancel and expiry do not wait for the chord (queued copies may never run): the line
@@ -141,22 +145,33 @@ def _run(
     custom_id: str,
     model: str,
     body: dict[str, Any],
-) -> tuple[bool, str]:
+) -> tuple[bool, str, str | None]:
+    """Run the line's request: (ok, the line to record, its error code when not ok)."""
     spec = ctx.registry.get(model)
+    called = time.perf_counter()
     try:
         if spec is None:
             raise internal_error(f'model "{model}" is not configured on this worker')
         response = execute_request(spec, body, ctx.backend_for(spec))
-        return True, output_line(
-            batch_id, index, custom_id, response.body, response.request_id, response.status_code
+        instruments.line_upstream(model, time.perf_counter() - called)
+        instruments.usage(model, response.body)
+        return (
+            True,
+            output_line(
+                batch_id,
+                index,
+                custom_id,
+                response.body,
+                response.request_id,
+                response.status_code,
+            ),
+            None,
         )
     except LineError as error:
-        return False, error_line(batch_id, index, custom_id, error)
+        if spec is not None:
+            instruments.line_upstream(model, time.perf_counter() - called)
+        return False, error_line(batch_id, index, custom_id, error), error.code
     except Exception as exc:  # a bug must cost one line, not the chord
         log.exception("line %s:%d failed unexpectedly", batch_id, index)
-        return False, error_line(
-            batch_id,
-            index,
-            custom_id,
-            internal_error(f"Unexpected worker error: {type(exc).__name__}: {exc}"),
-        )
+        failure = internal_error(f"Unexpected worker error: {type(exc).__name__}: {exc}")
+        return False, error_line(batch_id, index, custom_id, failure), failure.code

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from batchsvc.errors import LineError, UpstreamCredentialsRejected, UpstreamTimeout
+from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from workers.backends import ChatBackend
 from workers.line_runner import execute_request
@@ -74,6 +75,23 @@ def _line_failure(spec: ModelSpec, error: LineError) -> dict[str, Any]:
 
 
 def run_sync_request(
+    registry: ModelRegistry,
+    backend_for: Callable[[ModelSpec], ChatBackend],
+    model: str,
+    body: dict[str, Any],
+) -> dict[str, Any]:
+    """Answer one synchronous request; counted by model and outcome (``ok`` or its error
+    code) when its model is served here."""
+    answer = _answer(registry, backend_for, model, body)
+    if model in registry:
+        error = answer.get("error") or {}
+        instruments.sync_request(model, "ok" if answer["ok"] else str(error.get("code") or "error"))
+        if answer["ok"]:
+            instruments.usage(model, answer["body"])
+    return answer
+
+
+def _answer(
     registry: ModelRegistry,
     backend_for: Callable[[ModelSpec], ChatBackend],
     model: str,

@@ -1,5 +1,9 @@
 """The Flask app factory. The API stores records and files and enqueues work; it never does
-heavy work in a request and never imports the workers."""
+heavy work in a request and never imports the workers.
+
+Every request is counted and timed by method, URL rule and status
+(:mod:`batchsvc.metrics.instruments`); the metrics are served by gunicorn's master on a
+listener of their own (:mod:`batchsvc.metrics.gunicorn_hooks`), never on the API's port."""
 
 from __future__ import annotations
 
@@ -8,16 +12,17 @@ import time
 from collections.abc import Callable
 
 import redis
-from flask import Flask
+from flask import Flask, Response, g, request
 from flask.json.provider import DefaultJSONProvider
 
-from batchsvc.api import auth, batches, chat, files, openapi
+from batchsvc.api import auth, batches, chat, files, health, openapi, page
 from batchsvc.api.dispatch import CeleryDispatcher, Dispatcher
 from batchsvc.api.errors import register_error_handlers
 from batchsvc.api.services import Services
 from batchsvc.batches import BatchStore
 from batchsvc.embedded_redis import resolve_url
 from batchsvc.files import FileStore
+from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, load_registry
 from batchsvc.projects import ProjectStore
 from batchsvc.settings import Settings
@@ -57,17 +62,44 @@ def create_app(
         dispatcher=dispatcher,
         clock=clock,
     )
+    instruments.set_enabled(settings.metrics_enabled)
+    # First, so the clock starts before any other hook (one may answer on its own).
+    _time_requests(app)
     register_error_handlers(app)
     app.before_request(auth.authenticate_request)
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(chat.bp)
     app.register_blueprint(openapi.bp)
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        redis_client.ping()
-        return {"status": "ok"}
+    app.register_blueprint(health.bp)
+    app.register_blueprint(page.bp)
 
     logging.getLogger("batchsvc").setLevel(logging.INFO)
     return app
+
+
+#: Methods counted under their own name; any other (a client may send anything) is ``other``.
+_METHODS = frozenset({"GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"})
+
+
+def _time_requests(app: Flask) -> None:
+    """Count and time every request by method, URL rule (``/v1/batches/<batch_id>``, never the
+    raw path: ids would make a series per batch) and status. A streamed download is timed to
+    its first byte."""
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started_at = time.perf_counter()
+
+    @app.after_request
+    def observe(response: Response) -> Response:
+        started = g.get("started_at")
+        if started is not None:
+            rule = request.url_rule
+            instruments.http_request(
+                request.method if request.method in _METHODS else "other",
+                rule.rule if rule is not None else "unmatched",
+                response.status_code,
+                time.perf_counter() - started,
+            )
+        return response

@@ -28,6 +28,7 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from batchsvc.errors import BackendUnavailable, ConfigError, UpstreamCredentialsRejected
+from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelSpec
 from batchsvc.retry import RetryPolicy
 from workers.backends import BackendResponse, transport
@@ -37,7 +38,7 @@ from workers.backends.outcomes import classify, exhausted, failure_of
 # The worker sizes the shared pool through this module (workers.context), so it stays here.
 from workers.backends.transport import configure_pool
 
-__all__ = ["UPSTREAM_RETRY", "OpenAIBackend", "configure_pool"]
+__all__ = ["UPSTREAM_RETRY", "OpenAIBackend", "attempt_status", "configure_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,14 @@ class OpenAIBackend:
             try:
                 response = transport.post(route, data, headers, timeout, http=self._http)
             except HTTPError as exc:
-                raise failure_of(exc, timeout) from exc
+                failure = failure_of(exc, timeout)
+                instruments.upstream_attempt(spec.id, attempt_status(failure))
+                raise failure from exc
+            instruments.upstream_attempt(spec.id, str(response.status))
             return classify(spec, response)
 
         def log_retry(failure: BaseException, failed: int, delay: float) -> None:
+            instruments.upstream_retry(spec.id, attempt_status(failure))
             log.info(
                 "model %s: attempt %d/%d failed (%s); retrying in %.2f s",
                 spec.id,
@@ -158,3 +163,13 @@ class OpenAIBackend:
                 )
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+
+def attempt_status(failure: BaseException) -> str:
+    """An attempt's outcome as the metrics label it: the HTTP status answered, else
+    ``timeout`` or ``connection_error``."""
+    if isinstance(failure, BackendUnavailable):
+        if failure.upstream_status is not None:
+            return str(failure.upstream_status)
+        return "timeout" if failure.timed_out else "connection_error"
+    return "error"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 from celery import shared_task
 
+from batchsvc.metrics import instruments
 from batchsvc.queues import RUN_LINE, RUN_SYNC
 from workers.context import context
+from workers.fanout import SENT_AT_HEADER
 from workers.line_runner import run_batch_line
 from workers.redis_retry import retry_redis
 from workers.sync_runner import run_sync_request
@@ -17,12 +20,22 @@ from workers.sync_runner import run_sync_request
 @shared_task(name=RUN_LINE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
     # Returns nothing: the Redis chord join sends every header result to the callback at once.
+    instruments.line_received(model, sent_at(run_line.request), time.time())
     lines = context().lines
     token = secrets.token_hex(8)  # one run, however often Redis makes us retry it
     retry_redis(
         lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
         lines.redis_patience_s,
     )
+
+
+def sent_at(request: Any) -> float | None:
+    """When the dispatcher published this message (its :data:`SENT_AT_HEADER`; Celery makes
+    every custom header an attribute of the task's request), or ``None``."""
+    value = getattr(request, SENT_AT_HEADER, None)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 @shared_task(name=RUN_SYNC, acks_late=False, ignore_result=False)
