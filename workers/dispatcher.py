@@ -104,7 +104,9 @@ class Dispatcher:
                     # another dispatcher moved: the next round plans without the stale view.
                     changed = changed or claimed < 0
                 published += moved
-                if moved == 0 and not changed:
+                # A full window needs no second look (it costs a snapshot per round, and a
+                # round runs every time half the window drains).
+                if moved >= free or (moved == 0 and not changed):
                     break
         finally:
             publisher.flush()
