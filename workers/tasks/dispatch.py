@@ -10,10 +10,12 @@ from workers.context import context
 from workers.dispatcher import RECONCILE_EVERY_MS
 
 
-@shared_task(name=DISPATCH, acks_late=False, ignore_result=True)
+@shared_task(name=DISPATCH, acks_late=False, ignore_result=True, send_events=False)
 def dispatch(model: str | None = None) -> None:
     # At most once (acks_late off): a lost dispatch message costs nothing, since the next
-    # finish step or the tick (every second) asks again.
+    # finish step or the tick (every second) asks again. No task events: a wake-up every time
+    # half a window drains plus a tick a second would flood Flower's task list, and their
+    # three events each cost the dispatcher CPU that B1 measures against its line rate.
     ctx = context()
     models = [model] if model is not None else ctx.dispatcher.models()
     for name in models:
