@@ -14,7 +14,7 @@ import time
 import requests
 
 from batchsvc.settings import Settings
-from benchmarks.common import Options
+from benchmarks.common import UPSTREAM_MODEL_CONFIG, Options
 from benchmarks.harness import (
     BatchSampler,
     BenchStack,
@@ -36,18 +36,6 @@ TARGET_SHARE = 0.9
 #: product's default (``auto``: one per 16 threads, at most two per core).
 LAYOUTS: tuple[int | None, ...] = (1, 2, None)
 
-CONFIG = """
-[models."{model}"]
-backend = "openai"
-base_url = "{base_url}"
-upstream_model = "bench-llm"
-max_tokens = 8192
-error_on_max_token = true
-encoding = "cl100k_base"
-timeout_s = 30
-max_attempts = 2
-"""
-
 
 def run(opts: Options) -> list[Section]:
     n = opts.size(5_000, 1_000)
@@ -60,7 +48,7 @@ def run(opts: Options) -> list[Section]:
     with running(stack):
         base_url = stack.start_fake_upstream(LATENCY_S)
         assert stack.config_path is not None
-        stack.config_path.write_text(CONFIG.format(model=MODEL, base_url=base_url))
+        stack.config_path.write_text(UPSTREAM_MODEL_CONFIG.format(model=MODEL, base_url=base_url))
         stack.start_redis()
         stack.start_api()
         stack.start_control()

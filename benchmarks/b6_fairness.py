@@ -36,7 +36,7 @@ import requests
 
 from batchsvc.keys import window_key
 from batchsvc.queues import model_queue
-from benchmarks.common import Options
+from benchmarks.common import UPSTREAM_MODEL_CONFIG, Options
 from benchmarks.harness import (
     BatchSampler,
     BenchStack,
@@ -79,18 +79,6 @@ PROBE_GAP_S = 1.0
 SHARE_TOLERANCE = 0.05
 FAST_HZ = 20.0
 SHARE_HZ = 1.0
-
-CONFIG = """
-[models."{model}"]
-backend = "openai"
-base_url = "{base_url}"
-upstream_model = "bench-llm"
-max_tokens = 8192
-error_on_max_token = true
-encoding = "cl100k_base"
-timeout_s = 30
-max_attempts = 2
-"""
 
 
 # -- the pure parts (unit-tested in tests/unit/test_bench_b6.py) ------------------------------
@@ -550,7 +538,7 @@ def run(opts: Options) -> list[Section]:
     with running(stack):
         base_url = stack.start_fake_upstream(LATENCY_S)
         assert stack.config_path is not None
-        stack.config_path.write_text(CONFIG.format(model=MODEL, base_url=base_url))
+        stack.config_path.write_text(UPSTREAM_MODEL_CONFIG.format(model=MODEL, base_url=base_url))
         stack.start_redis()
         stack.start_api()
         stack.start_control()

@@ -26,3 +26,17 @@ class Options:
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full
+
+
+#: The model table of B2 and B6: one openai-backend model on the fake upstream.
+UPSTREAM_MODEL_CONFIG = """
+[models."{model}"]
+backend = "openai"
+base_url = "{base_url}"
+upstream_model = "bench-llm"
+max_tokens = 8192
+error_on_max_token = true
+encoding = "cl100k_base"
+timeout_s = 30
+max_attempts = 2
+"""

@@ -19,6 +19,17 @@ def authenticate_request() -> None:
     """``before_request`` hook: set ``g.project`` or raise 401/403. CORS preflights pass."""
     if request.method == "OPTIONS" or not request.path.startswith("/v1/"):
         return
+    g.project = project_of_request()
+
+
+def project_of_request() -> Project:
+    """The project of the current request's key, by the rules above (the batches page's
+    fragments authenticate with it too).
+
+    Raises:
+        AuthenticationMissing: no key (401).
+        InvalidCredentials: unknown or revoked key, or a key of another project (403).
+    """
     svc = services()
     api_key = request.headers.get("x-api-key")
     project_id = request.headers.get("x-project-id") or None
@@ -30,7 +41,7 @@ def authenticate_request() -> None:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationMissing()
         api_key = token.strip()
-    g.project = svc.projects.authenticate(api_key, project_id)
+    return svc.projects.authenticate(api_key, project_id)
 
 
 def current_project() -> Project:

@@ -34,9 +34,9 @@ import redis
 from flask import Blueprint, Response, get_template_attribute, render_template, request, url_for
 
 from batchsvc import lifecycle
+from batchsvc.api.auth import project_of_request
 from batchsvc.api.services import Services, services
 from batchsvc.batches import ACTIVE_INDEX, BatchRecord
-from batchsvc.errors import AuthenticationMissing
 from batchsvc.keys import (
     cursor_key,
     fleet_key,
@@ -83,26 +83,14 @@ _FRAGMENT_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nos
 
 
 def authenticate() -> Project:
-    """The project of the request's key, read from the API's own headers and with the API's
-    rules (:func:`batchsvc.api.auth.authenticate_request`, which guards only ``/v1/``):
-    ``x-api-key`` + ``x-project-id``, or ``Authorization: Bearer <key>``.
+    """The project of the request's key, with the API's own rules and headers
+    (:func:`batchsvc.api.auth.project_of_request`; the API's hook guards only ``/v1/``).
 
     Raises:
         AuthenticationMissing: no key (401).
         InvalidCredentials: unknown or revoked key, or a key of another project (403).
     """
-    svc = services()
-    api_key = request.headers.get("x-api-key")
-    project_id = request.headers.get("x-project-id") or None
-    if api_key:
-        if project_id is None and svc.settings.require_project_header:
-            raise AuthenticationMissing()
-    else:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationMissing()
-        api_key = token.strip()
-    return svc.projects.authenticate(api_key, project_id)
+    return project_of_request()
 
 
 # -- what the fragments show ---------------------------------------------------------------------
