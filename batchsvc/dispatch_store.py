@@ -218,6 +218,12 @@ class DispatchStore:
 
     # -- one model ---------------------------------------------------------------------------
 
+    def watched_models(self, configured: Iterable[str]) -> list[str]:
+        """The configured models, plus any that still has lines pending (a model removed from
+        the registry while batches wait for it): what the dispatcher's tick, the metrics and
+        ``batchsvc status`` look at."""
+        return sorted(set(configured) | set(self.models_with_pending()))
+
     def models_with_pending(self) -> list[str]:
         return sorted(text(m) for m in self.r.smembers(MODELS_KEY))
 

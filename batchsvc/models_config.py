@@ -73,6 +73,12 @@ class ModelSpec:
         }
 
 
+def dispatch_window(configured: int | None, live_concurrency: int) -> int:
+    """A model's dispatch window W: its ``dispatch_window`` if configured, else twice the
+    concurrency its live workers advertise (0 while none is live)."""
+    return configured if configured is not None else 2 * live_concurrency
+
+
 @dataclass(frozen=True)
 class ModelRegistry:
     models: Mapping[str, ModelSpec]

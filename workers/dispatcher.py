@@ -38,7 +38,7 @@ from batchsvc.jsonl import decode_request_line
 from batchsvc.keys import inflight_member, split_member
 from batchsvc.line_index import find_entry, line_index_key, read_entries, read_lines, within_span
 from batchsvc.metrics import instruments
-from batchsvc.models_config import ModelRegistry
+from batchsvc.models_config import ModelRegistry, dispatch_window
 from batchsvc.projects import ProjectStore
 from batchsvc.storage import Storage, StorageMissing, batch_input_key
 from workers.fanout import Publisher
@@ -70,14 +70,15 @@ class Dispatcher:
 
     def window(self, model: str) -> int:
         spec = self.registry.get(model)
-        if spec is not None and spec.dispatch_window is not None:
-            return spec.dispatch_window
-        return 2 * self.store.fleet_concurrency(model)
+        configured = spec.dispatch_window if spec is not None else None
+        # A configured window needs no read of the fleet.
+        live = 0 if configured is not None else self.store.fleet_concurrency(model)
+        return dispatch_window(configured, live)
 
     def models(self) -> list[str]:
         """The models a tick looks at: every configured one (a model with nothing pending may
         still have in-flight lines to reconcile)."""
-        return sorted(set(self.registry.ids()) | set(self.store.models_with_pending()))
+        return self.store.watched_models(self.registry.ids())
 
     def dispatch(self, model: str) -> int:
         """Fill ``model``'s window fairly; returns how many lines were published."""

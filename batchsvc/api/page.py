@@ -46,7 +46,7 @@ from batchsvc.keys import (
     pending_key,
     split_member,
 )
-from batchsvc.models_config import ModelSpec
+from batchsvc.models_config import ModelSpec, dispatch_window
 from batchsvc.projects import Project
 from batchsvc.queues import model_queue, sync_queue
 from batchsvc.redis_types import members, text
@@ -264,7 +264,7 @@ def _view(spec: ModelSpec, reading: _DispatchReading) -> ModelView:
         id=spec.id,
         workers=len(reading.beats[spec.id]),
         concurrency=concurrency,
-        window=spec.dispatch_window if spec.dispatch_window is not None else 2 * concurrency,
+        window=dispatch_window(spec.dispatch_window, concurrency),
         in_flight=len(in_flight),
         queued=queued,
         sync_queued=sync_queued,

@@ -60,9 +60,8 @@ class ModelState:
 
 
 def watched_models(client: redis.Redis, configured: list[str]) -> list[str]:
-    """The configured models, plus any that still has lines pending (a model removed from the
-    registry while batches wait for it)."""
-    return sorted(set(configured) | set(DispatchStore(client).models_with_pending()))
+    """See :meth:`DispatchStore.watched_models`."""
+    return DispatchStore(client).watched_models(configured)
 
 
 def read_models(client: redis.Redis, models: list[str]) -> list[ModelState]:
