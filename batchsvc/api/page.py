@@ -39,16 +39,13 @@ from batchsvc.api.services import Services, services
 from batchsvc.batches import ACTIVE_INDEX, BatchRecord
 from batchsvc.keys import (
     cursor_key,
-    fleet_key,
-    heartbeat_key,
     inflight_key,
     model_counts_key,
-    pending_key,
     split_member,
 )
+from batchsvc.metrics.fleet import ModelState, read_models
 from batchsvc.models_config import ModelSpec, dispatch_window
 from batchsvc.projects import Project
-from batchsvc.queues import model_queue, sync_queue
 from batchsvc.redis_types import members, text
 
 bp = Blueprint(
@@ -189,86 +186,61 @@ def _ints(raw: dict[Any, Any]) -> dict[str, int]:
 
 
 @dataclass
-class _DispatchReading:
-    """What the operator view reads of the dispatcher's state (see :mod:`batchsvc.keys`)."""
+class _Progress:
+    """What the per-batch progress of the operator view reads (see :mod:`batchsvc.keys`):
+    every active batch (all projects), per batch how many lines each model has and how many
+    were dispatched, and each model's in-flight members."""
 
-    #: Every active batch (all projects), and per batch how many lines each model has and
-    #: how many of them were dispatched.
     active: list[str]
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     cursors: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: Per model: the concurrency of each live heartbeat, the in-flight members, the batches
-    #: with lines still to dispatch, and the lengths of its batch and sync queues.
-    beats: dict[str, list[int]] = field(default_factory=dict)
     in_flight: dict[str, list[str]] = field(default_factory=dict)
-    pending: dict[str, set[str]] = field(default_factory=dict)
-    queued: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _read(r: redis.Redis, models: list[str]) -> _DispatchReading:
-    """Two pipelined round trips, no writes (a lapsed worker's entry in the fleet index is left
-    for the dispatcher to drop). Not atomic: each number is a moment's reading."""
+def _read_progress(r: redis.Redis, models: list[str]) -> _Progress:
+    """Two pipelined round trips, no writes. Not atomic: each number is a moment's reading."""
     pipe = r.pipeline(transaction=False)
     pipe.zrange(ACTIVE_INDEX, 0, -1)
     for model in models:
-        pipe.smembers(fleet_key(model))
         pipe.smembers(inflight_key(model))
-        pipe.hgetall(pending_key(model))
-        pipe.llen(model_queue(model))
-        pipe.llen(sync_queue(model))
     first = iter(pipe.execute())
-    reading = _DispatchReading(active=members(next(first)))
-    nodes: dict[str, list[str]] = {}
+    progress = _Progress(active=members(next(first)))
     for model in models:
-        nodes[model] = sorted(members(next(first)))
-        reading.in_flight[model] = members(next(first))
-        reading.pending[model] = {text(b) for b in next(first)}
-        reading.queued[model] = (int(next(first)), int(next(first)))
-
+        progress.in_flight[model] = members(next(first))
     pipe = r.pipeline(transaction=False)
-    for model in models:
-        for node in nodes[model]:
-            pipe.get(heartbeat_key(model, node))
-    for batch_id in reading.active:
+    for batch_id in progress.active:
         pipe.hgetall(model_counts_key(batch_id))
         pipe.hgetall(cursor_key(batch_id))
     second = iter(pipe.execute())
-    for model in models:
-        values = [next(second) for _ in nodes[model]]
-        reading.beats[model] = [int(v) for v in values if v is not None]
-    for batch_id in reading.active:
-        reading.counts[batch_id] = _ints(next(second))
-        reading.cursors[batch_id] = _ints(next(second))
-    return reading
+    for batch_id in progress.active:
+        progress.counts[batch_id] = _ints(next(second))
+        progress.cursors[batch_id] = _ints(next(second))
+    return progress
 
 
-def _view(spec: ModelSpec, reading: _DispatchReading) -> ModelView:
-    in_flight = reading.in_flight[spec.id]
+def _view(spec: ModelSpec, state: ModelState, reading: _Progress) -> ModelView:
+    """``state`` is the fleet's reading that metrics and ``batchsvc status`` use too; the page
+    adds each active batch's done lines, from which it derives lines per second."""
     in_flight_by_batch: dict[str, int] = {}
-    for member in in_flight:
+    for member in reading.in_flight[spec.id]:
         batch_id, _ = split_member(member)
         in_flight_by_batch[batch_id] = in_flight_by_batch.get(batch_id, 0) + 1
-    pending = 0
     progress: dict[str, int] = {}
     for batch_id in reading.active:
-        total = reading.counts[batch_id].get(spec.id)
-        if total is None:
+        if spec.id not in reading.counts[batch_id]:
             continue  # no line of this model (or not started yet)
         cursor = reading.cursors[batch_id].get(spec.id, 0)
-        if batch_id in reading.pending[spec.id]:
-            pending += max(0, total - cursor)
         progress[batch_digest(batch_id)] = max(0, cursor - in_flight_by_batch.get(batch_id, 0))
-    concurrency = sum(reading.beats[spec.id])
-    queued, sync_queued = reading.queued[spec.id]
+    view = state.dispatch
     return ModelView(
         id=spec.id,
-        workers=len(reading.beats[spec.id]),
-        concurrency=concurrency,
-        window=dispatch_window(spec.dispatch_window, concurrency),
-        in_flight=len(in_flight),
-        queued=queued,
-        sync_queued=sync_queued,
-        pending=pending,
+        workers=len(view.workers),
+        concurrency=view.concurrency,
+        window=dispatch_window(spec.dispatch_window, view.concurrency),
+        in_flight=view.in_flight,
+        queued=state.batch_queue,
+        sync_queued=state.sync_queue,
+        pending=view.pending_lines,
         progress=progress,
     )
 
@@ -278,8 +250,10 @@ def model_views(svc: Services, project: Project) -> list[ModelView]:
     specs = [spec for spec in svc.registry if project.allows(spec.id)]
     if not specs:
         return []
-    reading = _read(svc.redis, [spec.id for spec in specs])
-    return [_view(spec, reading) for spec in specs]
+    ids = [spec.id for spec in specs]
+    states = read_models(svc.redis, ids)
+    reading = _read_progress(svc.redis, ids)
+    return [_view(spec, state, reading) for spec, state in zip(specs, states, strict=True)]
 
 
 # -- routes --------------------------------------------------------------------------------------
