@@ -14,7 +14,7 @@ import time
 import requests
 
 from batchsvc.settings import Settings
-from benchmarks.common import UPSTREAM_MODEL_CONFIG, Options
+from benchmarks.common import Options
 from benchmarks.harness import (
     BatchSampler,
     BenchStack,
@@ -43,12 +43,9 @@ def run(opts: Options) -> list[Section]:
     ideal = THREADS / LATENCY_S
     section = Section("B2", "upstream saturation")
     curves = []
-    # The config needs the upstream's port, known once it runs: write it after the start.
     stack = BenchStack("b2", config_toml="", keep=opts.keep)
     with running(stack):
-        base_url = stack.start_fake_upstream(LATENCY_S)
-        assert stack.config_path is not None
-        stack.config_path.write_text(UPSTREAM_MODEL_CONFIG.format(model=MODEL, base_url=base_url))
+        stack.serve_upstream_model(MODEL, LATENCY_S)
         stack.start_redis()
         stack.start_api()
         stack.start_control()

@@ -36,7 +36,7 @@ import requests
 
 from batchsvc.keys import window_key
 from batchsvc.queues import model_queue
-from benchmarks.common import UPSTREAM_MODEL_CONFIG, Options
+from benchmarks.common import Options
 from benchmarks.harness import (
     BatchSampler,
     BenchStack,
@@ -533,12 +533,9 @@ def run(opts: Options) -> list[Section]:
     section = Section("B6", "fairness")
     window: int | None = None
     curves: list[tuple[str, list[float], list[float]]] = []
-    # The config needs the upstream's port, known once it runs: write it after the start.
     stack = BenchStack("b6", config_toml="", keep=opts.keep)
     with running(stack):
-        base_url = stack.start_fake_upstream(LATENCY_S)
-        assert stack.config_path is not None
-        stack.config_path.write_text(UPSTREAM_MODEL_CONFIG.format(model=MODEL, base_url=base_url))
+        stack.serve_upstream_model(MODEL, LATENCY_S)
         stack.start_redis()
         stack.start_api()
         stack.start_control()

@@ -29,6 +29,7 @@ import requests
 
 from batchsvc import keys
 from batchsvc.queues import model_queue
+from benchmarks.common import UPSTREAM_MODEL_CONFIG
 from testsupport import launcher
 from testsupport.launcher import BIN, HOST, auth_headers, running, wait_until
 
@@ -236,6 +237,13 @@ class BenchStack(launcher.Stack):
             pids[name] = proc.pid
         pids["benchmark"] = os.getpid()
         return CpuMeter(pids, alone=("benchmark",))
+
+    def serve_upstream_model(self, model: str, latency_s: float) -> None:
+        """Start the fake upstream, then write the config of one openai-backend ``model`` on it
+        (the config needs the upstream's port, known once it runs)."""
+        base_url = self.start_fake_upstream(latency_s)
+        assert self.config_path is not None
+        self.config_path.write_text(UPSTREAM_MODEL_CONFIG.format(model=model, base_url=base_url))
 
     def stop_all(self) -> None:
         super().stop_all()
