@@ -182,9 +182,7 @@ def run(opts: Options) -> list[Section]:
     section = Section("B1", "orchestration ceiling")
     stack = BenchStack("b1", keep=opts.keep)
     with running(stack):
-        stack.start_redis()
-        stack.start_api()
-        control = stack.start_control()
+        _, control = stack.start_core()
         worker = stack.start_worker(concurrency=CONCURRENCY)
         stack.start_beat()
         creds = stack.create_project("bench-b1")

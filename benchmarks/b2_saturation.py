@@ -46,9 +46,7 @@ def run(opts: Options) -> list[Section]:
     stack = BenchStack("b2", config_toml="", keep=opts.keep)
     with running(stack):
         stack.serve_upstream_model(MODEL, LATENCY_S)
-        stack.start_redis()
-        stack.start_api()
-        stack.start_control()
+        stack.start_core()
         stack.start_beat()
         creds = stack.create_project("bench-b2")
         path = stack.root / "b2.jsonl"

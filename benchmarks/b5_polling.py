@@ -217,9 +217,7 @@ def run(opts: Options) -> list[Section]:
         base_url = stack.start_fake_upstream(LATENCY_S)
         assert stack.config_path is not None
         stack.config_path.write_text(CONFIG.format(model=UPSTREAM, base_url=base_url))
-        stack.start_redis()
-        api = stack.start_api()
-        stack.start_control()
+        api, _ = stack.start_core()
         stack.start_worker(models=ECHO)
         stack.start_worker(concurrency=64, models=UPSTREAM)
         stack.start_beat()

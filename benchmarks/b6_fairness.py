@@ -535,12 +535,7 @@ def run(opts: Options) -> list[Section]:
     curves: list[tuple[str, list[float], list[float]]] = []
     stack = BenchStack("b6", config_toml="", keep=opts.keep)
     with running(stack):
-        stack.serve_upstream_model(MODEL, LATENCY_S)
-        stack.start_redis()
-        stack.start_api()
-        stack.start_control()
-        stack.start_worker(concurrency=THREADS, models=MODEL)
-        stack.start_beat()
+        stack.serve_one_upstream_model(MODEL, LATENCY_S, THREADS)
         warmup = stack.create_project("bench-b6-warmup")
         run_warmup_batch(stack, warmup, MODEL, lines=4 * THREADS)
         # The window the dispatcher computed from the worker's heartbeat (the margins below

@@ -164,6 +164,13 @@ class BenchStack(launcher.Stack):
         wait_until(lambda: len(proc.children()) >= 2, self.timeouts.api, "gunicorn workers")
         return proc
 
+    def start_core(self) -> tuple[Proc, Proc]:
+        """Redis, the API, then ``batchsvc control``, each once the one before is ready: the
+        stack but its model workers and beat, which a run starts as it needs them. Returns the
+        API's and the control's processes."""
+        self.start_redis()
+        return self.start_api(), self.start_control()
+
     def start_worker(
         self, models: str = "", concurrency: int = 8, processes: int | None = None, **env: str
     ) -> Proc:
@@ -244,6 +251,16 @@ class BenchStack(launcher.Stack):
         base_url = self.start_fake_upstream(latency_s)
         assert self.config_path is not None
         self.config_path.write_text(UPSTREAM_MODEL_CONFIG.format(model=model, base_url=base_url))
+
+    def serve_one_upstream_model(self, model: str, latency_s: float, concurrency: int) -> Proc:
+        """The whole stack serving one openai-backend ``model`` on the fake upstream
+        (``latency_s`` a request) with one worker of ``concurrency`` threads, and beat. Returns
+        the worker."""
+        self.serve_upstream_model(model, latency_s)
+        self.start_core()
+        worker = self.start_worker(concurrency=concurrency, models=model)
+        self.start_beat()
+        return worker
 
     def stop_all(self) -> None:
         super().stop_all()

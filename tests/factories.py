@@ -8,6 +8,7 @@ with ``from tests.factories import ...``.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from batchsvc.dispatch_store import DispatchStore
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import new_batch_id
-from batchsvc.keys import batch_key, deliveries_key, lease_prefix, lines_key
+from batchsvc.keys import batch_key, deliveries_key, inflight_member, lease_prefix, lines_key
 from batchsvc.models_config import ModelSpec
 from batchsvc.results import error_line, internal_error, output_line
 from batchsvc.storage import batch_input_key, upload_key
@@ -71,6 +72,14 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released): connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def fake_redis() -> redis.Redis:
@@ -271,6 +280,28 @@ def add_deliveries(client: redis.Redis, batch_id: str, index: int, runs: int = 1
 def deliveries(client: redis.Redis, batch_id: str, index: int) -> int:
     """How many runs of line ``index`` were counted."""
     return int(client.hget(deliveries_key(batch_id), str(index)) or 0)
+
+
+def claim_lines(
+    dispatch: DispatchStore,
+    batch_id: str,
+    project_id: str,
+    indices: range | list[int],
+    *,
+    model: str = DEMO_MODEL,
+    cursor: int = 0,
+    window: int = 100,
+) -> tuple[int, int]:
+    """Claim lines ``indices`` of ``batch_id`` into ``model``'s in-flight set, as a dispatch
+    from ``cursor`` does; ``DispatchStore.claim``'s (claimed, cursor now)."""
+    return dispatch.claim(
+        batch_id=batch_id,
+        project_id=project_id,
+        model=model,
+        expected_cursor=cursor,
+        window=window,
+        members=[inflight_member(batch_id, i) for i in indices],
+    )
 
 
 def write_input_copy(

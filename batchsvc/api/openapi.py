@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import re
 from typing import Any
 
 from apispec import APISpec
@@ -66,6 +67,10 @@ _ERRORS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 #: Answered by every authenticated endpoint.
 _COMMON = ("401", "403", "500", "503")
+#: The tag of each area of the API, by the prefix of its paths.
+_TAGS = {"/v1/files": "Files", "/v1/batches": "Batches", "/v1/chat/": "Chat"}
+#: The parameter components, by the name a path gives the parameter.
+_PATH_PARAMETERS = {"file_id": "FileId", "batch_id": "BatchId"}
 
 
 def _description(cls: type) -> str:
@@ -84,34 +89,37 @@ def _ok(schema: str | None, description: str, *, replayable: bool = False) -> di
     return response
 
 
-def _responses(ok: dict[str, Any], *errors: str) -> dict[str, Any]:
-    statuses = sorted(set(errors) | set(_COMMON))
-    return {"200": ok} | {status: _ERRORS[status][0] for status in statuses}
-
-
 def _operation(
-    operation_id: str,
-    tag: str,
-    summary: str,
-    responses: dict[str, Any],
-    **extra: Any,
+    operation_id: str, summary: str, ok: dict[str, Any], *errors: str, **extra: Any
 ) -> dict[str, Any]:
-    return {
-        "operationId": operation_id,
-        "tags": [tag],
-        "summary": summary,
-        "responses": responses,
-        **extra,
+    """An operation answering ``ok`` as its 200, the ``errors`` statuses, and the statuses
+    every authenticated endpoint answers (``_COMMON``)."""
+    statuses = sorted(set(errors) | set(_COMMON))
+    responses = {"200": ok} | {status: _ERRORS[status][0] for status in statuses}
+    return {"operationId": operation_id, "summary": summary, "responses": responses, **extra}
+
+
+def _list(
+    operation_id: str, summary: str, page: str, description: str, query: type[Schema]
+) -> dict[str, Any]:
+    """A cursor-paginated list: a ``page`` of objects, its parameters read from the query
+    string by ``query``, and 400 for a parameter that fails it."""
+    parameters = [{"in": "query", "schema": query}]
+    return _operation(operation_id, summary, _ok(page, description), "400", parameters=parameters)
+
+
+def _path(spec: APISpec, path: str, **operations: dict[str, Any]) -> None:
+    """``spec.path`` for the operations of ``path``, by method: each under the tag of the
+    area the path belongs to, and the path's parameters as the components named for them."""
+    tag = next(tag for prefix, tag in _TAGS.items() if path.startswith(prefix))
+    tagged = {
+        method: {"operationId": operation["operationId"], "tags": [tag], **operation}
+        for method, operation in operations.items()
     }
-
-
-def _path_of_component_parameters(
-    spec: APISpec, *, path: str, parameters: list[str], operations: dict[str, Any]
-) -> None:
-    """``spec.path`` for a path whose parameters are components, named by their ids."""
+    parameters = [_PATH_PARAMETERS[name] for name in re.findall(r"\{(\w+)\}", path)]
     # apispec annotates ``parameters`` as list[dict], though it documents and resolves a
     # component id (str) there, as in an operation's parameters.
-    spec.path(path=path, parameters=parameters, operations=operations)  # type: ignore[arg-type]
+    spec.path(path=path, parameters=parameters, operations=tagged)  # type: ignore[arg-type]
 
 
 def _json_body(schema: str) -> dict[str, Any]:
@@ -209,49 +217,42 @@ def _build() -> APISpec:
         },
     )
 
-    spec.path(
-        path="/v1/files",
-        operations={
-            "post": _operation(
-                "uploadFile",
-                "Files",
-                "Upload a JSONL file",
-                _responses(
-                    _ok("FileObject", "The new File.", replayable=True), "400", "409", "413"
-                ),
-                parameters=["IdempotencyKey"],
-                requestBody={
-                    "required": True,
-                    "content": {"multipart/form-data": {"schema": "UploadForm"}},
-                },
-            ),
-            "get": _operation(
-                "listFiles",
-                "Files",
-                "List the project's files",
-                _responses(_ok("FileList", "A page of files."), "400"),
-                parameters=[{"in": "query", "schema": schemas.FilesListQuerySchema}],
-            ),
-        },
-    )
-    _path_of_component_parameters(
+    _path(
         spec,
-        path="/v1/files/{file_id}",
-        parameters=["FileId"],
-        operations={
-            "get": _operation(
-                "retrieveFile",
-                "Files",
-                "Retrieve a file's metadata",
-                _responses(_ok("FileObject", "The File."), "404"),
-            ),
-            "delete": _operation(
-                "deleteFile",
-                "Files",
-                "Delete a file (its bytes at once, its record kept for audit)",
-                _responses(_ok("FileDeleted", "The file is deleted."), "404"),
-            ),
-        },
+        "/v1/files",
+        post=_operation(
+            "uploadFile",
+            "Upload a JSONL file",
+            _ok("FileObject", "The new File.", replayable=True),
+            "400",
+            "409",
+            "413",
+            parameters=["IdempotencyKey"],
+            requestBody={
+                "required": True,
+                "content": {"multipart/form-data": {"schema": "UploadForm"}},
+            },
+        ),
+        get=_list(
+            "listFiles",
+            "List the project's files",
+            "FileList",
+            "A page of files.",
+            schemas.FilesListQuerySchema,
+        ),
+    )
+    _path(
+        spec,
+        "/v1/files/{file_id}",
+        get=_operation(
+            "retrieveFile", "Retrieve a file's metadata", _ok("FileObject", "The File."), "404"
+        ),
+        delete=_operation(
+            "deleteFile",
+            "Delete a file (its bytes at once, its record kept for audit)",
+            _ok("FileDeleted", "The file is deleted."),
+            "404",
+        ),
     )
     download = _ok(None, "The stored bytes, streamed.")
     download["headers"]["Content-Disposition"] = {
@@ -259,92 +260,72 @@ def _build() -> APISpec:
         "schema": {"type": "string"},
     }
     download["content"] = {"application/jsonl": {"schema": {"type": "string"}}}
-    _path_of_component_parameters(
+    _path(
         spec,
-        path="/v1/files/{file_id}/content",
-        parameters=["FileId"],
-        operations={
-            "get": _operation(
-                "downloadFile", "Files", "Download a file", _responses(download, "404")
-            )
-        },
+        "/v1/files/{file_id}/content",
+        get=_operation("downloadFile", "Download a file", download, "404"),
     )
-    spec.path(
-        path="/v1/batches",
-        operations={
-            "post": _operation(
-                "createBatch",
-                "Batches",
-                "Create a batch (the input file is validated before the answer)",
-                _responses(
-                    _ok("Batch", "The batch, in_progress.", replayable=True), "400", "404", "409"
-                ),
-                parameters=["IdempotencyKey"],
-                requestBody=_json_body("CreateBatchRequest"),
-            ),
-            "get": _operation(
-                "listBatches",
-                "Batches",
-                "List the project's batches, newest first",
-                _responses(_ok("BatchList", "A page of batches."), "400"),
-                parameters=[{"in": "query", "schema": schemas.BatchesListQuerySchema}],
-            ),
-        },
-    )
-    _path_of_component_parameters(
+    _path(
         spec,
-        path="/v1/batches/{batch_id}",
-        parameters=["BatchId"],
-        operations={
-            "get": _operation(
-                "retrieveBatch",
-                "Batches",
-                "Retrieve a batch, with live counts",
-                _responses(_ok("Batch", "The batch."), "400", "404"),
-            )
-        },
+        "/v1/batches",
+        post=_operation(
+            "createBatch",
+            "Create a batch (the input file is validated before the answer)",
+            _ok("Batch", "The batch, in_progress.", replayable=True),
+            "400",
+            "404",
+            "409",
+            parameters=["IdempotencyKey"],
+            requestBody=_json_body("CreateBatchRequest"),
+        ),
+        get=_list(
+            "listBatches",
+            "List the project's batches, newest first",
+            "BatchList",
+            "A page of batches.",
+            schemas.BatchesListQuerySchema,
+        ),
     )
-    _path_of_component_parameters(
+    _path(
         spec,
-        path="/v1/batches/{batch_id}/cancel",
-        parameters=["BatchId"],
-        operations={
-            "post": _operation(
-                "cancelBatch",
-                "Batches",
-                "Cancel a batch (idempotent; 409 once it is completed, failed or expired)",
-                _responses(
-                    _ok("Batch", "The batch, cancelling or cancelled."), "400", "404", "409"
-                ),
-            )
-        },
+        "/v1/batches/{batch_id}",
+        get=_operation(
+            "retrieveBatch",
+            "Retrieve a batch, with live counts",
+            _ok("Batch", "The batch."),
+            "400",
+            "404",
+        ),
     )
-    spec.path(
-        path="/v1/chat/completions",
-        operations={
-            "post": _operation(
-                "createChatCompletion",
-                "Chat",
-                "Run one chat completion on the model's workers",
-                _responses(
-                    _ok("ChatCompletion", "The completion, as a batch output line's body."),
-                    "400",
-                    "404",
-                    "502",
-                    "504",
-                )
-                | {
-                    "default": {
-                        "description": "Any other status the model's upstream answered "
-                        "with, in the envelope; x-should-retry when the worker decided it.",
-                        "headers": {"x-request-id": "RequestId", "x-should-retry": "ShouldRetry"},
-                        "content": {"application/json": {"schema": "ErrorEnvelope"}},
-                    }
-                },
-                requestBody=_json_body("ChatCompletionRequest"),
-            )
-        },
+    _path(
+        spec,
+        "/v1/batches/{batch_id}/cancel",
+        post=_operation(
+            "cancelBatch",
+            "Cancel a batch (idempotent; 409 once it is completed, failed or expired)",
+            _ok("Batch", "The batch, cancelling or cancelled."),
+            "400",
+            "404",
+            "409",
+        ),
     )
+    chat = _operation(
+        "createChatCompletion",
+        "Run one chat completion on the model's workers",
+        _ok("ChatCompletion", "The completion, as a batch output line's body."),
+        "400",
+        "404",
+        "502",
+        "504",
+        requestBody=_json_body("ChatCompletionRequest"),
+    )
+    chat["responses"]["default"] = {
+        "description": "Any other status the model's upstream answered with, in the envelope; "
+        "x-should-retry when the worker decided it.",
+        "headers": {"x-request-id": "RequestId", "x-should-retry": "ShouldRetry"},
+        "content": {"application/json": {"schema": "ErrorEnvelope"}},
+    }
+    _path(spec, "/v1/chat/completions", post=chat)
     spec.path(
         path="/openapi.json",
         operations={

@@ -206,6 +206,17 @@ class FilePart(fields.Field[int]):
         return value
 
 
+def _required_text(message: str, description: str, **extra: Any) -> fields.String:
+    """A required, non-empty string: absent, null, empty or not a string, it answers
+    ``message`` with code ``invalid_request_error``."""
+    return fields.String(
+        required=True,
+        validate=Length(min=1, error=message),
+        error_messages=_every_failure(message),
+        metadata=_meta(INVALID_REQUEST, description, **extra),
+    )
+
+
 # -- request schemas ---------------------------------------------------------------------------
 
 
@@ -225,21 +236,13 @@ class CreateBatchRequestSchema(RequestSchema):
         # them keeps those SDKs working, as the create call always has.
         unknown = EXCLUDE
 
-    input_file_id = fields.String(
-        required=True,
-        validate=Length(min=1, error="input_file_id is required"),
-        error_messages=_every_failure("input_file_id is required"),
-        metadata=_meta(INVALID_REQUEST, 'Id of a file uploaded with purpose "batch".'),
+    input_file_id = _required_text(
+        "input_file_id is required", 'Id of a file uploaded with purpose "batch".'
     )
-    endpoint = fields.String(
-        required=True,
-        validate=Length(min=1, error="endpoint is required"),
-        error_messages=_every_failure("endpoint is required"),
-        metadata=_meta(
-            INVALID_REQUEST,
-            "Must be /v1/chat/completions and equal the url of every line of the file.",
-            example="/v1/chat/completions",
-        ),
+    endpoint = _required_text(
+        "endpoint is required",
+        "Must be /v1/chat/completions and equal the url of every line of the file.",
+        example="/v1/chat/completions",
     )
     # ``null`` is not "omitted" here: only the string "24h" is accepted when the key is sent.
     completion_window = fields.String(

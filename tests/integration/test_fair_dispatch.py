@@ -109,27 +109,52 @@ def _dispatcher_pid(control: Proc) -> int | None:
     return None
 
 
-def test_a_small_batch_overtakes_a_big_one_on_a_shared_model(fair: FairStack) -> None:
-    # Given one worker (concurrency 4: a window of 8) busy with a big batch of project A
-    worker = fair.start_worker(models="fd-slow", concurrency=4)
-    client_a = fair.client(fair.create_project("fair-a"))
-    client_b = fair.client(fair.create_project("fair-b"))
-    big_lines = _slow("a", 160, "fd-slow", 0.1)  # 4 s at 40 lines/s alone
-    big = _submit(client_a, big_lines)
-    wait_until(lambda: _completed(client_a, big.id) >= 10, 30, "the big batch to run")
+@pytest.mark.parametrize(
+    # The projects and the models of the big batch and of the small one, the worker's threads,
+    # the two batches' sizes, each line's echo delay; the big batch's lines done before the
+    # small one is sent, and the bound on them when the small one is done.
+    ("projects", "models", "concurrency", "sizes", "delay_s", "started", "big_done_below"),
+    [
+        # Two projects sharing a model, a window of 8: the big batch takes 4 s alone
+        (("fair-a", "fair-b"), ("fd-slow", "fd-slow"), 4, (160, 8), 0.1, 10, 120),
+        # One project; one worker whose two threads serve two models, 5 s for the fd-a batch
+        # with both on it: it shares its threads between its models' queues instead of
+        # draining fd-a first
+        (("two-models", "two-models"), ("fd-a", "fd-b"), 2, (40, 4), 0.25, 2, 40),
+    ],
+    ids=["another-project-on-a-shared-model", "another-model-of-the-same-worker"],
+)
+def test_a_small_batch_overtakes_a_big_one(
+    fair: FairStack,
+    projects: tuple[str, str],
+    models: tuple[str, str],
+    concurrency: int,
+    sizes: tuple[int, int],
+    delay_s: float,
+    started: int,
+    big_done_below: int,
+) -> None:
+    # Given one worker busy with a big batch
+    worker = fair.start_worker(models=",".join(dict.fromkeys(models)), concurrency=concurrency)
+    clients = {name: fair.client(fair.create_project(name)) for name in set(projects)}
+    big_client, small_client = (clients[name] for name in projects)
+    big_lines = _slow("a", sizes[0], models[0], delay_s)
+    big = _submit(big_client, big_lines)
+    wait_until(lambda: _completed(big_client, big.id) >= started, 30, "the big batch to run")
 
-    # When project B sends 8 lines
-    small_lines = _slow("b", 8, "fd-slow", 0.1)
-    small = _submit(client_b, small_lines)
+    # When the small batch comes
+    small_lines = _slow("b", sizes[1], models[1], delay_s)
+    small = _submit(small_client, small_lines)
 
-    # Then B finishes while A still has most of its lines to go: B's lines did not queue
-    # behind A's
-    done = wait_terminal(client_b, small.id, timeout=30)
+    # Then it finishes while the big one still has lines to go: its lines did not queue
+    # behind the big one's
+    done = wait_terminal(small_client, small.id, timeout=30)
     assert done.status == "completed"
-    assert _completed(client_a, big.id) < 120
-    _all_once(client_b, done, small_lines)
-    assert wait_terminal(client_a, big.id, timeout=60).status == "completed"
-    _in_flight_drained(fair, "fd-slow")
+    assert _completed(big_client, big.id) < big_done_below
+    _all_once(small_client, done, small_lines)
+    assert wait_terminal(big_client, big.id, timeout=60).status == "completed"
+    for model in set(models):
+        _in_flight_drained(fair, model)
     worker.stop()
 
 
@@ -243,25 +268,4 @@ def test_a_cancel_while_three_batches_share_a_model_leaves_the_others_alone(
         assert done.status == "completed"
         _all_once(clients[i], done, inputs[i])
     _in_flight_drained(fair, "fd-slow")
-    worker.stop()
-
-
-def test_one_worker_serving_two_models_runs_both_batches(fair: FairStack) -> None:
-    # Given one worker with two threads serving fd-a and fd-b, busy with a batch on fd-a
-    worker = fair.start_worker(models="fd-a,fd-b", concurrency=2)
-    client = fair.client(fair.create_project("two-models"))
-    long_lines = _slow("a", 40, "fd-a", 0.25)  # 5 s with both threads on it
-    long = _submit(client, long_lines)
-    wait_until(lambda: _completed(client, long.id) >= 2, 30, "the fd-a batch to run")
-
-    # When a batch on fd-b comes
-    short_lines = _slow("b", 4, "fd-b", 0.25)
-    short = _submit(client, short_lines)
-
-    # Then it completes while fd-a still has lines to run: the worker shares its threads
-    # between its models' queues instead of draining fd-a first
-    done = wait_terminal(client, short.id, timeout=30)
-    assert done.status == "completed"
-    assert _completed(client, long.id) < 40
-    assert wait_terminal(client, long.id, timeout=60).status == "completed"
     worker.stop()

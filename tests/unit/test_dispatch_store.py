@@ -18,7 +18,7 @@ from batchsvc.keys import (
     pending_key,
     served_key,
 )
-from tests.factories import Domain, make_batch, make_domain
+from tests.factories import Domain, claim_lines, make_batch, make_domain
 
 MODEL = "demo-echo"
 OTHER = "other-model"
@@ -46,13 +46,8 @@ def claim(
     model: str = MODEL,
     project_id: str = "proj_a",
 ) -> tuple[int, int]:
-    return d.dispatch.claim(
-        batch_id=batch_id,
-        project_id=project_id,
-        model=model,
-        expected_cursor=cursor,
-        window=window,
-        members=members(batch_id, indices),
+    return claim_lines(
+        d.dispatch, batch_id, project_id, indices, model=model, cursor=cursor, window=window
     )
 
 

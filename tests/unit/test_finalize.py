@@ -18,6 +18,7 @@ from tests.factories import (
     RETENTION_S,
     T0,
     Domain,
+    claim_lines,
     err_result,
     has_record,
     hold_lease,
@@ -584,14 +585,7 @@ def start_run(d: Domain, batch: BatchRecord, counts: dict[str, int]) -> None:
     assert d.dispatch.declare_chord_once(batch.id)
     d.dispatch.register(batch.id, batch.project_id, counts)
     first = next(iter(counts))
-    claimed = d.dispatch.claim(
-        batch_id=batch.id,
-        project_id=batch.project_id,
-        model=first,
-        expected_cursor=0,
-        window=10,
-        members=[f"{batch.id}.0"],
-    )
+    claimed = claim_lines(d.dispatch, batch.id, batch.project_id, [0], model=first, window=10)
     assert claimed == (1, 1)
 
 

@@ -21,18 +21,11 @@ from batchsvc.errors import LineError
 from batchsvc.finalize import Finalizer
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, ModelSpec
-from tests.unit.api.helpers import (
-    MODEL,
-    WorkerEnv,
-    jsonl,
-    line_records,
-    make_worker_batch,
-    make_worker_env,
-    request_line,
-)
+from tests.factories import closed_port
+from tests.unit.api.helpers import MODEL, WorkerEnv, line_records, worker_batch
 from tests.unit.workers.test_dispatcher import make_world
 from testsupport.fake_upstream import FakeUpstream
-from workers.backends import BackendResponse, transport
+from workers.backends import BackendResponse
 from workers.backends.echo import EchoBackend
 from workers.backends.openai import OpenAIBackend
 from workers.fanout import SENT_AT_HEADER, CeleryPublisher
@@ -113,8 +106,7 @@ def recording() -> Iterator[None]:
 
 def test_a_completed_line_counts_once_with_its_times_and_tokens(tmp_path: Path) -> None:
     # Given an in_progress batch of two lines
-    env = make_worker_env(tmp_path)
-    batch_id = make_worker_batch(env, jsonl(request_line("a"), request_line("b"))).id
+    env, batch = worker_batch(tmp_path, "a", "b")
     names = [
         "batchsvc_lines_completed_total",
         "batchsvc_line_upstream_seconds_count",
@@ -125,14 +117,14 @@ def test_a_completed_line_counts_once_with_its_times_and_tokens(tmp_path: Path) 
     before = snapshot(*names, model=MODEL)
     with line_context(env, Backend()) as ctx:
         # When line 0 runs, and a redelivered copy of it runs again
-        assert run_batch_line(ctx, batch_id, 0, "a", MODEL, chat("Paris?")) == "done"
-        assert run_batch_line(ctx, batch_id, 0, "a", MODEL, chat("Paris?")) == "duplicate"
+        assert run_batch_line(ctx, batch.id, 0, "a", MODEL, chat("Paris?")) == "done"
+        assert run_batch_line(ctx, batch.id, 0, "a", MODEL, chat("Paris?")) == "duplicate"
     # Then one completed line is counted, with one upstream and one run time
     assert before.moved("batchsvc_lines_completed_total", model=MODEL) == 1
     assert before.moved("batchsvc_line_upstream_seconds_count", model=MODEL) == 1
     assert before.moved("batchsvc_line_run_seconds_count", model=MODEL) == 1
     # And the tokens its response reports
-    usage = line_records(env, batch_id)[0][1]["response"]["body"]["usage"]
+    usage = line_records(env, batch.id)[0][1]["response"]["body"]["usage"]
     assert before.moved("batchsvc_prompt_tokens_total", model=MODEL) == usage["prompt_tokens"]
     assert (
         before.moved("batchsvc_completion_tokens_total", model=MODEL) == usage["completion_tokens"]
@@ -140,24 +132,22 @@ def test_a_completed_line_counts_once_with_its_times_and_tokens(tmp_path: Path) 
 
 
 def test_a_failed_line_counts_under_its_error_code(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch_id = make_worker_batch(env, jsonl(request_line("a"))).id
+    env, batch = worker_batch(tmp_path, "a")
     error = LineError("rate_limit_exceeded", "http_429", "slow down", status=429)
     before = snapshot("batchsvc_lines_failed_total", model=MODEL, code="rate_limit_exceeded")
     completed = value("batchsvc_lines_completed_total", model=MODEL)
     with line_context(env, Backend(error)) as ctx:
-        assert run_batch_line(ctx, batch_id, 0, "a", MODEL, chat()) == "done"
+        assert run_batch_line(ctx, batch.id, 0, "a", MODEL, chat()) == "done"
     assert before.moved("batchsvc_lines_failed_total", model=MODEL, code="rate_limit_exceeded") == 1
     assert value("batchsvc_lines_completed_total", model=MODEL) == completed
 
 
 def test_a_cancelled_batchs_line_counts_as_batch_cancelled(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch_id = make_worker_batch(env, jsonl(request_line("a")), status="cancelling").id
+    env, batch = worker_batch(tmp_path, "a", status="cancelling")
     before = snapshot("batchsvc_lines_failed_total", model=MODEL, code="batch_cancelled")
     upstream = value("batchsvc_line_upstream_seconds_count", model=MODEL)
     with line_context(env, Backend()) as ctx:
-        assert run_batch_line(ctx, batch_id, 0, "a", MODEL, chat()) == "short_circuited"
+        assert run_batch_line(ctx, batch.id, 0, "a", MODEL, chat()) == "short_circuited"
     assert before.moved("batchsvc_lines_failed_total", model=MODEL, code="batch_cancelled") == 1
     # It never reached the backend
     assert value("batchsvc_line_upstream_seconds_count", model=MODEL) == upstream
@@ -192,12 +182,11 @@ def test_odd_usage_counts_no_tokens() -> None:
 
 
 def test_nothing_is_recorded_when_metrics_are_off(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch_id = make_worker_batch(env, jsonl(request_line("a"))).id
+    env, batch = worker_batch(tmp_path, "a")
     before = snapshot("batchsvc_lines_completed_total", "batchsvc_prompt_tokens_total", model=MODEL)
     instruments.set_enabled(False)
     with line_context(env, Backend()) as ctx:
-        assert run_batch_line(ctx, batch_id, 0, "a", MODEL, chat()) == "done"
+        assert run_batch_line(ctx, batch.id, 0, "a", MODEL, chat()) == "done"
     instruments.line_received(MODEL, 1.0, 2.0)
     instruments.upstream_attempt(MODEL, "200")
     assert before.moved("batchsvc_lines_completed_total", model=MODEL) == 0
@@ -220,22 +209,19 @@ def openai_spec(base_url: str, **overrides: Any) -> ModelSpec:
     return ModelSpec(**{**fields, **overrides})
 
 
-def test_upstream_attempts_and_retries_are_counted_by_status() -> None:
+def test_upstream_attempts_and_retries_are_counted_by_status(
+    fake: FakeUpstream, http: urllib3.PoolManager
+) -> None:
     labels = [("200",), ("503",), ("400",)]
     names = ["batchsvc_upstream_attempts_total", "batchsvc_upstream_retries_total"]
     before = Deltas(*((n, {"model": "metrics-up", "status": s}) for n in names for (s,) in labels))
-    http = transport.new_pool_manager(4)
-    try:
-        with FakeUpstream() as fake:
-            spec = openai_spec(fake.base_url)
-            backend = OpenAIBackend(spec, http=http, sleep=lambda _s: None, environ={})
-            # When a line fails once with 503 then succeeds, and another gets a final 400
-            flaky = {**chat(), "metadata": {"fake": {"status": 503, "fail_times": 1, "key": "m"}}}
-            backend.complete(spec, flaky, 7)
-            with pytest.raises(LineError):
-                backend.complete(spec, {**chat(), "metadata": {"fake": {"status": 400}}}, 7)
-    finally:
-        http.clear()
+    spec = openai_spec(fake.base_url)
+    backend = OpenAIBackend(spec, http=http, sleep=lambda _s: None, environ={})
+    # When a line fails once with 503 then succeeds, and another gets a final 400
+    flaky = {**chat(), "metadata": {"fake": {"status": 503, "fail_times": 1, "key": "m"}}}
+    backend.complete(spec, flaky, 7)
+    with pytest.raises(LineError):
+        backend.complete(spec, {**chat(), "metadata": {"fake": {"status": 400}}}, 7)
     # Then three attempts are counted by the status they got, and the 503 as retried
     attempts = "batchsvc_upstream_attempts_total"
     assert before.moved(attempts, model="metrics-up", status="503") == 1
@@ -247,11 +233,7 @@ def test_upstream_attempts_and_retries_are_counted_by_status() -> None:
 
 
 def test_an_upstream_that_refuses_connections_counts_connection_errors() -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed once the block ends: connections are refused
+    port = closed_port()
     spec = openai_spec(f"http://127.0.0.1:{port}/v1", id="metrics-down", max_attempts=2)
     labels = {"model": "metrics-down", "status": "connection_error"}
     before = Deltas(

@@ -8,7 +8,6 @@ never answers in time is a gateway timeout (504); neither is worth retrying as i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,26 +15,21 @@ import urllib3
 
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from testsupport.fake_upstream import FakeUpstream
-from workers.backends import ChatBackend, transport
+from workers.backends import ChatBackend
 from workers.backends.echo import EchoBackend
 from workers.backends.openai import OpenAIBackend
 from workers.sync_runner import run_sync_request
 
 MODEL = "acme/chat-1"
 MESSAGES = [{"role": "user", "content": "hello there"}]
+#: The environment of a worker configured with the key the upstream takes.
+RIGHT_KEY = {"UPSTREAM_KEY": "sk-right"}
 
 
 @pytest.fixture
-def http() -> Iterator[urllib3.PoolManager]:
-    manager = transport.new_pool_manager(4)
-    yield manager
-    manager.clear()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream(api_key="sk-right") as server:
-        yield server
+def upstream_api_key() -> str:
+    """The fake upstream (``fake``, tests/unit/conftest.py) takes only this service's key."""
+    return RIGHT_KEY["UPSTREAM_KEY"]
 
 
 def run(
@@ -66,85 +60,105 @@ def run(
 
 
 def test_a_working_upstream_answers_ok(fake: FakeUpstream, http: urllib3.PoolManager) -> None:
-    outcome = run(fake, http, {"UPSTREAM_KEY": "sk-right"})
+    outcome = run(fake, http, RIGHT_KEY)
     assert outcome["ok"] is True
     assert outcome["body"]["choices"][0]["message"]["content"] == "hello there"
 
 
-@pytest.mark.parametrize("status", [401, 403])
-def test_an_upstream_refusing_our_credentials_is_a_502_not_to_retry(
-    fake: FakeUpstream, http: urllib3.PoolManager, status: int
+def not_to_retry(status: int, code: str, message: str) -> dict[str, Any]:
+    """The error of a failure on the model server's side that retrying will not fix."""
+    return {
+        "status": status,
+        "type": "internal_error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "retry": False,
+    }
+
+
+def credentials_refused(status: int) -> dict[str, Any]:
+    return not_to_retry(
+        502,
+        "upstream_authentication_failed",
+        f'The model server behind "{MODEL}" rejected this service\'s credentials '
+        f"(HTTP {status}: Incorrect API key provided.); the operator of this service must fix "
+        "the model's API key",
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "faults", "spec_fields", "error", "requests_seen"),
+    [
+        pytest.param(
+            RIGHT_KEY,
+            [{"status": status, "message": "Incorrect API key provided."}],
+            {},
+            credentials_refused(status),
+            1,
+            id=f"upstream-refuses-our-credentials-{status}",
+        )
+        for status in (401, 403)
+    ]
+    + [
+        pytest.param(
+            {"UPSTREAM_KEY": "sk-wrong"}, [], {}, credentials_refused(401), 1, id="wrong-key"
+        ),
+        pytest.param(
+            {},
+            [],
+            {},
+            not_to_retry(
+                502,
+                "upstream_authentication_failed",
+                f'The upstream API key of model "{MODEL}" is unavailable: environment variable '
+                "UPSTREAM_KEY is not set; the operator of this service must configure it",
+            ),
+            0,
+            id="key-variable-not-set-so-the-upstream-is-not-called",
+        ),
+        pytest.param(
+            RIGHT_KEY,
+            [{"hang_s": 3, "repeat": None}],
+            {"timeout_s": 0.3, "max_attempts": 2},
+            # A gateway timeout, not an internal error
+            not_to_retry(
+                504,
+                "upstream_timeout",
+                f'The model server behind "{MODEL}" did not answer in time: upstream timed out '
+                "after 0.3 s (after 2 attempts)",
+            ),
+            2,
+            id="upstream-times-out-on-every-attempt",
+        ),
+    ],
+)
+def test_a_model_server_failure_retrying_will_not_fix_is_a_5xx_not_to_retry(
+    fake: FakeUpstream,
+    http: urllib3.PoolManager,
+    environ: dict[str, str],
+    faults: list[dict[str, Any]],
+    spec_fields: dict[str, Any],
+    error: dict[str, Any],
+    requests_seen: int,
 ) -> None:
-    # Given an upstream that refuses this service's key
-    fake.set_faults([{"status": status, "message": "Incorrect API key provided."}])
+    # Given this service's key (or none), and an upstream that fails this way
+    fake.set_faults(faults)
 
     # When a sync request runs
-    outcome = run(fake, http, {"UPSTREAM_KEY": "sk-right"})
+    outcome = run(fake, http, environ, **spec_fields)
 
     # Then the client is told it is a server-side problem that retrying will not fix
     assert outcome["ok"] is False
-    error = outcome["error"]
-    assert error["status"] == 502
-    assert error["retry"] is False
-    assert (error["type"], error["code"], error["param"]) == (
-        "internal_error",
-        "upstream_authentication_failed",
-        None,
-    )
-    assert error["message"] == (
-        f'The model server behind "{MODEL}" rejected this service\'s credentials '
-        f"(HTTP {status}: Incorrect API key provided.); the operator of this service must fix "
-        "the model's API key"
-    )
-    assert fake.requests_seen == 1
-
-
-def test_a_wrong_key_is_a_502_too(fake: FakeUpstream, http: urllib3.PoolManager) -> None:
-    error = run(fake, http, {"UPSTREAM_KEY": "sk-wrong"})["error"]
-    assert (error["status"], error["retry"]) == (502, False)
-    assert "HTTP 401" in error["message"]
-
-
-def test_a_missing_api_key_variable_is_a_502_without_calling_the_upstream(
-    fake: FakeUpstream, http: urllib3.PoolManager
-) -> None:
-    error = run(fake, http, {})["error"]
-    assert error["status"] == 502
-    assert error["retry"] is False
-    assert error["code"] == "upstream_authentication_failed"
-    assert error["message"] == (
-        f'The upstream API key of model "{MODEL}" is unavailable: environment variable '
-        "UPSTREAM_KEY is not set; the operator of this service must configure it"
-    )
-    assert fake.requests_seen == 0
-
-
-def test_an_upstream_that_times_out_on_every_attempt_is_a_504(
-    fake: FakeUpstream, http: urllib3.PoolManager
-) -> None:
-    # Given an upstream that never answers within the model's timeout
-    fake.set_faults([{"hang_s": 3, "repeat": None}])
-
-    # When a sync request runs out of attempts
-    outcome = run(fake, http, {"UPSTREAM_KEY": "sk-right"}, timeout_s=0.3, max_attempts=2)
-
-    # Then it is a gateway timeout, not an internal error
-    error = outcome["error"]
-    assert error["status"] == 504
-    assert error["retry"] is False
-    assert (error["type"], error["code"]) == ("internal_error", "upstream_timeout")
-    assert error["message"] == (
-        f'The model server behind "{MODEL}" did not answer in time: upstream timed out after '
-        "0.3 s (after 2 attempts)"
-    )
-    assert fake.requests_seen == 2
+    assert outcome["error"] == error
+    assert fake.requests_seen == requests_seen
 
 
 def test_an_upstream_5xx_on_every_attempt_stays_a_500_the_client_may_retry(
     fake: FakeUpstream, http: urllib3.PoolManager
 ) -> None:
     fake.set_faults([{"status": 503, "repeat": None}])
-    error = run(fake, http, {"UPSTREAM_KEY": "sk-right"}, max_attempts=2)["error"]
+    error = run(fake, http, RIGHT_KEY, max_attempts=2)["error"]
     assert (error["status"], error["code"]) == (500, "internal_error")
     assert "retry" not in error
 
@@ -153,7 +167,7 @@ def test_a_client_error_keeps_its_status_and_the_upstream_text(
     fake: FakeUpstream, http: urllib3.PoolManager
 ) -> None:
     fake.set_faults([{"status": 400, "message": "messages: bad role", "param": "messages"}])
-    error = run(fake, http, {"UPSTREAM_KEY": "sk-right"})["error"]
+    error = run(fake, http, RIGHT_KEY)["error"]
     assert error == {
         "status": 400,
         "type": "invalid_request_error",

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from werkzeug.test import TestResponse
 
 from batchsvc.api import create_app
@@ -26,7 +29,7 @@ from batchsvc.models_config import ModelRegistry, ModelSpec
 from batchsvc.projects import ProjectStore
 from batchsvc.settings import Settings
 from batchsvc.storage.local import LocalStorage
-from tests.factories import chat_completion
+from tests.factories import chat_completion, closed_port
 
 MODEL = "demo-echo"
 URL = "/v1/chat/completions"
@@ -127,21 +130,41 @@ def make_registry(**spec_overrides: Any) -> ModelRegistry:
     return ModelRegistry({spec.id: spec})
 
 
+def make_app(
+    settings: Settings,
+    redis_client: redis.Redis,
+    *,
+    storage: LocalStorage | None = None,
+    dispatcher: RecordingDispatcher | None = None,
+    clock: Clock | None = None,
+) -> Flask:
+    """The API app with the tests' one-model registry, on ``redis_client`` (fakeredis, or one
+    that cannot connect) and ``storage`` (by default local storage at the settings' root)."""
+    app = create_app(
+        settings,
+        redis_client=redis_client,
+        storage=storage or LocalStorage(settings.storage_root),
+        dispatcher=dispatcher or RecordingDispatcher(),
+        registry=make_registry(),
+        clock=clock or Clock(),
+    )
+    app.testing = True
+    return app
+
+
+def unreachable_redis() -> redis.Redis:
+    """A client of a Redis that refuses connections. It does not retry: retries only make a
+    test slow, the answer is the same."""
+    return redis.Redis(port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+
+
 def make_env(tmp_path: Path, *, fail_dispatch: bool = False, **settings_overrides: Any) -> ApiEnv:
     settings = Settings(data_dir=tmp_path, **settings_overrides)
     client = fakeredis.FakeRedis()
     storage = LocalStorage(tmp_path / "files")
     dispatcher = RecordingDispatcher(fail=fail_dispatch)
     clock = Clock()
-    app = create_app(
-        settings,
-        redis_client=client,
-        storage=storage,
-        dispatcher=dispatcher,
-        registry=make_registry(),
-        clock=clock,
-    )
-    app.testing = True
+    app = make_app(settings, client, storage=storage, dispatcher=dispatcher, clock=clock)
     projects = ProjectStore(client, clock)
     pa, ka = projects.create_project("project-a")
     pb, kb = projects.create_project("project-b")
@@ -334,6 +357,20 @@ def assert_error(
     return error  # type: ignore[no-any-return]
 
 
+#: What every call answers while Redis cannot be reached.
+REDIS_UNAVAILABLE = (
+    "The service is temporarily unavailable: its data store cannot be reached. Retry shortly."
+)
+
+
+def assert_unavailable(
+    response: TestResponse, message: str = REDIS_UNAVAILABLE, code: str = "redis_unavailable"
+) -> None:
+    """A retryable 503 (``x-should-retry: true``, never a 500); by default, Redis's."""
+    assert_error(response, 503, message, type_="internal_error", code=code, param=None)
+    assert response.headers["x-should-retry"] == "true"
+
+
 def stored_files(env: ApiEnv) -> list[Path]:
     """Every regular file under the storage root (temp files included)."""
     return sorted(p for p in env.storage.root.rglob("*") if p.is_file())
@@ -403,6 +440,19 @@ def make_worker_batch(
         total=total,
         timestamps={"in_progress_at": now, **timestamps},
     )
+
+
+def batch_of_lines(env: WorkerEnv, *custom_ids: str, status: str = "in_progress") -> BatchRecord:
+    """A batch of one valid line per custom id, in ``status``."""
+    return make_worker_batch(env, jsonl(*(request_line(c) for c in custom_ids)), status=status)
+
+
+def worker_batch(
+    tmp_path: Path, *custom_ids: str, status: str = "in_progress"
+) -> tuple[WorkerEnv, BatchRecord]:
+    """A new worker env and its one batch, of one valid line per custom id, in ``status``."""
+    env = make_worker_env(tmp_path)
+    return env, batch_of_lines(env, *custom_ids, status=status)
 
 
 def line_records(env: WorkerEnv, batch_id: str) -> dict[int, tuple[str, dict[str, Any]]]:

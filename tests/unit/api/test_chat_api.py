@@ -57,31 +57,32 @@ def test_stream_false_or_null_is_accepted(tmp_path: Path, stream: Any) -> None:
     assert chat(env, {"model": MODEL, "messages": MESSAGES, "stream": stream}).status_code == 200
 
 
-@pytest.mark.parametrize("messages", [None, [], "Hi", {"role": "user"}, "missing"])
-def test_messages_must_be_a_non_empty_array(tmp_path: Path, messages: Any) -> None:
-    # The same answer the worker gives for such a line, one round trip earlier
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        # The same answer the worker gives for such a line, one round trip earlier
+        *(
+            pytest.param(
+                {"model": MODEL, "messages": messages},
+                "messages must be a non-empty array",
+                "messages",
+                id=f"messages-{messages!r}",
+            )
+            for messages in (None, [], "Hi", {"role": "user"})
+        ),
+        pytest.param(
+            {"model": MODEL}, "messages must be a non-empty array", "messages", id="no-messages"
+        ),
+        pytest.param(
+            {"model": 7, "messages": MESSAGES}, "model must be a string", "model", id="model-7"
+        ),
+    ],
+)
+def test_a_model_or_messages_of_the_wrong_type_is_400_naming_the_field(
+    tmp_path: Path, body: dict[str, Any], message: str, param: str
+) -> None:
     env = make_env(tmp_path)
-    body: dict[str, Any] = {"model": MODEL}
-    if messages != "missing":
-        body["messages"] = messages
-    assert_error(
-        chat(env, body),
-        400,
-        "messages must be a non-empty array",
-        code="invalid_request_error",
-        param="messages",
-    )
-
-
-def test_a_model_that_is_not_a_string_is_400(tmp_path: Path) -> None:
-    env = make_env(tmp_path)
-    assert_error(
-        chat(env, {"model": 7, "messages": MESSAGES}),
-        400,
-        "model must be a string",
-        code="invalid_request_error",
-        param="model",
-    )
+    assert_error(chat(env, body), 400, message, code="invalid_request_error", param=param)
 
 
 def test_model_is_named_before_messages_and_stream(tmp_path: Path) -> None:

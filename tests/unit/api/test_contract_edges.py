@@ -3,29 +3,24 @@ advice, Redis outages, and cancelling a batch whose 24 h are over."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from batchsvc.api import create_app
 from batchsvc.settings import Settings
-from batchsvc.storage.local import LocalStorage
 from tests.unit.api.helpers import (
     MODEL,
     URL,
     ApiEnv,
-    Clock,
-    RecordingDispatcher,
     assert_error,
+    assert_unavailable,
     create_batch,
+    make_app,
     make_env,
-    make_registry,
     store_batch,
+    unreachable_redis,
     upload_id,
 )
 
@@ -56,21 +51,6 @@ def test_body_that_is_not_an_object_carries_code_invalid_request_error(
         code="invalid_request_error",
         param=None,
     )
-
-
-def test_completion_window_null_is_400(tmp_path: Path) -> None:
-    # Given a good file, When completion_window is sent as null
-    env = make_env(tmp_path)
-    response = create_batch(env, upload_id(env), completion_window=None)
-    # Then it is refused like any other value but "24h", and nothing is stored
-    assert_error(
-        response,
-        400,
-        'completion_window must be "24h"',
-        code="invalid_request_error",
-        param="completion_window",
-    )
-    assert batch_count(env) == 0 and env.dispatcher.started == []
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", '{"deep": [1, NaN]}'])
@@ -171,41 +151,9 @@ def test_the_workers_retry_advice_becomes_x_should_retry(
 # -- Redis unreachable or loading --------------------------------------------------------------
 
 
-def closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def assert_unavailable(response: Any) -> None:
-    assert_error(
-        response,
-        503,
-        "The service is temporarily unavailable: its data store cannot be reached. Retry shortly.",
-        type_="internal_error",
-        code="redis_unavailable",
-        param=None,
-    )
-    assert response.headers["x-should-retry"] == "true"
-
-
 def test_redis_unreachable_is_503_retryable_everywhere(tmp_path: Path) -> None:
-    # Given an API whose Redis refuses connections (no client-side retries: they only make the
-    # test slow; the answer is the same)
-    client = redis.Redis(port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    settings = Settings(data_dir=tmp_path)
-    app = create_app(
-        settings,
-        redis_client=client,
-        storage=LocalStorage(tmp_path / "files"),
-        dispatcher=RecordingDispatcher(),
-        registry=make_registry(),
-        clock=Clock(),
-    )
-    app.testing = True
-    web = app.test_client()
+    # Given an API whose Redis refuses connections
+    web = make_app(Settings(data_dir=tmp_path), unreachable_redis()).test_client()
     headers = {"x-api-key": "bsk_whatever", "x-project-id": "proj_whatever"}
     # When any authenticated call comes in, Then 503 redis_unavailable, retryable, never 500
     for method, path, kwargs in [

@@ -4,32 +4,20 @@ method, URL rule (never the raw path) and status."""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import redis
 from prometheus_client import REGISTRY
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from batchsvc.api import create_app
 from batchsvc.settings import Settings
 from batchsvc.storage.local import LocalStorage
 from tests.unit.api.helpers import (
-    Clock,
-    RecordingDispatcher,
-    assert_error,
+    assert_unavailable,
+    make_app,
     make_env,
-    make_registry,
+    unreachable_redis,
 )
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class BrokenStorage(LocalStorage):
@@ -57,47 +45,19 @@ def test_readyz_answers_200_when_redis_and_storage_answer(tmp_path: Path) -> Non
 
 
 def test_readyz_is_503_redis_unavailable_while_redis_is_down(tmp_path: Path) -> None:
-    client = redis.Redis(port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    app = create_app(
-        Settings(data_dir=tmp_path),
-        redis_client=client,
-        storage=LocalStorage(tmp_path / "files"),
-        dispatcher=RecordingDispatcher(),
-        registry=make_registry(),
-        clock=Clock(),
-    )
-    response = app.test_client().get("/readyz")
-    assert_error(
-        response,
-        503,
-        "The service is temporarily unavailable: its data store cannot be reached. Retry shortly.",
-        type_="internal_error",
-        code="redis_unavailable",
-        param=None,
-    )
-    assert response.headers["x-should-retry"] == "true"
+    app = make_app(Settings(data_dir=tmp_path), unreachable_redis())
+    assert_unavailable(app.test_client().get("/readyz"))
 
 
 def test_readyz_is_503_storage_unavailable_when_storage_fails(tmp_path: Path) -> None:
     for storage in (BrokenStorage(tmp_path / "ro"), LyingStorage(tmp_path / "lies")):
-        app = create_app(
-            Settings(data_dir=tmp_path),
-            redis_client=make_env(tmp_path / type(storage).__name__).redis,
-            storage=storage,
-            dispatcher=RecordingDispatcher(),
-            registry=make_registry(),
-            clock=Clock(),
-        )
-        response = app.test_client().get("/readyz")
-        assert_error(
-            response,
-            503,
+        redis_client = make_env(tmp_path / type(storage).__name__).redis
+        app = make_app(Settings(data_dir=tmp_path), redis_client, storage=storage)
+        assert_unavailable(
+            app.test_client().get("/readyz"),
             "The service is not ready: its file storage cannot be reached. Retry shortly.",
-            type_="internal_error",
             code="storage_unavailable",
-            param=None,
         )
-        assert response.headers["x-should-retry"] == "true"
         # /healthz still says the process is up
         assert app.test_client().get("/healthz").status_code == 200
 

@@ -16,10 +16,12 @@ from werkzeug.test import TestResponse
 
 from batchsvc import lifecycle
 from batchsvc.api import page
+from batchsvc.batches import BatchRecord
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.keys import fleet_key, inflight_member
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from batchsvc.queues import model_queue, sync_queue
+from tests.factories import claim_lines
 from tests.unit.api.helpers import (
     MODEL,
     ApiEnv,
@@ -373,6 +375,15 @@ def test_the_operator_view_lists_only_the_models_the_project_may_use(tmp_path: P
     assert "may use no configured model" in fragment(env, MODELS, nothing)
 
 
+def dispatch_first_lines(dispatch: DispatchStore, batch: BatchRecord, lines: int) -> list[str]:
+    """Register ``batch`` (every line on MODEL) and claim its first ``lines`` lines, as a
+    dispatch into MODEL's window of 48 does; their in-flight members."""
+    dispatch.register(batch.id, batch.project_id, {MODEL: batch.total})
+    claimed = claim_lines(dispatch, batch.id, batch.project_id, range(lines), window=48)
+    assert claimed == (lines, lines)
+    return [inflight_member(batch.id, i) for i in range(lines)]
+
+
 def test_the_operator_view_reads_workers_queues_window_in_flight_and_pending(
     tmp_path: Path,
 ) -> None:
@@ -385,30 +396,10 @@ def test_the_operator_view_reads_workers_queues_window_in_flight_and_pending(
     env.redis.rpush(sync_queue(MODEL), "s1")
     # A's batch: 10 demo-echo lines, 4 dispatched, 1 of them recorded since.
     mine = store_batch(env, lifecycle.IN_PROGRESS, total=10)
-    dispatch.register(mine.id, env.a.project_id, {MODEL: 10})
-    members = [inflight_member(mine.id, i) for i in range(4)]
-    assert dispatch.claim(
-        batch_id=mine.id,
-        project_id=env.a.project_id,
-        model=MODEL,
-        expected_cursor=0,
-        window=48,
-        members=members,
-    ) == (4, 4)
-    dispatch.remove_in_flight(MODEL, members[:1])
+    dispatch.remove_in_flight(MODEL, dispatch_first_lines(dispatch, mine, 4)[:1])
     # B's batch on the same model: all 2 lines dispatched and recorded.
     theirs = store_batch(env, lifecycle.IN_PROGRESS, tenant=env.b, total=2)
-    dispatch.register(theirs.id, env.b.project_id, {MODEL: 2})
-    other = [inflight_member(theirs.id, i) for i in range(2)]
-    dispatch.claim(
-        batch_id=theirs.id,
-        project_id=env.b.project_id,
-        model=MODEL,
-        expected_cursor=0,
-        window=48,
-        members=other,
-    )
-    dispatch.remove_in_flight(MODEL, other)
+    dispatch.remove_in_flight(MODEL, dispatch_first_lines(dispatch, theirs, 2))
 
     html = fragment(env, MODELS, env.a)
     rows = model_rows(env, env.a)

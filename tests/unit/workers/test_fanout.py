@@ -19,6 +19,7 @@ from batchsvc.ids import line_record_id
 from batchsvc.line_index import line_index_key, read_entries, read_lines
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from batchsvc.storage import batch_input_key
+from tests.factories import claim_lines
 from tests.unit.api.helpers import (
     MODEL,
     WorkerEnv,
@@ -122,6 +123,12 @@ def raw_lines(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\n") if line.strip()]
 
 
+#: The error line of a body that names no model (absent, or not a string).
+NAMES_NO_MODEL = (
+    "[legacy:http_400] The request body must name a model: body.model is missing or not a string"
+)
+
+
 def not_found_message(model: str) -> str:
     return (
         f'[legacy:http_404] The model "{model}" does not exist or is not enabled for this project'
@@ -161,9 +168,12 @@ def test_unservable_lines_are_recorded_at_once_and_the_rest_indexed_for_dispatch
     # And the others are already recorded as error lines
     records = line_records(env, batch.id)
     assert sorted(records) == [1, 2, 3, 4]
-    for index, custom_id, shown in (
-        (1, "unknown", "no-such-model"),
-        (2, "not-enabled", OTHER),
+    for index, custom_id, code, message in (
+        (1, "unknown", "not_found_error", not_found_message("no-such-model")),
+        (2, "not-enabled", "not_found_error", not_found_message(OTHER)),
+        # A body that names no model (absent, or not a string) is a malformed request
+        (3, "non-string", "invalid_request_error", NAMES_NO_MODEL),
+        (4, "no-model", "invalid_request_error", NAMES_NO_MODEL),
     ):
         kind, line = records[index]
         assert kind == "e"
@@ -171,26 +181,7 @@ def test_unservable_lines_are_recorded_at_once_and_the_rest_indexed_for_dispatch
             "id": line_record_id(batch.id, index),
             "custom_id": custom_id,
             "response": None,
-            "error": {
-                "code": "not_found_error",
-                "message": not_found_message(shown),
-                "param": "model",
-            },
-        }
-    # A body that names no model (absent, or not a string) is a malformed request
-    for index, custom_id in ((3, "non-string"), (4, "no-model")):
-        kind, line = records[index]
-        assert kind == "e"
-        assert line == {
-            "id": line_record_id(batch.id, index),
-            "custom_id": custom_id,
-            "response": None,
-            "error": {
-                "code": "invalid_request_error",
-                "message": "[legacy:http_400] The request body must name a model: body.model "
-                "is missing or not a string",
-                "param": "model",
-            },
+            "error": {"code": code, "message": message, "param": "model"},
         }
     after = env.batches.get_any(batch.id)
     assert after is not None
@@ -269,15 +260,7 @@ def test_a_start_run_again_keeps_the_cursors_and_never_declares_the_chord_twice(
     store = DispatchStore(env.redis, env.clock)
     first = RecordingPublisher()
     run(env, batch.id, first, store=store)
-    claimed = store.claim(
-        batch_id=batch.id,
-        project_id=env.project_id,
-        model=MODEL,
-        expected_cursor=0,
-        window=3,
-        members=[f"{batch.id}.{i}" for i in range(3)],
-    )
-    assert claimed == (3, 3)
+    assert claim_lines(store, batch.id, env.project_id, range(3), window=3) == (3, 3)
     index_before = env.storage.read_range(line_index_key(batch.id, MODEL), 0, 10_000)
     # When the start runs again (a redelivered start task, or the sweep)
     again, dispatch = RecordingPublisher(), Calls()

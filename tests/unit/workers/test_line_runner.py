@@ -3,6 +3,7 @@ once, leases, short-circuits, error lines; spec 7.2, 7.3, 8.3, 9.3)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,9 @@ from tests.factories import hold_lease
 from tests.unit.api.helpers import (
     MODEL,
     WorkerEnv,
-    jsonl,
+    batch_of_lines,
     line_records,
-    make_worker_batch,
     make_worker_env,
-    request_line,
 )
 from workers.backends import BackendResponse
 from workers.backends.echo import EchoBackend
@@ -95,7 +94,17 @@ def world(tmp_path: Path) -> Iterator[tuple[WorkerEnv, Harness]]:
 
 
 def two_line_batch(env: WorkerEnv) -> str:
-    return make_worker_batch(env, jsonl(request_line("req-1"), request_line("req-2"))).id
+    return batch_of_lines(env, "req-1", "req-2").id
+
+
+#: A world and the id of its in_progress batch of two lines, ``req-1`` and ``req-2``.
+TwoLines = tuple[WorkerEnv, Harness, str]
+
+
+@pytest.fixture()
+def two_lines(world: tuple[WorkerEnv, Harness]) -> TwoLines:
+    env, harness = world
+    return env, harness, two_line_batch(env)
 
 
 def counts(env: WorkerEnv, batch_id: str) -> tuple[int, int]:
@@ -148,10 +157,9 @@ def test_execute_request_rejects_unusable_messages(messages: Any) -> None:
 # -- run_batch_line --------------------------------------------------------------------------
 
 
-def test_success_records_an_output_line(world: tuple[WorkerEnv, Harness]) -> None:
+def test_success_records_an_output_line(two_lines: TwoLines) -> None:
     # Given an in_progress batch
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     # When line 0 runs
     assert h.run(batch_id, 0, chat("Paris?")) == "done"
     # Then an output line of spec 7.2 (plus "error": null) is recorded and counted
@@ -182,9 +190,8 @@ def test_success_records_an_output_line(world: tuple[WorkerEnv, Harness]) -> Non
     assert h.finalized == []
 
 
-def test_a_duplicate_delivery_records_nothing_more(world: tuple[WorkerEnv, Harness]) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+def test_a_duplicate_delivery_records_nothing_more(two_lines: TwoLines) -> None:
+    env, h, batch_id = two_lines
     assert h.run(batch_id, 0) == "done"
     first = line_records(env, batch_id)
     # When the same line is delivered again
@@ -195,10 +202,9 @@ def test_a_duplicate_delivery_records_nothing_more(world: tuple[WorkerEnv, Harne
     assert counts(env, batch_id) == (1, 0)
 
 
-def test_a_live_lease_elsewhere_means_leased(world: tuple[WorkerEnv, Harness]) -> None:
+def test_a_live_lease_elsewhere_means_leased(two_lines: TwoLines) -> None:
     # Given another worker holding line 0's lease
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     assert hold_lease(env.redis, batch_id, 0, "someone-else")
     # When line 0 is delivered here, Then it leaves without running or recording
     assert h.run(batch_id, 0) == "leased"
@@ -210,10 +216,9 @@ def test_a_live_lease_elsewhere_means_leased(world: tuple[WorkerEnv, Harness]) -
 
 
 def test_a_cancelling_batch_short_circuits_without_the_backend(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     env.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     assert h.run(batch_id, 0) == "short_circuited"
     assert h.backend.calls == 0
@@ -230,10 +235,9 @@ def test_a_cancelling_batch_short_circuits_without_the_backend(
 
 
 def test_an_expiring_batch_short_circuits_as_batch_expired(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     assert env.batches.mark_expiring(batch_id)
     assert h.run(batch_id, 0) == "short_circuited"
     assert h.backend.calls == 0
@@ -244,12 +248,11 @@ def test_an_expiring_batch_short_circuits_as_batch_expired(
 
 @pytest.mark.parametrize("how", ["cancel", "expire"])
 def test_a_redelivered_copy_never_overrides_a_line_still_running_elsewhere(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
     how: str,
 ) -> None:
     # Given line 0 running on another worker (live lease) when the batch is cancelled/expires
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     assert hold_lease(env.redis, batch_id, 0, "first-worker")
     if how == "cancel":
         env.batches.transition(batch_id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
@@ -265,11 +268,10 @@ def test_a_redelivered_copy_never_overrides_a_line_still_running_elsewhere(
 
 
 def test_the_last_running_line_of_a_cancelling_batch_requests_finalize(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
     # Given a batch cancelled while line 0 runs; line 1 was already short-circuited
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
 
     def cancel_then_answer(
         spec: ModelSpec, body: dict[str, Any], prompt_tokens: int
@@ -316,26 +318,35 @@ def test_an_unexpected_backend_exception_is_an_internal_error_line(tmp_path: Pat
     h.leases.stop()
 
 
-def test_over_the_limit_on_an_erroring_model_is_context_length_exceeded(
-    world: tuple[WorkerEnv, Harness],
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        pytest.param(
+            {**chat(LONG_TEXT), "model": SMALL_ERR.id},
+            "context_length_exceeded",
+            rf"\[legacy:http_400\] Input is .*this model accepts at most {SMALL_ERR.max_tokens}",
+            id="over-the-limit-on-an-erroring-model",
+        ),
+        pytest.param(
+            {"model": MODEL}, "invalid_request_error", r"\[legacy:http_400\] .*", id="no-messages"
+        ),
+    ],
+)
+def test_messages_the_model_cannot_take_are_an_error_line_without_the_backend(
+    two_lines: TwoLines, body: dict[str, Any], code: str, message: str
 ) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
-    body = {**chat(LONG_TEXT), "model": SMALL_ERR.id}
-    assert h.run(batch_id, 0, body, model=SMALL_ERR.id) == "done"
+    env, h, batch_id = two_lines
+    assert h.run(batch_id, 0, body, model=body["model"]) == "done"
     error = only_error(env, batch_id)
-    assert error["code"] == "context_length_exceeded"
-    assert error["param"] == "messages"
-    assert error["message"].startswith("[legacy:http_400] Input is ")
-    assert error["message"].endswith(f"this model accepts at most {SMALL_ERR.max_tokens}")
+    assert (error["code"], error["param"]) == (code, "messages")
+    assert re.fullmatch(message, error["message"], flags=re.DOTALL)
     assert h.backend.calls == 0
 
 
 def test_over_the_limit_on_a_truncating_model_succeeds_within_the_limit(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     body = {
         "model": SMALL_TRUNC.id,
         "messages": [
@@ -352,34 +363,21 @@ def test_over_the_limit_on_a_truncating_model_succeeds_within_the_limit(
     assert counts(env, batch_id) == (1, 0)
 
 
-def test_missing_messages_is_invalid_request_error(world: tuple[WorkerEnv, Harness]) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
-    assert h.run(batch_id, 0, {"model": MODEL}) == "done"
-    error = only_error(env, batch_id)
-    assert error["code"] == "invalid_request_error"
-    assert error["param"] == "messages"
-    assert error["message"].startswith("[legacy:http_400] ")
-    assert h.backend.calls == 0
-
-
 def test_a_model_this_worker_does_not_know_is_an_internal_error(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     assert h.run(batch_id, 0, model="not-here") == "done"
     assert only_error(env, batch_id)["code"] == "internal_error"
 
 
 @pytest.mark.parametrize("status", ["completed", "cancelled", "expired", "failed"])
-def test_a_terminal_batch_is_gone(tmp_path: Path, status: str) -> None:
-    env = make_worker_env(tmp_path)
-    h = Harness(env, CountingBackend())
-    batch = make_worker_batch(env, jsonl(request_line("a")), status=status)
-    assert h.run(batch.id, 0) == "gone"
+def test_a_terminal_batch_is_gone(world: tuple[WorkerEnv, Harness], status: str) -> None:
+    env, h = world
+    batch_id = batch_of_lines(env, "a", status=status).id
+    assert h.run(batch_id, 0) == "gone"
     assert h.backend.calls == 0
-    assert line_records(env, batch.id) == {}
+    assert line_records(env, batch_id) == {}
 
 
 def test_an_unknown_batch_is_gone(world: tuple[WorkerEnv, Harness]) -> None:
@@ -387,9 +385,8 @@ def test_an_unknown_batch_is_gone(world: tuple[WorkerEnv, Harness]) -> None:
     assert h.run("batch_missing", 0) == "gone"
 
 
-def test_a_sealed_batch_records_nothing(world: tuple[WorkerEnv, Harness]) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+def test_a_sealed_batch_records_nothing(two_lines: TwoLines) -> None:
+    env, h, batch_id = two_lines
     env.batches.seal(batch_id)
     # Sealed for assembly: the line is not even run (the backend is never called).
     assert h.run(batch_id, 0) == "gone"
@@ -411,11 +408,10 @@ def dispatched(env: WorkerEnv, batch_id: str, indices: range, window: int) -> No
 
 
 def test_a_line_that_frees_half_the_window_asks_for_a_dispatch(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
     # Given a window of 4, full: both lines of this batch and two of another
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     dispatched(env, batch_id, range(2), window=4)
     dispatched(env, "batch_other", range(2), window=4)
     # When line 0 runs: 3 left in flight, above half the window
@@ -430,11 +426,10 @@ def test_a_line_that_frees_half_the_window_asks_for_a_dispatch(
 
 
 def test_a_duplicate_copy_leaves_the_set_and_can_ask_for_a_dispatch(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
     # Given line 0 recorded, but back in the set (a republished copy) with a window of 2
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     assert h.run(batch_id, 0) == "done"
     dispatched(env, batch_id, range(2), window=2)
     # When the copy arrives, Then it leaves the set; 1 left is half the window: wake
@@ -445,10 +440,9 @@ def test_a_duplicate_copy_leaves_the_set_and_can_ask_for_a_dispatch(
 
 
 def test_a_copy_of_a_line_running_elsewhere_stays_in_flight(
-    world: tuple[WorkerEnv, Harness],
+    two_lines: TwoLines,
 ) -> None:
-    env, h = world
-    batch_id = two_line_batch(env)
+    env, h, batch_id = two_lines
     dispatched(env, batch_id, range(1), window=2)
     assert hold_lease(env.redis, batch_id, 0, "elsewhere")
     assert h.run(batch_id, 0) == "leased"
@@ -456,12 +450,10 @@ def test_a_copy_of_a_line_running_elsewhere_stays_in_flight(
     assert h.dispatches == []
 
 
-def test_a_copy_of_a_finished_batch_leaves_the_set(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    h = Harness(env, CountingBackend())
-    batch = make_worker_batch(env, jsonl(request_line("a")), status="completed")
-    dispatched(env, batch.id, range(1), window=10)
-    assert h.run(batch.id, 0) == "gone"
+def test_a_copy_of_a_finished_batch_leaves_the_set(world: tuple[WorkerEnv, Harness]) -> None:
+    env, h = world
+    batch_id = batch_of_lines(env, "a", status=lifecycle.COMPLETED).id
+    dispatched(env, batch_id, range(1), window=10)
+    assert h.run(batch_id, 0) == "gone"
     assert in_flight(env) == set()
     assert h.dispatches == [MODEL]  # the set is empty: at or below half of any window
-    h.leases.stop()

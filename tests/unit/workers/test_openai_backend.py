@@ -25,6 +25,7 @@ import urllib3
 
 from batchsvc.errors import ConfigError, LineError, UpstreamCredentialsRejected, UpstreamTimeout
 from batchsvc.models_config import ModelSpec
+from tests.factories import closed_port
 from testsupport.fake_upstream import FINGERPRINT, FakeUpstream
 from workers.backends import BackendResponse, ChatBackend, outcomes, transport
 from workers.backends.completions import classification_content
@@ -102,27 +103,8 @@ class Harness:
 
 
 @pytest.fixture
-def http() -> Iterator[urllib3.PoolManager]:
-    manager = transport.new_pool_manager(32)
-    yield manager
-    manager.clear()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as server:
-        yield server
-
-
-@pytest.fixture
 def h(fake: FakeUpstream, http: urllib3.PoolManager) -> Harness:
     return Harness(fake, http)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- success -------------------------------------------------------------------------------
@@ -304,7 +286,7 @@ def test_a_dropped_connection_is_retried(h: Harness) -> None:
 
 
 def test_connection_refused_ends_as_internal_error_after_max_attempts(h: Harness) -> None:
-    err = h.fail_at(f"http://127.0.0.1:{free_port()}/v1", max_attempts=3)
+    err = h.fail_at(f"http://127.0.0.1:{closed_port()}/v1", max_attempts=3)
     assert err.code == "internal_error"
     assert err.line_message.startswith(
         "[legacy:retries_exhausted] Line failed after 3 attempts: connection error: "
@@ -1063,7 +1045,7 @@ def test_https_upstreams_are_verified_with_the_ca_bundle_the_environment_names(
     else:
         bundle.write_text("")
     environ = {variable: str(bundle)} if variable else {}
-    spec = make_spec(f"https://127.0.0.1:{free_port()}/v1", max_attempts=1)
+    spec = make_spec(f"https://127.0.0.1:{closed_port()}/v1", max_attempts=1)
 
     # When a request is made (here, refused)
     backend = OpenAIBackend(spec, http=http, environ=environ)

@@ -25,11 +25,9 @@ from tests.factories import add_deliveries, deliveries, hold_lease, lapse_lease
 from tests.unit.api.helpers import (
     MODEL,
     WorkerEnv,
-    jsonl,
+    batch_of_lines,
     line_records,
-    make_worker_batch,
     make_worker_env,
-    request_line,
 )
 from tests.unit.workers.test_dispatcher import LEASE_TTL_S, World, make_world
 from tests.unit.workers.test_line_runner import REGISTRY as LINE_REGISTRY
@@ -227,7 +225,7 @@ DONE = lifecycle.DispatchPhase.DONE
 
 
 def three_line_batch(env: WorkerEnv, phase: lifecycle.DispatchPhase | None = None) -> str:
-    batch = make_worker_batch(env, jsonl(request_line("a"), request_line("b"), request_line("c")))
+    batch = batch_of_lines(env, "a", "b", "c")
     if phase is not None:
         env.batches.set_dispatch_phase(batch.id, phase)
     return batch.id
@@ -381,7 +379,7 @@ def runners() -> Iterator[list[Lines]]:
 
 
 def two_lines(env: WorkerEnv) -> str:
-    return make_worker_batch(env, jsonl(request_line("req-1"), request_line("req-2"))).id
+    return batch_of_lines(env, "req-1", "req-2").id
 
 
 #: What run_batch_line reports for a poison line: "short_circuited" at 09d4511, "done" in the

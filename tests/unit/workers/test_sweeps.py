@@ -25,12 +25,12 @@ from tests.unit.api.helpers import (
     T0,
     ApiEnv,
     WorkerEnv,
-    jsonl,
+    batch_of_lines,
     make_env,
     make_worker_batch,
     make_worker_env,
-    request_line,
     upload_id,
+    worker_batch,
 )
 from workers.sweeps import (
     SweepReport,
@@ -86,10 +86,6 @@ def worker_view(env: ApiEnv) -> WorkerEnv:
     )
 
 
-def three_lines() -> bytes:
-    return jsonl(request_line("a"), request_line("b"), request_line("c"))
-
-
 def record_ok(env: WorkerEnv, batch_id: str, index: int, custom_id: str) -> None:
     body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m"}
     env.batches.record_line(
@@ -106,8 +102,7 @@ def read_file(env: WorkerEnv, file_id: str) -> list[dict[str, Any]]:
 
 def test_a_never_dispatched_batch_is_started_once_it_is_old_enough(tmp_path: Path) -> None:
     # Given an in_progress batch whose start task never arrived
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     start = Starts()
     # When the sweep runs before stuck_after_s, Then nothing happens
     env.clock.advance(STUCK_AFTER - 1)
@@ -122,8 +117,7 @@ def test_a_never_dispatched_batch_is_started_once_it_is_old_enough(tmp_path: Pat
 
 def test_a_batch_with_every_line_recorded_is_finalized_not_started(tmp_path: Path) -> None:
     # Given an old batch without a dispatch mark whose lines are nevertheless all recorded
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
     env.clock.advance(STUCK_AFTER * 10)
@@ -140,8 +134,7 @@ def test_a_batch_whose_start_is_under_way_is_not_started_again_at_first_sight(
     tmp_path: Path,
 ) -> None:
     # (only one that made no progress for a whole period is: see test_recovery.py)
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.STARTED)
     env.clock.advance(STUCK_AFTER * 10)
     start = Starts()
@@ -151,8 +144,7 @@ def test_a_batch_whose_start_is_under_way_is_not_started_again_at_first_sight(
 
 def test_an_all_recorded_batch_is_finalized_to_completed(tmp_path: Path) -> None:
     # Given a dispatched batch whose lines are all recorded but whose callback never ran
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
@@ -171,8 +163,7 @@ def test_an_all_recorded_batch_is_finalized_to_completed(tmp_path: Path) -> None
 
 
 def test_a_partly_recorded_batch_is_left_running(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     record_ok(env, batch.id, 0, "a")
     report = run_sweep(env, Starts())
@@ -183,8 +174,7 @@ def test_a_partly_recorded_batch_is_left_running(tmp_path: Path) -> None:
 
 def test_a_batch_past_expires_at_expires(tmp_path: Path) -> None:
     # Given a batch with line 0 done, line 1 running under a live lease, line 2 never started
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     record_ok(env, batch.id, 0, "a")
     assert hold_lease(env.redis, batch.id, 1, "worker-1", 60)
@@ -234,8 +224,7 @@ def test_a_batch_past_expires_at_expires(tmp_path: Path) -> None:
 
 def test_a_batch_whose_lines_all_finished_before_the_deadline_completes(tmp_path: Path) -> None:
     # Given every line recorded before expires_at, but the chord callback has not run yet
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
@@ -253,8 +242,7 @@ def test_a_batch_whose_lines_all_finished_before_the_deadline_completes(tmp_path
 
 
 def test_a_never_started_batch_past_expiry_expires_at_once(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     start = Starts()
     report = run_sweep(env, start, now=batch.expires_at + 1)
     assert start.calls == []
@@ -267,8 +255,7 @@ def test_a_never_started_batch_past_expiry_expires_at_once(tmp_path: Path) -> No
 
 def test_a_cancelling_batch_is_drained(tmp_path: Path) -> None:
     # Given a cancelling batch with one line done and two never started
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     record_ok(env, batch.id, 0, "a")
     env.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     # When the sweep runs
@@ -287,8 +274,7 @@ def test_a_cancelling_batch_is_drained(tmp_path: Path) -> None:
 
 
 def test_a_cancelling_batch_waits_for_a_leased_line(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
     assert hold_lease(env.redis, batch.id, 0, "worker", 60)
     report = run_sweep(env, Starts())
@@ -299,8 +285,7 @@ def test_a_cancelling_batch_waits_for_a_leased_line(tmp_path: Path) -> None:
 
 
 def test_terminal_batches_are_left_alone(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
     env.batches.transition(batch.id, [lifecycle.IN_PROGRESS], lifecycle.FINALIZING)
@@ -382,16 +367,16 @@ def test_one_sweep_takes_each_batch_to_its_own_concern(tmp_path: Path) -> None:
     env = make_worker_env(tmp_path)
     old_file = stored_file(env, "file-old")
     env.clock.advance(RETENTION_S - STUCK_AFTER)
-    never_started = make_worker_batch(env, three_lines())
-    expiring = make_worker_batch(env, three_lines())
+    never_started = batch_of_lines(env, "a", "b", "c")
+    expiring = batch_of_lines(env, "a", "b", "c")
     set_batch_fields(env.redis, expiring.id, expires_at=int(env.clock()) + STUCK_AFTER)
-    cancelling = make_worker_batch(env, three_lines())
+    cancelling = batch_of_lines(env, "a", "b", "c")
     env.batches.transition(cancelling.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
-    recorded = make_worker_batch(env, three_lines())
+    recorded = batch_of_lines(env, "a", "b", "c")
     env.batches.set_dispatch_phase(recorded.id, lifecycle.DispatchPhase.DONE)
     for index, custom_id in enumerate("abc"):
         record_ok(env, recorded.id, index, custom_id)
-    running = make_worker_batch(env, three_lines())
+    running = batch_of_lines(env, "a", "b", "c")
     env.batches.set_dispatch_phase(running.id, lifecycle.DispatchPhase.DONE)
     record_ok(env, running.id, 0, "a")
     start = Starts()
@@ -467,8 +452,7 @@ def test_expire_flags_the_batch_and_records_its_unstarted_lines_batch_expired(
     tmp_path: Path,
 ) -> None:
     # Given a batch with line 0 done and line 1 running under a live lease
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     record_ok(env, batch.id, 0, "a")
     assert hold_lease(env.redis, batch.id, 1, "worker-1", 60)
     current = env.batches.get_any(batch.id)
@@ -489,8 +473,7 @@ def test_expire_flags_the_batch_and_records_its_unstarted_lines_batch_expired(
 
 
 def test_expire_again_drains_again_but_does_not_count_a_second_expiry(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     assert hold_lease(env.redis, batch.id, 0, "worker-1", 60)
     finalizer = make_finalizer(env)
     assert expire(env.batches, finalizer, batch) == 1
@@ -508,8 +491,7 @@ def test_expire_reads_the_batch_afresh_rather_than_trusting_the_record_it_is_giv
     tmp_path: Path,
 ) -> None:
     # Given a stale record: line 0 was recorded after it was read
-    env = make_worker_env(tmp_path)
-    stale = make_worker_batch(env, three_lines())
+    env, stale = worker_batch(tmp_path, "a", "b", "c")
     record_ok(env, stale.id, 0, "a")
     # When it expires from the stale record, Then line 0 keeps its result, counted once
     assert expire(env.batches, make_finalizer(env), stale) == 1
@@ -528,8 +510,7 @@ def restart(env: WorkerEnv, batch_id: str, now: int, start: Starts) -> bool:
 
 
 def test_a_start_that_never_ran_is_restarted_once_the_batch_is_old_enough(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     start = Starts()
     # Too young: nothing, and nothing remembered
     assert not restart(env, batch.id, T0 + STUCK_AFTER - 1, start)
@@ -549,8 +530,7 @@ def test_a_start_that_never_ran_is_restarted_once_the_batch_is_old_enough(tmp_pa
 def test_a_start_under_way_is_restarted_only_after_a_period_without_progress(
     tmp_path: Path,
 ) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.STARTED)
     start = Starts()
     # First sight: only its progress is remembered
@@ -570,8 +550,7 @@ def test_a_start_under_way_is_restarted_only_after_a_period_without_progress(
 def test_batches_whose_start_must_not_run_again_are_never_restarted(
     tmp_path: Path, why: str
 ) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     if why == "done":
         env.batches.set_dispatch_phase(batch.id, lifecycle.DispatchPhase.DONE)
     elif why == "cancelling":
@@ -591,8 +570,7 @@ def test_batches_whose_start_must_not_run_again_are_never_restarted(
 
 
 def test_finalize_if_recorded_ends_an_all_recorded_batch(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
     assert finalize_if_recorded(env.batches, make_finalizer(env), batch.id) == 1
@@ -604,8 +582,7 @@ def test_finalize_if_recorded_ends_an_all_recorded_batch(tmp_path: Path) -> None
 
 
 def test_finalize_if_recorded_leaves_a_partly_recorded_batch(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     record_ok(env, batch.id, 0, "a")
     assert finalize_if_recorded(env.batches, make_finalizer(env), batch.id) == 0
     after = env.batches.get_any(batch.id)
@@ -625,8 +602,7 @@ def test_finalize_if_recorded_ignores_a_missing_or_empty_batch(tmp_path: Path) -
 
 def test_finalize_if_recorded_counts_only_a_batch_that_ended(tmp_path: Path) -> None:
     # Given an all-recorded batch whose finalize lock another finalize holds
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     for index, custom_id in enumerate("abc"):
         record_ok(env, batch.id, index, custom_id)
     lock = env.redis.lock(batch_key(batch.id) + ":finalize", timeout=60)
@@ -672,8 +648,7 @@ def test_remove_expired_files_removes_only_files_past_their_retention(tmp_path: 
 
 
 def test_remove_expired_files_touches_no_batch(tmp_path: Path) -> None:
-    env = make_worker_env(tmp_path)
-    batch = make_worker_batch(env, three_lines())
+    env, batch = worker_batch(tmp_path, "a", "b", "c")
     before = env.batches.get_any(batch.id)
     assert remove_expired_files(env.files, env.storage, T0 + 10 * RETENTION_S) == 0
     assert env.batches.get_any(batch.id) == before
