@@ -8,6 +8,8 @@ PORT ?= 8000
 MODELS ?=
 CONCURRENCY ?= 8
 PYTEST_ARGS ?=
+# make run is read by people: console logs, set here because under honcho stdout is no TTY.
+LOG_FORMAT ?= console
 
 .PHONY: help install run run-worker test test-unit test-integration test-slow lint format bench clean
 
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install batchsvc with its test tools
 
 run: install ## start Redis, the API, workers, beat and Flower (Procfile, honcho)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho --procfile Procfile --app-root . start --port $(PORT)
+	PATH="$(abspath $(BIN)):$$PATH" BATCHSVC_LOG_FORMAT="$(LOG_FORMAT)" $(BIN)/honcho --procfile Procfile --app-root . start --port $(PORT)
 
 run-worker: install ## inference worker: make run-worker MODELS=a,b CONCURRENCY=64
 	PATH="$(abspath $(BIN)):$$PATH" MODELS="$(MODELS)" CONCURRENCY="$(CONCURRENCY)" $(BIN)/batchsvc worker

@@ -289,6 +289,9 @@ ACCESS_LOG_FORMAT = (
 )
 
 
+#: gunicorn's logger in ``batchsvc web``: its logs and the app's, rendered by batchsvc.logs.
+GUNICORN_LOGGER = "batchsvc.api.gunicorn_logger.GunicornLogger"
+
 #: The gunicorn configuration of ``batchsvc web``: its hooks serve the metrics from the master.
 GUNICORN_CONFIG = "python:batchsvc.metrics.gunicorn_hooks"
 
@@ -358,6 +361,8 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
             "--access-logformat",
             ACCESS_LOG_FORMAT,
             "--no-control-socket",
+            "--logger-class",
+            GUNICORN_LOGGER,
             "--config",
             GUNICORN_CONFIG,
             "batchsvc.api:create_app()",
@@ -396,7 +401,7 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
             "-n",
             node,
             "-l",
-            "INFO",
+            settings.log_level,
         ]
         return argv, {}
 
@@ -458,7 +463,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "-n",
             node,
             "-l",
-            "INFO",
+            settings.log_level,
         ]
         # CONCURRENCY sizes the process's HTTP connection pool: its own threads.
         children.append((argv, {"CONCURRENCY": str(threads)}))
@@ -479,7 +484,7 @@ def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:
             "-s",
             str(settings.data_dir / "celerybeat-schedule"),
             "-l",
-            "INFO",
+            settings.log_level,
         ],
         url,
     )

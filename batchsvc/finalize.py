@@ -18,14 +18,13 @@ A retry after a crash redoes only what is missing.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
 
-from batchsvc import lifecycle
+from batchsvc import lifecycle, logs
 from batchsvc.batches import ERR, OK, BatchRecord, BatchStore
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.errors import LineError
@@ -38,7 +37,7 @@ from batchsvc.metrics import instruments
 from batchsvc.results import error_line
 from batchsvc.storage import Storage, StorageMissing, batch_input_key, upload_key
 
-log = logging.getLogger("batchsvc.finalize")
+log = logs.get_logger("batchsvc.finalize")
 
 #: How long a finalize lock outlives a killed holder; the holder renews it while it writes.
 DEFAULT_LOCK_TTL_S = 60.0
@@ -63,7 +62,7 @@ class Finalizer:
         try:
             stream = self.storage.open_reader(batch_input_key(batch.id))
         except StorageMissing:
-            log.error("batch %s has no input copy; cannot short-circuit", batch.id)
+            log.error("batch input copy missing; cannot short-circuit", batch_id=batch.id)
             return batch.recorded
 
         def lines() -> Iterator[tuple[int, str]]:
@@ -93,7 +92,7 @@ class Finalizer:
             try:
                 lock.release()
             except redis.exceptions.LockError:
-                log.warning("finalize lock of %s expired while held", batch_id)
+                log.warning("finalize lock expired while held", batch_id=batch_id)
 
     def _finalize_locked(self, batch_id: str, keepalive: Callable[[], object]) -> str:
         batch = self.batches.get_any(batch_id)
@@ -136,12 +135,15 @@ class Finalizer:
             },
         )
         if moved:
+            instruments.batch_ended(str(target))
             log.info(
-                "batch %s %s: %d completed, %d failed",
-                batch_id,
-                target,
-                batch.completed,
-                batch.failed,
+                "batch finished",
+                batch_id=batch_id,
+                project_id=batch.project_id,
+                status=str(target),
+                completed=batch.completed,
+                failed=batch.failed,
+                total=batch.total,
             )
         return status
 
@@ -176,7 +178,7 @@ class Finalizer:
                         keepalive()
                     if kind is None:
                         missing += 1
-                        log.error("batch %s line %d has no record", batch.id, index)
+                        log.error("line has no record", batch_id=batch.id, line=index)
                         continue
                     data = line_json.encode() + b"\n"
                     writers[kind].write(data)
@@ -191,12 +193,10 @@ class Finalizer:
             # The counters and the records disagree: the records are what the files hold, so
             # make the counters match them (each line once, in exactly one counter).
             log.error(
-                "batch %s counters %d/%d disagree with records %d/%d; using records",
-                batch.id,
-                batch.completed,
-                batch.failed,
-                counts[OK],
-                counts[ERR],
+                "batch counters disagree with records; using records",
+                batch_id=batch.id,
+                counted=[batch.completed, batch.failed],
+                recorded=[counts[OK], counts[ERR]],
             )
             recount = (counts[OK], counts[ERR])
         kept: dict[str, str | None] = {}

@@ -52,6 +52,10 @@ def _int(name: str, raw: str, *, minimum: int = 0, maximum: int | None = None) -
     return value
 
 
+#: What ``BATCHSVC_LOG_LEVEL`` and ``BATCHSVC_LOG_FORMAT`` accept.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "console")
+
 #: Inference worker threads per process when ``WORKER_PROCESSES`` is ``auto``...
 THREADS_PER_PROCESS = 16
 #: ...with at most this many processes per core.
@@ -118,6 +122,12 @@ class Settings:
     #: Procfile line has its own ``PORT``, 100 apart, so ``web``, ``control`` and ``worker``
     #: never collide).
     metrics_port: int | None = None
+    #: Lowest level logged (``BATCHSVC_LOG_LEVEL``): per-line events are DEBUG, per-batch
+    #: events INFO.
+    log_level: str = "INFO"
+    #: ``json`` (one object per line, for a log pipeline) or ``console`` (for people; ``make
+    #: run`` sets it: under honcho stdout is no TTY, so it cannot be guessed).
+    log_format: str = "json"
 
     def worker_layout(self, cpus: int) -> list[int]:
         """Threads of each inference worker process, ``worker_concurrency`` in all.
@@ -175,6 +185,16 @@ class Settings:
         storage_backend = get("BATCHSVC_STORAGE", "local")
         if storage_backend != "local":
             raise ConfigError(f"BATCHSVC_STORAGE must be 'local', got {storage_backend!r}")
+        log_level = get("BATCHSVC_LOG_LEVEL", "INFO").strip().upper()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"BATCHSVC_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}"
+            )
+        log_format = get("BATCHSVC_LOG_FORMAT", "json").strip().lower()
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"BATCHSVC_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
+            )
         return cls(
             redis_url=get("REDIS_URL") or None,
             data_dir=data_dir,
@@ -232,4 +252,6 @@ class Settings:
             )
             if get("BATCHSVC_METRICS_PORT")
             else None,
+            log_level=log_level,
+            log_format=log_format,
         )

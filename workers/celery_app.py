@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery, signals
 
+from batchsvc import logs
 from batchsvc.celery_config import celery_config
 from batchsvc.metrics import instruments
 from batchsvc.queues import (
@@ -52,6 +55,13 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         },
         DISPATCH: {"queue": DISPATCH_QUEUE},
     }
+
+    # A receiver of setup_logging stops Celery from installing its own handlers: every
+    # process of this app (workers, beat) logs through batchsvc.logs, at BATCHSVC_LOG_LEVEL.
+    def setup_logging(**_kwargs: Any) -> None:
+        logs.configure(settings)
+
+    signals.setup_logging.connect(setup_logging, weak=False)
     signals.worker_ready.connect(heartbeat.on_worker_ready, weak=False)
     signals.worker_shutdown.connect(heartbeat.on_worker_shutdown, weak=False)
     app.conf.beat_schedule = {

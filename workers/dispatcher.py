@@ -23,14 +23,13 @@ Why a crash or a second dispatcher is harmless:
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
-from batchsvc import lifecycle
+from batchsvc import lifecycle, logs
 from batchsvc.batches import BatchStore
 from batchsvc.dispatch_store import DispatchStore, ModelSnapshot
 from batchsvc.fair_share import BatchShare, ProjectShare, plan
@@ -43,7 +42,7 @@ from batchsvc.projects import ProjectStore
 from batchsvc.storage import Storage, StorageMissing, batch_input_key
 from workers.fanout import Publisher
 
-log = logging.getLogger("batchsvc.dispatch")
+log = logs.get_logger("batchsvc.dispatch")
 
 #: Rounds one dispatch call runs at most (each fills what the last left free; lines recorded
 #: meanwhile free more). Bounded so one model's call cannot hold a dispatcher thread forever.
@@ -238,7 +237,7 @@ class Dispatcher:
             finally:
                 publisher.flush()
                 instruments.lines_republished(model, republished)
-            log.warning("model %s: republished %d lost line(s)", model, republished)
+            log.warning("lost lines republished", model=model, count=republished)
         return republished
 
     def _republish(

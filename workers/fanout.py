@@ -18,14 +18,13 @@ batch whose lines are all recorded, chord or not.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 from celery import Celery
 from celery.canvas import Signature
 
-from batchsvc import lifecycle
+from batchsvc import lifecycle, logs
 from batchsvc.batches import BatchStore
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.jsonl import iter_request_lines
@@ -37,7 +36,7 @@ from batchsvc.queues import CONTROL_QUEUE, FINALIZE_BATCH, RUN_LINE, model_queue
 from batchsvc.results import error_line, unservable
 from batchsvc.storage import Storage, StorageMissing, batch_input_key
 
-log = logging.getLogger("batchsvc.fanout")
+log = logs.get_logger("batchsvc.fanout")
 
 #: Messages kombu pipelines into one Redis round trip.
 PIPELINE = 1000
@@ -200,7 +199,7 @@ def start_batch(
                 write_entry(indexes[model], IndexEntry(line.index, line.offset, len(line.raw)))
                 counts[model] = counts.get(model, 0) + 1
     except StorageMissing:
-        log.error("batch %s lost its input copy before dispatch", batch_id)
+        log.error("batch input copy lost before dispatch", batch_id=batch_id)
         return 0
     dispatchable = sum(counts.values())
     if dispatchable == 0 or project is None:
@@ -213,5 +212,11 @@ def start_batch(
     batches.set_dispatch_phase(batch_id, lifecycle.DispatchPhase.DONE)
     for model in counts:
         request_dispatch(model)
-    log.info("batch %s: %d line(s) ready to dispatch (%s)", batch_id, dispatchable, counts)
+    log.info(
+        "batch started",
+        batch_id=batch_id,
+        project_id=project.id,
+        dispatchable=dispatchable,
+        lines_by_model=counts,
+    )
     return dispatchable

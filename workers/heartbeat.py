@@ -6,15 +6,15 @@ cleanly says goodbye at once.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
+from batchsvc import logs
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.metrics import instruments
 from batchsvc.queues import MODEL_QUEUE_PREFIX
 
-log = logging.getLogger("batchsvc.heartbeat")
+log = logs.get_logger("batchsvc.heartbeat")
 
 #: Beats per TTL: a beat or two may be late (a stalled VM) before the worker stops counting.
 BEATS_PER_TTL = 4
@@ -46,7 +46,7 @@ class Heartbeat:
             try:
                 self.beat()
             except Exception:  # a Redis blip must not end the beats
-                log.exception("heartbeat of %s failed", self.node)
+                log.exception("heartbeat failed", node=self.node)
 
     def stop(self) -> None:
         self._stop.set()
@@ -55,7 +55,7 @@ class Heartbeat:
         try:
             self.store.leave(self.node, self.concurrency_by_model)
         except Exception:  # shutting down: the TTL ends the beat anyway
-            log.warning("could not withdraw the heartbeat of %s", self.node)
+            log.warning("heartbeat not withdrawn", node=self.node)
 
 
 _current: Heartbeat | None = None
@@ -78,7 +78,7 @@ def on_worker_ready(sender: Any, **_: Any) -> None:
     concurrency = int(sender.controller.concurrency)
     _current = Heartbeat(context().dispatch, sender.hostname, dict.fromkeys(models, concurrency))
     _current.start()
-    log.info("advertising concurrency %d for %s", concurrency, ", ".join(models))
+    log.info("advertising concurrency", concurrency=concurrency, models=models)
 
 
 def on_worker_shutdown(**_: Any) -> None:

@@ -7,14 +7,14 @@ model sees the lease and leaves, while the lease of a killed worker lapses withi
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from batchsvc import logs
 from batchsvc.batches import BatchStore
 
-log = logging.getLogger("batchsvc.leases")
+log = logs.get_logger("batchsvc.leases")
 
 
 class LeaseKeeper:
@@ -52,7 +52,7 @@ class LeaseKeeper:
                 try:
                     self.batches.renew_lease(batch_id, index, token, self.ttl_s)
                 except Exception:  # a Redis blip must not kill the renewer
-                    log.exception("could not renew lease %s:%d", batch_id, index)
+                    log.exception("lease not renewed", batch_id=batch_id, line=index)
 
     @contextmanager
     def keep(self, batch_id: str, index: int, token: str) -> Iterator[None]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchsvc import lifecycle
+from batchsvc import lifecycle, logs
 from batchsvc.batches import BatchStore
 from batchsvc.errors import LineError
 from batchsvc.metrics import instruments
@@ -32,7 +32,7 @@ from workers.backends import BackendResponse, ChatBackend
 from workers.leases import LeaseKeeper
 from workers.redis_retry import retry_redis
 
-log = logging.getLogger("batchsvc.lines")
+log = logs.get_logger("batchsvc.lines")
 
 
 def invalid_body(detail: str, param: str | None) -> LineError:
@@ -107,6 +107,8 @@ def run_batch_line(
     if start.wake:
         ctx.request_dispatch(model)
     if start.verdict != "run":
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("line not run", verdict=start.verdict)
         return start.verdict
     # Short-circuiting too happens under the lease: a live lease means the line is still
     # running elsewhere (this is a redelivered copy), and that run records its real result.
@@ -127,6 +129,13 @@ def run_batch_line(
         )
     if outcome.written:
         instruments.line_recorded(model, ok, code, time.perf_counter() - started)
+    if log.isEnabledFor(logging.DEBUG):  # per line: not even the call when DEBUG is off
+        log.debug(
+            "line recorded" if outcome.written else "line already recorded",
+            ok=ok,
+            error_code=code,
+            seconds=round(time.perf_counter() - started, 4),
+        )
     if outcome.wake:
         ctx.request_dispatch(model)
     # Cancel and expiry do not wait for the chord (queued copies may never run): the line
@@ -172,6 +181,6 @@ def _run(
             instruments.line_upstream(model, time.perf_counter() - called)
         return False, error_line(batch_id, index, custom_id, error), error.code
     except Exception as exc:  # a bug must cost one line, not the chord
-        log.exception("line %s:%d failed unexpectedly", batch_id, index)
+        log.exception("line failed unexpectedly", batch_id=batch_id, line=index)
         failure = internal_error(f"Unexpected worker error: {type(exc).__name__}: {exc}")
         return False, error_line(batch_id, index, custom_id, failure), failure.code

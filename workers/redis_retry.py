@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import redis
 
+from batchsvc import logs
 from batchsvc.retry import RetryPolicy
 
-log = logging.getLogger("batchsvc.redis")
+log = logs.get_logger("batchsvc.redis")
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ def retry_redis(
     ``patience_s`` seconds with a growing pause; the last failure propagates."""
 
     def warn(exc: BaseException, failures: int, pause: float) -> None:
-        log.warning("Redis unavailable (%s); retrying in %.1f s", exc, pause)
+        log.warning("Redis unavailable; retrying", error=str(exc), pause_s=round(pause, 2))
 
     # time.monotonic is looked up at each call, so tests can move this module's clock.
     return REDIS_RETRY.with_patience(patience_s).call(

@@ -13,12 +13,11 @@ batch stays unfinished forever:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from batchsvc import lifecycle
+from batchsvc import lifecycle, logs
 from batchsvc.batches import BatchRecord, BatchStore
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
@@ -28,7 +27,7 @@ from batchsvc.storage import Storage
 if TYPE_CHECKING:
     import redis
 
-log = logging.getLogger("batchsvc.sweep")
+log = logs.get_logger("batchsvc.sweep")
 
 #: Present while a storage scan for abandoned parts is recent (set by whichever sweep ran it).
 STORAGE_SCAN_MARK = "bs:sweep:storage-scanned"
@@ -89,7 +88,7 @@ def expire(batches: BatchStore, finalizer: Finalizer, batch: BatchRecord) -> int
     The batch ends ``expired`` once every line is recorded."""
     began = batches.mark_expiring(batch.id)
     if began:
-        log.info("batch %s reached expires_at; expiring", batch.id)
+        log.info("batch expiring", batch_id=batch.id, project_id=batch.project_id)
     current = batches.get_any(batch.id)
     if current is not None:
         finalizer.short_circuit(current, batch_expired())
@@ -115,9 +114,9 @@ def restart_stalled_start(
     ):
         return False
     log.warning(
-        "batch %s: start %s; starting it",
-        batch.id,
-        "never ran" if batch.run.dispatch_phase is None else "stalled",
+        "batch start restarted",
+        batch_id=batch.id,
+        reason="never ran" if batch.run.dispatch_phase is None else "stalled",
     )
     start(batch.id)
     return True
@@ -182,5 +181,5 @@ def remove_abandoned_parts(
         return 0
     removed = storage.remove_abandoned_parts(untouched_since=now - after_s)
     if removed:
-        log.warning("deleted %d temporary file(s) left by writes killed midway", removed)
+        log.warning("abandoned temporary files deleted", count=removed)
     return removed

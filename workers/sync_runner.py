@@ -16,17 +16,17 @@ client whose problem it is:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
+from batchsvc import logs
 from batchsvc.errors import LineError, UpstreamCredentialsRejected, UpstreamTimeout
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from workers.backends import ChatBackend
 from workers.line_runner import execute_request
 
-log = logging.getLogger("batchsvc.sync")
+log = logs.get_logger("batchsvc.sync")
 
 
 def _failure(
@@ -61,7 +61,7 @@ def _line_failure(spec: ModelSpec, error: LineError) -> dict[str, Any]:
                 f"(HTTP {error.upstream_status}: {error.detail}); the operator of this service "
                 "must fix the model's API key"
             )
-        log.error("sync request for %s: %s", spec.id, message)
+        log.error("sync request failed", model=spec.id, error=message)
         return _failure(
             502, "internal_error", "upstream_authentication_failed", message, None, retry=False
         )
@@ -111,7 +111,7 @@ def _answer(
     except LineError as error:
         return _line_failure(spec, error)
     except Exception as exc:  # answer the caller instead of leaving it to time out
-        log.exception("sync request for %s failed unexpectedly", model)
+        log.exception("sync request failed unexpectedly", model=model)
         return _failure(
             500, "internal_error", None, f"Unexpected worker error: {type(exc).__name__}", None
         )

@@ -7,7 +7,6 @@ listener of their own (:mod:`batchsvc.metrics.gunicorn_hooks`), never on the API
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
@@ -73,8 +72,6 @@ def create_app(
     app.register_blueprint(openapi.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
-
-    logging.getLogger("batchsvc").setLevel(logging.INFO)
     return app
 
 

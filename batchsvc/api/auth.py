@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from flask import g, request
 
+from batchsvc import logs
 from batchsvc.api.services import services
 from batchsvc.errors import AuthenticationMissing
 from batchsvc.projects import Project
@@ -20,6 +21,7 @@ def authenticate_request() -> None:
     if request.method == "OPTIONS" or not request.path.startswith("/v1/"):
         return
     g.project = project_of_request()
+    logs.bind(project_id=g.project.id)
 
 
 def project_of_request() -> Project:

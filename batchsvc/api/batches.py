@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Blueprint, request
 
-from batchsvc import lifecycle
+from batchsvc import lifecycle, logs
 from batchsvc.api import idempotency, schemas
 from batchsvc.api.auth import current_project
 from batchsvc.api.services import Services, services
@@ -15,9 +14,10 @@ from batchsvc.batches import BatchRecord
 from batchsvc.errors import BatchNotFound, Conflict, InvalidRequest, JsonlInvalid, NotFound
 from batchsvc.ids import new_batch_id
 from batchsvc.jsonl import validate_jsonl
+from batchsvc.metrics import instruments
 from batchsvc.storage import StorageMissing, batch_input_key
 
-log = logging.getLogger("batchsvc.api")
+log = logs.get_logger("batchsvc.api")
 bp = Blueprint("batches", __name__)
 
 CREATE_BATCH = schemas.CreateBatchRequestSchema()
@@ -66,6 +66,7 @@ def _fail_batch(svc: Services, base: dict[str, Any], error: JsonlInvalid) -> Non
         },
         timestamps={"failed_at": now},
     )
+    instruments.batch_ended(lifecycle.FAILED)
 
 
 @bp.post("/v1/batches")
@@ -118,6 +119,7 @@ def _create() -> dict[str, Any]:
     except JsonlInvalid as error:
         svc.storage.delete(input_key)
         _fail_batch(svc, base, error)
+        log.info("batch rejected", batch_id=batch_id, code=error.code, line=error.line)
         raise
     batch = svc.batches.create(
         **base,
@@ -130,7 +132,13 @@ def _create() -> dict[str, Any]:
     except Exception:
         # Committed is committed: never answer 5xx now (spec open point 13). The recovery
         # sweep starts batches whose start task never arrived.
-        log.exception("could not enqueue start of %s; the sweep will start it", batch_id)
+        log.exception("batch start not enqueued; the sweep will start it", batch_id=batch_id)
+    log.info(
+        "batch created",
+        batch_id=batch_id,
+        input_file_id=record.id,
+        total=summary.total,
+    )
     return _dump(batch)
 
 
@@ -182,10 +190,13 @@ def cancel(batch_id: str) -> Any:
             batch_id, [lifecycle.VALIDATING, lifecycle.IN_PROGRESS], lifecycle.CANCELLING
         )
         if moved:
+            log.info("batch cancelling", batch_id=batch_id)
             try:
                 svc.dispatcher.cancel_batch(batch_id)
             except Exception:
-                log.exception("could not enqueue cancel of %s; the sweep will drain it", batch_id)
+                log.exception(
+                    "batch cancel not enqueued; the sweep will drain it", batch_id=batch_id
+                )
         elif lifecycle.cancel_outcome(status) == "conflict":
             raise _not_cancellable(status)
         elif lifecycle.cancel_outcome(status) == "cancel":

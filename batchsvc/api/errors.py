@@ -15,19 +15,18 @@ exception, wherever in a request they are raised:
 
 from __future__ import annotations
 
-import logging
-
 import kombu.exceptions
 import redis.exceptions
 from flask import Flask, Response, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from batchsvc import logs
 from batchsvc.api.schemas import ERROR_ENVELOPE, api_error
 from batchsvc.errors import BatchsvcError
 from batchsvc.ids import new_request_id
 
-log = logging.getLogger("batchsvc.api")
+log = logs.get_logger("batchsvc.api")
 
 _HTTP_TYPES = {401: "authentication_error", 403: "authentication_error", 429: "rate_limit_exceeded"}
 CORS_HEADERS = {
@@ -81,6 +80,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.before_request
     def assign_request_id() -> Response | None:
         g.request_id = new_request_id()
+        # gthread runs each request on a pooled thread: drop the last request's ids first.
+        logs.reset_context()
+        logs.bind(request_id=g.request_id)
         if request.method == "OPTIONS":
             # CORS preflight: unauthenticated, 204, no body, on any path (spec 1).
             return Response(status=204, headers=CORS_HEADERS)
@@ -99,7 +101,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(BatchsvcError)
     def on_batchsvc_error(error: BatchsvcError) -> Response:
         if error.status >= 500:
-            log.error("request %s failed: %s", g.get("request_id"), error.message)
+            log.error("request failed", status=error.status, error=error.message)
         return error_response(error)
 
     @app.errorhandler(ValidationError)
@@ -108,11 +110,10 @@ def register_error_handlers(app: Flask) -> None:
 
     def on_store_unavailable(error: Exception) -> Response:
         log.warning(
-            "request %s (%s %s): store unavailable: %r",
-            g.get("request_id"),
-            request.method,
-            request.path,
-            error,
+            "store unavailable",
+            method=request.method,
+            path=request.path,
+            error=repr(error),
         )
         return error_response(ServiceUnavailable())
 
@@ -140,7 +141,5 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def on_unexpected(error: Exception) -> Response:
-        log.exception(
-            "unhandled error in %s %s (%s)", request.method, request.path, g.get("request_id")
-        )
+        log.exception("unhandled error", method=request.method, path=request.path)
         return error_response(BatchsvcError("Internal server error"))

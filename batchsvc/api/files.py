@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from marshmallow import ValidationError
 
+from batchsvc import logs
 from batchsvc.api import idempotency, schemas
 from batchsvc.api.auth import current_project
 from batchsvc.api.services import services
@@ -18,7 +18,7 @@ from batchsvc.files import FileRecord
 from batchsvc.ids import new_file_id
 from batchsvc.storage import StorageMissing, upload_key
 
-log = logging.getLogger("batchsvc.api")
+log = logs.get_logger("batchsvc.api")
 bp = Blueprint("files", __name__)
 
 LIST_QUERY = schemas.FilesListQuerySchema()
@@ -58,7 +58,7 @@ def upload() -> Any:
         raise
     except OSError as exc:
         # The backing store failed (disk full, permissions): spec 3.1 names this 500's code.
-        log.error("storing upload %s failed: %s", file_id, exc)
+        log.error("upload not stored", file_id=file_id, error=str(exc))
         _drain()
         raise StorageError("The file could not be stored") from exc
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from flask import Response, jsonify, request
 from marshmallow import ValidationError
 
+from batchsvc import logs
 from batchsvc.api.auth import current_project
 from batchsvc.api.schemas import api_error
 from batchsvc.api.services import services
@@ -52,7 +52,7 @@ from batchsvc.api.uploads import Upload
 from batchsvc.errors import BatchsvcError, InvalidRequest
 from batchsvc.idempotency import Claim, IdempotencyStore, Stored, redis_key
 
-log = logging.getLogger("batchsvc.api")
+log = logs.get_logger("batchsvc.api")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "idempotent-replayed"
@@ -163,17 +163,17 @@ def _keep(store: IdempotencyStore, claim: Claim, status: int, body: dict[str, An
     try:
         if not store.finish(claim, status, body):
             log.warning(
-                "idempotency claim %s expired before its answer was stored", claim.redis_key
+                "idempotency claim expired before its answer was stored", key=claim.redis_key
             )
     except Exception:
-        log.exception("could not store the idempotent answer for %s", claim.redis_key)
+        log.exception("idempotent answer not stored", key=claim.redis_key)
 
 
 def _release(store: IdempotencyStore, claim: Claim) -> None:
     try:
         store.release(claim)
     except Exception:
-        log.exception("could not release idempotency claim %s", claim.redis_key)
+        log.exception("idempotency claim not released", key=claim.redis_key)
 
 
 def _discard(discard: Callable[[], None] | None) -> None:
@@ -183,4 +183,4 @@ def _discard(discard: Callable[[], None] | None) -> None:
     try:
         discard()
     except Exception:
-        log.exception("could not discard the duplicate of an idempotent request")
+        log.exception("duplicate of an idempotent request not discarded")

@@ -127,10 +127,16 @@ LINES_REPUBLISHED = Counter(
 )
 ASSEMBLY = Histogram(
     "batchsvc_batch_assembly_seconds",
-    "Writing a batch's output and error files, by the status the batch ends in (the count's "
-    "rate is the rate batches end at, but for those failed at validation).",
+    "Writing a batch's output and error files, by the status the batch ends in.",
     ["status"],
     buckets=ASSEMBLY_BUCKETS,
+)
+BATCHES_ENDED = Counter(
+    "batchsvc_batches_ended",
+    "Batches that reached a terminal status, by that status (completed, failed, expired, "
+    "cancelled; failed includes those refused at validation). batchsvc_batches counts the "
+    "ones still running.",
+    ["status"],
 )
 HTTP_REQUESTS = Counter(
     "batchsvc_http_requests",
@@ -181,6 +187,7 @@ _sync = _Children(SYNC_REQUESTS)
 _dispatched = _Children(LINES_DISPATCHED)
 _republished = _Children(LINES_REPUBLISHED)
 _assembly = _Children(ASSEMBLY)
+_ended = _Children(BATCHES_ENDED)
 _http = _Children(HTTP_REQUESTS)
 _http_duration = _Children(HTTP_DURATION)
 _threads = _Children(WORKER_THREADS)
@@ -286,6 +293,12 @@ def batch_assembled(status: str, seconds: float) -> None:
     """A batch's files were written, on its way to ``status``."""
     if _enabled:
         _assembly(status).observe(seconds)
+
+
+def batch_ended(status: str) -> None:
+    """A batch moved to the terminal ``status`` (counted by whoever moved it, once)."""
+    if _enabled:
+        _ended(status).inc()
 
 
 # -- the API and the workers' advertised threads -------------------------------------------------

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import redis
+import requests
 
 from tests.integration.batch_helpers import create, jsonl, line, results, upload, wait_terminal
 from tests.integration.stack import Proc, Stack, wait_until
@@ -185,8 +186,17 @@ def test_a_redis_restart_mid_batch_loses_nothing(stack: Stack) -> None:
     # When Redis is killed hard and started again on its data dir
     redis_proc = [p for p in stack.procs if p.name == "redis" and p.alive()][-1]
     redis_proc.kill()
+    # (meanwhile the API is not ready, though alive: /readyz 503 redis_unavailable, /healthz 200)
+    api = f"http://127.0.0.1:{stack.port}"
+    down = requests.get(f"{api}/readyz", timeout=10)
+    assert down.status_code == 503 and down.json()["error"]["code"] == "redis_unavailable"
+    assert down.headers["x-should-retry"] == "true"
+    assert requests.get(f"{api}/healthz", timeout=10).status_code == 200
     time.sleep(1)
     stack.start_redis()
+    wait_until(
+        lambda: requests.get(f"{api}/readyz", timeout=10).status_code == 200, 30, "/readyz 200"
+    )
 
     # Then the batch completes, every line exactly once, and earlier objects are still there
     done = wait_terminal(client, batch.id, timeout=150)

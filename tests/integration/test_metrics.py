@@ -1,10 +1,11 @@
-"""Metrics on a real stack: the API's listener (PORT + 1) and an inference worker's
-(``BATCHSVC_METRICS_PORT``), scraped before and after a batch, moved by exactly the batch's
-lines, attempts, retries and tokens; the fleet gauges see the worker; ``/readyz`` answers; and
-``/metrics`` is not on the API's own port."""
+"""Metrics on a real stack: the API's listener (PORT + 1), the control launcher's and an
+inference worker's (``BATCHSVC_METRICS_PORT``), scraped before and after a batch, moved by
+exactly the batch's lines, attempts, retries, tokens and its end; the fleet gauges see the
+worker; ``/readyz`` answers; and ``/metrics`` is not on the API's own port."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -40,6 +41,14 @@ def total(samples: Samples, name: str, **labels: str) -> float:
         for found, have, value in samples
         if found == name and all(have.get(k) == v for k, v in labels.items())
     )
+
+
+def control_metrics_url(stack: Stack) -> str:
+    """Where the running ``batchsvc control`` serves its metrics (it says so on start)."""
+    control = [proc for proc in stack.procs if proc.name == "control" and proc.alive()][-1]
+    said = re.findall(r"control metrics: (http://\S+/metrics)", control.log.read_text())
+    assert said, "the control launcher names its metrics listener"
+    return said[-1]
 
 
 def fake(**directive: Any) -> dict[str, Any]:
@@ -85,6 +94,7 @@ def test_a_batch_moves_the_api_and_worker_metrics_by_its_lines(stack: Stack) -> 
         assert total(fleet, "batchsvc_worker_concurrency", model=MODEL) == 4
         assert total(fleet, "batchsvc_redis_up") == 1
         worker_before, api_before = scrape(worker_metrics), scrape(api_metrics)
+        control_before = scrape(control_metrics_url(stack))
         assert total(worker_before, "batchsvc_worker_threads", model=MODEL) == 4
 
         # When a batch of 12 lines runs: 10 plain, one failing once with 503, one refused (400)
@@ -99,6 +109,7 @@ def test_a_batch_moves_the_api_and_worker_metrics_by_its_lines(stack: Stack) -> 
         outputs, errors = results(client, done, [item["custom_id"] for item in lines])
         assert len(outputs) == 11 and set(errors) == {"refused"}
         worker_after, api_after = scrape(worker_metrics), scrape(api_metrics)
+        control_after = scrape(control_metrics_url(stack))
     finally:
         worker.stop()
 
@@ -139,3 +150,11 @@ def test_a_batch_moves_the_api_and_worker_metrics_by_its_lines(stack: Stack) -> 
         assert total(api_after, gauge, model=MODEL) == 0, gauge
     assert total(api_after, "batchsvc_queue_depth", model=MODEL) == 0
     assert total(api_after, "batchsvc_redis_up") == 1
+
+    # And the control launcher counted the batch's lines dispatched and its end, once
+    def control_moved(name: str, **labels: str) -> float:
+        return total(control_after, name, **labels) - total(control_before, name, **labels)
+
+    assert control_moved("batchsvc_lines_dispatched_total", model=MODEL) == 12
+    assert control_moved("batchsvc_batches_ended_total", status="completed") == 1
+    assert control_moved("batchsvc_batch_assembly_seconds_count", status="completed") == 1

@@ -136,14 +136,21 @@ def test_sync_endpoint_answers_like_a_batch_line(stack: Stack) -> None:
     assert "not supported" in streaming.json()["error"]["message"]
 
 
-def _ran(log: Path) -> set[int]:
-    text = log.read_text(errors="replace")
-    return {int(i) for i in re.findall(r"batchsvc\.lines\.run\[batch_\w+\.(\d+)\] succeeded", text)}
+def _ran(log: Path, batch_id: str) -> set[int]:
+    """The lines of ``batch_id`` a worker logged as recorded (its per-line DEBUG event)."""
+    return {
+        event["line"]
+        for row in log.read_text(errors="replace").splitlines()
+        if row.startswith("{")
+        and (event := json.loads(row))["event"] == "line recorded"
+        and event["batch_id"] == batch_id
+    }
 
 
 def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) -> None:
     # Given worker A started with `make run-worker MODELS=route-a`, and worker B for route-b
-    env = stack.env(MODELS="route-a", CONCURRENCY="2")
+    # (at DEBUG: each logs every line it records)
+    env = stack.env(MODELS="route-a", CONCURRENCY="2", BATCHSVC_LOG_LEVEL="DEBUG")
     log_a = tmp_path / "worker-a.log"
     with open(log_a, "wb") as handle:
         worker_a = subprocess.Popen(
@@ -157,7 +164,7 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
         wait_until(
             lambda: stack.consumes("batchsvc.model.route-a"), 60, "worker A to consume route-a"
         )
-        worker_b = stack.start_worker(models="route-b", concurrency=2)
+        worker_b = stack.start_worker(models="route-b", concurrency=2, BATCHSVC_LOG_LEVEL="DEBUG")
 
         # When a batch mixes both models
         client = stack.client(stack.create_project("routing"))
@@ -165,13 +172,15 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
         batch = wait_terminal(client, create(client, upload(client, jsonl(lines)).id).id)
         assert batch.status == "completed"
 
-        # Then worker A ran exactly the route-a lines and B the route-b lines (Celery logs a
-        # task's success after recording it, so the last lines may reach the files later)
+        # Then worker A ran exactly the route-a lines and B the route-b lines (a line's event
+        # follows its record, so the last ones may reach the logs after the batch ends)
         wait_until(
-            lambda: len(_ran(log_a) | _ran(worker_b.log)) >= 20, 30, "every line's log entry"
+            lambda: len(_ran(log_a, batch.id) | _ran(worker_b.log, batch.id)) >= 20,
+            30,
+            "every line's log entry",
         )
-        assert _ran(log_a) == {i for i in range(20) if i % 2}
-        assert _ran(worker_b.log) == {i for i in range(20) if not i % 2}
+        assert _ran(log_a, batch.id) == {i for i in range(20) if i % 2}
+        assert _ran(worker_b.log, batch.id) == {i for i in range(20) if not i % 2}
     finally:
         os.killpg(worker_a.pid, signal.SIGTERM)
         worker_a.wait(timeout=20)

@@ -48,6 +48,7 @@ def exposition(tmp_path: Path) -> dict[str, set[str]]:
     instruments.lines_dispatched("dash", 2)
     instruments.lines_republished("dash", 1)
     instruments.batch_assembled("completed", 0.2)
+    instruments.batch_ended("completed")
     instruments.http_request("GET", "/readyz", 200, 0.001)
     instruments.worker_threads("dash", 8)
     w = make_world(tmp_path, **{MODEL: 4})

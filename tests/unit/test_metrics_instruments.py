@@ -22,7 +22,15 @@ from batchsvc.finalize import Finalizer
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from tests.factories import closed_port
-from tests.unit.api.helpers import MODEL, WorkerEnv, line_records, worker_batch
+from tests.unit.api.helpers import (
+    MODEL,
+    WorkerEnv,
+    create_batch,
+    line_records,
+    make_env,
+    upload_id,
+    worker_batch,
+)
 from tests.unit.workers.test_dispatcher import make_world
 from testsupport.fake_upstream import FakeUpstream
 from workers.backends import BackendResponse
@@ -293,14 +301,25 @@ def test_assembly_is_timed_by_the_status_the_batch_ends_in(tmp_path: Path) -> No
     batch_id = w.submit(w.project("a"), [MODEL])
     assert w.dispatcher().dispatch(MODEL) == 1
     w.finish(w.running())
-    before = snapshot("batchsvc_batch_assembly_seconds_count", status="completed")
+    before = snapshot(
+        "batchsvc_batch_assembly_seconds_count", "batchsvc_batches_ended_total", status="completed"
+    )
     env = w.env
     finalizer = Finalizer(env.redis, env.batches, env.files, env.storage, w.store)
     # When it is finalized (twice: the second finds it done)
     assert finalizer.finalize(batch_id) == "completed"
     assert finalizer.finalize(batch_id) == "completed"
-    # Then one assembly is timed, under "completed"
+    # Then one assembly is timed, and one batch counted as ended, under "completed"
     assert before.moved("batchsvc_batch_assembly_seconds_count", status="completed") == 1
+    assert before.moved("batchsvc_batches_ended_total", status="completed") == 1
+
+
+def test_a_batch_refused_at_validation_is_counted_as_ended_failed(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    before = snapshot("batchsvc_batches_ended_total", status="failed")
+    response = create_batch(env, upload_id(env, b"not json\n"))
+    assert response.status_code == 400
+    assert before.moved("batchsvc_batches_ended_total", status="failed") == 1
 
 
 class _Producer:

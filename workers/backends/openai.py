@@ -17,7 +17,6 @@ attempts (spec 9.3). The work is split three ways, and this module only joins th
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import urllib3
 from urllib3.exceptions import HTTPError
 
+from batchsvc import logs
 from batchsvc.errors import BackendUnavailable, ConfigError, UpstreamCredentialsRejected
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelSpec
@@ -40,7 +40,7 @@ from workers.backends.transport import configure_pool
 
 __all__ = ["UPSTREAM_RETRY", "OpenAIBackend", "attempt_status", "configure_pool"]
 
-log = logging.getLogger(__name__)
+log = logs.get_logger("batchsvc.upstream")
 
 #: 1 s base, 30 s cap, equal jitter; each model sets its own number of attempts.
 UPSTREAM_RETRY = RetryPolicy(base_s=1.0, cap_s=30.0, jitter="equal")
@@ -125,13 +125,13 @@ class OpenAIBackend:
 
         def log_retry(failure: BaseException, failed: int, delay: float) -> None:
             instruments.upstream_retry(spec.id, attempt_status(failure))
-            log.info(
-                "model %s: attempt %d/%d failed (%s); retrying in %.2f s",
-                spec.id,
-                failed,
-                spec.max_attempts,
-                failure,
-                delay,
+            # Per line, so DEBUG: batchsvc_upstream_retries_total counts them at any level.
+            log.debug(
+                "upstream attempt failed; retrying",
+                attempt=failed,
+                max_attempts=spec.max_attempts,
+                failure=str(failure),
+                delay_s=round(delay, 3),
             )
 
         policy = UPSTREAM_RETRY.with_attempts(spec.max_attempts)

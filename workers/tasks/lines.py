@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
+from batchsvc import logs
 from batchsvc.metrics import instruments
 from batchsvc.queues import RUN_LINE, RUN_SYNC
 from workers.context import context
@@ -23,10 +24,11 @@ def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[s
     instruments.line_received(model, sent_at(run_line.request), time.time())
     lines = context().lines
     token = secrets.token_hex(8)  # one run, however often Redis makes us retry it
-    retry_redis(
-        lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
-        lines.redis_patience_s,
-    )
+    with logs.scope(batch_id=batch_id, line=index, model=model):
+        retry_redis(
+            lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
+            lines.redis_patience_s,
+        )
 
 
 def sent_at(request: Any) -> float | None:
@@ -43,4 +45,5 @@ def run_sync(model: str, body: dict[str, Any]) -> dict[str, Any]:
     # At most once: a caller that lost its worker retries; a redelivered copy would answer
     # nobody (the message also expires when the caller stops waiting).
     ctx = context()
-    return run_sync_request(ctx.registry, ctx.backend_for, model, body)
+    with logs.scope(model=model):
+        return run_sync_request(ctx.registry, ctx.backend_for, model, body)

@@ -164,8 +164,9 @@ def test_redis_unreachable_is_503_retryable_everywhere(tmp_path: Path) -> None:
         ("post", "/v1/chat/completions", {"json": {"model": MODEL, "messages": MESSAGES}}),
     ]:
         assert_unavailable(getattr(web, method)(path, headers=headers, **kwargs))
-    # And the health check says so too
-    assert_unavailable(web.get("/healthz"))
+    # And readiness says so too, while liveness still answers: the process itself is fine
+    assert_unavailable(web.get("/readyz"))
+    assert web.get("/healthz").status_code == 200
 
 
 @pytest.mark.parametrize(
