@@ -33,6 +33,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         b4_memory,
         b5_polling,
         b6_fairness,
+        b8_observability,
     )
 
     return {
@@ -42,6 +43,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         "B4": ("memory stays flat", b4_memory.run),
         "B5": ("polling under load", b5_polling.run),
         "B6": ("fairness", b6_fairness.run),
+        "B8": ("observability cost", b8_observability.run),
     }
 
 
