@@ -29,7 +29,8 @@ def events(log: Path) -> list[dict[str, Any]]:
 
 
 def proc_named(stack: Stack, name: str) -> Proc:
-    return next(proc for proc in stack.procs if proc.name == name)
+    """The running process ``name`` (earlier tests kill and restart some: the last one)."""
+    return [proc for proc in stack.procs if proc.name == name and proc.alive()][-1]
 
 
 def test_a_batch_leaves_json_events_with_its_ids_in_every_process(stack: Stack) -> None:
