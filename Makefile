@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # make run is read by people: console logs, set here because under honcho stdout is no TTY.
 LOG_FORMAT ?= console
 
-.PHONY: help install run run-worker test test-unit test-integration test-slow lint format bench clean
+.PHONY: help install run run-worker test test-unit test-integration test-slow lint check-deploy format bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,7 +30,7 @@ run: install ## start Redis, the API, workers, beat and Flower (Procfile, honcho
 run-worker: install ## inference worker: make run-worker MODELS=a,b CONCURRENCY=64
 	PATH="$(abspath $(BIN)):$$PATH" MODELS="$(MODELS)" CONCURRENCY="$(CONCURRENCY)" $(BIN)/batchsvc worker
 
-test: lint ## lint (ruff, mypy), then every test but the slow ones (installs Debian's chromium if missing)
+test: lint check-deploy ## lint (ruff, mypy), check deploy/, then every test but the slow ones (installs Debian's chromium if missing)
 	scripts/ensure-chromium
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -48,6 +48,10 @@ lint: install ## ruff check, ruff format --check, mypy --strict (batchsvc, worke
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+check-deploy: install ## validate deploy/: hadolint, docker-compose config, kubernetes-validate, systemd-analyze verify
+	scripts/ensure-deploy-tools
+	VENV_BIN="$(BIN)" scripts/check-deploy
 
 format: install ## ruff format + fix
 	$(BIN)/ruff format .

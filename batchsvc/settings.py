@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +52,60 @@ def _int(name: str, raw: str, *, minimum: int = 0, maximum: int | None = None) -
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name} must be <= {maximum}, got {raw!r}")
     return value
+
+
+#: Bucket names botocore itself accepts (S3's own rules are stricter; MinIO and others vary).
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+_STORAGE_URL_FORMS = "file://, file:///absolute/path or s3://bucket[/prefix]"
+
+
+@dataclass(frozen=True)
+class StorageURL:
+    """Where file bytes live, parsed from ``BATCHSVC_STORAGE_URL``.
+
+    Only the place is here: the S3 endpoint, region and credentials come from the usual AWS
+    variables, which boto3 reads itself.
+    """
+
+    #: The root of a ``file:///absolute/path`` URL; ``None`` for ``file://`` (files under
+    #: ``data_dir/files``) and for S3.
+    path: Path | None = None
+    #: The bucket of an ``s3://bucket/prefix`` URL; ``None`` means local files.
+    bucket: str | None = None
+    #: Where keys live in the bucket (no slashes around it); empty for the whole bucket.
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, raw: str) -> StorageURL:
+        """The place ``raw`` names.
+
+        Raises:
+            ConfigError: ``raw`` is none of the accepted forms.
+        """
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(
+                f"BATCHSVC_STORAGE_URL must be {_STORAGE_URL_FORMS} ({why}), got {raw!r}"
+            )
+
+        parts = urllib.parse.urlsplit(raw.strip())
+        if parts.query or parts.fragment:
+            raise bad("no query or fragment")
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise bad("a file URL has three slashes before an absolute path")
+            path = urllib.parse.unquote(parts.path)
+            if not path:
+                return cls()
+            if not path.startswith("/"):
+                raise bad("the path must be absolute")
+            return cls(path=Path(path))
+        if scheme == "s3":
+            if not _BUCKET.fullmatch(parts.netloc):
+                raise bad("the bucket name, no endpoint or credentials: those come from AWS_*")
+            return cls(bucket=parts.netloc, prefix=urllib.parse.unquote(parts.path).strip("/"))
+        raise bad(f"unknown scheme {parts.scheme!r}" if parts.scheme else "no scheme")
 
 
 #: What ``BATCHSVC_LOG_LEVEL`` and ``BATCHSVC_LOG_FORMAT`` accept.
@@ -111,8 +167,9 @@ class Settings:
     completion_window_s: int = 86_400
     #: Retention of uploaded and result files (spec: 30 days).
     file_retention_s: int = 2_592_000
-    #: The storage backend; only ``local`` (files under ``data_dir/files``) exists today.
-    storage_backend: str = "local"
+    #: Where file bytes live (``BATCHSVC_STORAGE_URL``): local files (the default, under
+    #: ``data_dir/files``) or an S3-compatible bucket.
+    storage_url: StorageURL = StorageURL()
     #: Whether processes record Prometheus metrics and serve them (``BATCHSVC_METRICS``).
     metrics_enabled: bool = True
     #: Address of the metrics listeners; loopback by default: labels name models and
@@ -160,7 +217,9 @@ class Settings:
 
     @property
     def storage_root(self) -> Path:
-        return self.data_dir / "files"
+        """Where local storage keeps files: the path of a ``file:///...`` URL, else
+        ``data_dir/files``."""
+        return self.storage_url.path or self.data_dir / "files"
 
     @property
     def redis_dir(self) -> Path:
@@ -182,9 +241,14 @@ class Settings:
 
         data_dir = Path(get("BATCHSVC_DATA_DIR") or "var").expanduser().absolute()
         models = get("MODELS") or ""
-        storage_backend = get("BATCHSVC_STORAGE", "local")
-        if storage_backend != "local":
-            raise ConfigError(f"BATCHSVC_STORAGE must be 'local', got {storage_backend!r}")
+        # BATCHSVC_STORAGE is what BATCHSVC_STORAGE_URL replaced. "local" (the only value it ever
+        # took, and what copies of the old env.example hold) means the default: still accepted.
+        legacy_storage = get("BATCHSVC_STORAGE", "local")
+        if legacy_storage.strip().lower() != "local":
+            raise ConfigError(
+                f"BATCHSVC_STORAGE is replaced by BATCHSVC_STORAGE_URL ({_STORAGE_URL_FORMS}); "
+                f"it accepts only 'local', got {legacy_storage!r}"
+            )
         log_level = get("BATCHSVC_LOG_LEVEL", "INFO").strip().upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(
@@ -244,7 +308,7 @@ class Settings:
                 get("BATCHSVC_FILE_RETENTION_S", "2592000"),
                 minimum=1,
             ),
-            storage_backend=storage_backend,
+            storage_url=StorageURL.parse(get("BATCHSVC_STORAGE_URL", "file://")),
             metrics_enabled=_bool("BATCHSVC_METRICS", get("BATCHSVC_METRICS", "true")),
             metrics_host=get("BATCHSVC_METRICS_HOST") or "127.0.0.1",
             metrics_port=_int(

@@ -24,7 +24,7 @@ from batchsvc.models_config import ModelRegistry, ModelSpec, load_registry
 from batchsvc.projects import ProjectStore
 from batchsvc.queues import CONTROL_QUEUE, DISPATCH, DISPATCH_QUEUE, FINALIZE_BATCH, model_queue
 from batchsvc.settings import Settings
-from batchsvc.storage.local import LocalStorage
+from batchsvc.storage import Storage, open_storage
 from workers.backends import ChatBackend, make_backend
 from workers.dispatcher import Dispatcher, queued_task_ids
 from workers.fanout import CeleryPublisher
@@ -73,8 +73,8 @@ class WorkerContext:
         return FileStore(self.redis, retention_s=self.settings.file_retention_s)
 
     @functools.cached_property
-    def storage(self) -> LocalStorage:
-        return LocalStorage(self.settings.storage_root)
+    def storage(self) -> Storage:
+        return open_storage(self.settings)
 
     @functools.cached_property
     def dispatch(self) -> DispatchStore:

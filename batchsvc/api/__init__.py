@@ -25,8 +25,7 @@ from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, load_registry
 from batchsvc.projects import ProjectStore
 from batchsvc.settings import Settings
-from batchsvc.storage import Storage
-from batchsvc.storage.local import LocalStorage
+from batchsvc.storage import Storage, open_storage
 
 
 def create_app(
@@ -53,7 +52,7 @@ def create_app(
     app.extensions["batchsvc"] = Services(
         settings=settings,
         redis=redis_client,
-        storage=storage or LocalStorage(settings.storage_root),
+        storage=storage or open_storage(settings),
         projects=ProjectStore(redis_client, clock),
         files=FileStore(redis_client, retention_s=settings.file_retention_s, clock=clock),
         batches=BatchStore(redis_client, clock),

@@ -1,17 +1,21 @@
 """Where file bytes live, behind a small interface.
 
 Keys are built by batchsvc from ids (``uploads/<file_id>``), never from client input, so a
-client's filename can never become a path. An object store (S3-compatible) can be added as
-another implementation without touching the API or the workers.
+client's filename can never become a path. Two implementations: local files
+(:mod:`batchsvc.storage.local`) and S3-compatible object storage (:mod:`batchsvc.storage.s3`),
+chosen by ``BATCHSVC_STORAGE_URL`` through :func:`open_storage`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from batchsvc.errors import BatchsvcError
+
+if TYPE_CHECKING:
+    from batchsvc.settings import Settings
 
 
 class StorageMissing(BatchsvcError):
@@ -48,6 +52,19 @@ class Storage(Protocol):
         """Delete the temporary parts of writes that have not changed since ``untouched_since``
         (epoch seconds): what a writer killed mid-write (SIGKILL, power loss) leaves behind.
         A live writer changes its part with every write. Returns how many were deleted."""
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage ``settings.storage_url`` names (``BATCHSVC_STORAGE_URL``)."""
+    # Imported here, not at the top: each backend imports this module (StorageMissing), and
+    # boto3 is loaded only by a process that stores on S3.
+    if settings.storage_url.bucket is not None:
+        from batchsvc.storage.s3 import S3Storage
+
+        return S3Storage(settings.storage_url.bucket, settings.storage_url.prefix)
+    from batchsvc.storage.local import LocalStorage
+
+    return LocalStorage(settings.storage_root)
 
 
 def upload_key(file_id: str) -> str:

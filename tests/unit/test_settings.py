@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchsvc.errors import ConfigError
-from batchsvc.settings import DEFAULT_CONFIG, Settings
+from batchsvc.settings import DEFAULT_CONFIG, Settings, StorageURL
 
 
 def test_defaults_with_an_empty_environment() -> None:
@@ -29,8 +29,8 @@ def test_defaults_with_an_empty_environment() -> None:
     assert settings.stuck_after_s == 60.0
     assert settings.completion_window_s == 86_400
     assert settings.file_retention_s == 2_592_000
-    assert settings.storage_backend == "local"
-    assert settings.storage_root == settings.data_dir / "files"
+    assert settings.storage_url == StorageURL()  # local files...
+    assert settings.storage_root == settings.data_dir / "files"  # ...under the data dir
     assert settings.redis_dir == settings.data_dir / "redis"
 
 
@@ -58,7 +58,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
         "BATCHSVC_STUCK_AFTER_S": "0",
         "BATCHSVC_COMPLETION_WINDOW_S": "120",
         "BATCHSVC_FILE_RETENTION_S": "3600",
-        "BATCHSVC_STORAGE": "local",
+        "BATCHSVC_STORAGE_URL": "s3://bucket/batchsvc",
     }
     s = Settings.from_env(env)
     assert s.redis_url == "redis://example:6379/3"
@@ -77,7 +77,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
     assert s.stuck_after_s == 0.0
     assert s.completion_window_s == 120
     assert s.file_retention_s == 3600
-    assert s.storage_backend == "local"
+    assert s.storage_url == StorageURL(bucket="bucket", prefix="batchsvc")
 
 
 def test_a_relative_data_dir_and_home_are_made_absolute() -> None:
@@ -125,6 +125,7 @@ def test_booleans(raw: str, expected: bool) -> None:
         "BATCHSVC_STUCK_AFTER_S",
         "BATCHSVC_COMPLETION_WINDOW_S",
         "BATCHSVC_FILE_RETENTION_S",
+        "BATCHSVC_STORAGE_URL",
         "BATCHSVC_STORAGE",
     ],
 )
@@ -162,6 +163,17 @@ def test_a_blank_variable_means_its_default(name: str) -> None:
         ("BATCHSVC_FILE_RETENTION_S", "-5"),
         ("BATCHSVC_FILE_RETENTION_S", "30d"),
         ("BATCHSVC_STORAGE", "s3"),
+        ("BATCHSVC_STORAGE_URL", "s3://"),
+        ("BATCHSVC_STORAGE_URL", "s3:///prefix"),
+        ("BATCHSVC_STORAGE_URL", "s3://key:secret@bucket/prefix"),
+        ("BATCHSVC_STORAGE_URL", "s3://bucket:9000/prefix"),
+        ("BATCHSVC_STORAGE_URL", "s3://bucket/prefix?region=eu-west-1"),
+        ("BATCHSVC_STORAGE_URL", "http://minio:9000/bucket"),
+        ("BATCHSVC_STORAGE_URL", "gs://bucket"),
+        ("BATCHSVC_STORAGE_URL", "local"),
+        ("BATCHSVC_STORAGE_URL", "/srv/batchsvc/files"),
+        ("BATCHSVC_STORAGE_URL", "file://srv/batchsvc/files"),
+        ("BATCHSVC_STORAGE_URL", "file:relative/files"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_the_variable(name: str, raw: str) -> None:
@@ -169,6 +181,44 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(name: str, raw: str) 
         Settings.from_env({name: raw})
     assert name in info.value.message
     assert repr(raw) in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("file://", StorageURL()),
+        ("file:", StorageURL()),
+        ("file:///srv/batchsvc/files", StorageURL(path=Path("/srv/batchsvc/files"))),
+        ("FILE://localhost/srv/files/", StorageURL(path=Path("/srv/files"))),
+        ("file:///srv/with%20space", StorageURL(path=Path("/srv/with space"))),
+        ("s3://bucket", StorageURL(bucket="bucket")),
+        ("s3://bucket/", StorageURL(bucket="bucket")),
+        (
+            "S3://my.bucket-1/tenant/batchsvc/",
+            StorageURL(bucket="my.bucket-1", prefix="tenant/batchsvc"),
+        ),
+        (" s3://bucket/prefix ", StorageURL(bucket="bucket", prefix="prefix")),
+    ],
+)
+def test_storage_urls(raw: str, expected: StorageURL) -> None:
+    assert Settings.from_env({"BATCHSVC_STORAGE_URL": raw}).storage_url == expected
+
+
+def test_the_storage_root_is_the_path_of_a_file_url(tmp_path: Path) -> None:
+    env = {"BATCHSVC_DATA_DIR": str(tmp_path / "data")}
+    assert Settings.from_env(env).storage_root == tmp_path / "data/files"
+    env["BATCHSVC_STORAGE_URL"] = f"file://{tmp_path}/files"
+    assert Settings.from_env(env).storage_root == tmp_path / "files"
+
+
+def test_the_legacy_storage_variable_still_accepts_local() -> None:
+    # BATCHSVC_STORAGE=local is in every .env copied from the old env.example: it means the
+    # default and does not stand in the way of BATCHSVC_STORAGE_URL
+    assert Settings.from_env({"BATCHSVC_STORAGE": "local"}) == Settings.from_env({})
+    s3 = {"BATCHSVC_STORAGE": "local", "BATCHSVC_STORAGE_URL": "s3://b"}
+    assert Settings.from_env(s3).storage_url == StorageURL(bucket="b")
+    with pytest.raises(ConfigError, match="BATCHSVC_STORAGE_URL"):
+        Settings.from_env({"BATCHSVC_STORAGE": "s3"})
 
 
 def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
