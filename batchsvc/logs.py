@@ -228,5 +228,9 @@ def configure(settings: Settings, stream: IO[str] | None = None) -> None:
     logging.getLogger(OUR_LOGGERS).setLevel(level)
     for name in CELERY_TASK_LOGGERS:
         task_logger = logging.getLogger(name)
-        if not any(isinstance(f, QuietTasks) for f in task_logger.filters):
+        for quiet in [f for f in task_logger.filters if isinstance(f, QuietTasks)]:
+            task_logger.removeFilter(quiet)
+        # At DEBUG, which follows single lines anyway, Celery's per-task lines stay: they show
+        # every copy the broker hands out (a redelivery), which our events cannot.
+        if level > logging.DEBUG:
             task_logger.addFilter(QuietTasks())

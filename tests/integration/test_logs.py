@@ -28,6 +28,17 @@ def events(log: Path) -> list[dict[str, Any]]:
     return found
 
 
+def celery_line_events(log: Path, batch_id: str) -> list[dict[str, Any]]:
+    """Celery's own per-task lines (received, succeeded) about line tasks of ``batch_id``."""
+    return [
+        e
+        for e in events(log)
+        if e["logger"].startswith("celery.")
+        and (e.get("data") or {}).get("name") == RUN_LINE
+        and batch_id in e["event"]
+    ]
+
+
 def proc_named(stack: Stack, name: str) -> Proc:
     """The running process ``name`` (earlier tests kill and restart some: the last one)."""
     return [proc for proc in stack.procs if proc.name == name and proc.alive()][-1]
@@ -56,12 +67,17 @@ def test_a_batch_leaves_json_events_with_its_ids_in_every_process(stack: Stack) 
         wait_until(lambda: len(recorded()) >= LINES, 20, "every line's event")
         assert sorted(e["line"] for e in recorded()) == list(range(LINES))
         assert {(e["model"], e["level"], e["ok"]) for e in recorded()} == {(MODEL, "debug", True)}
-        # ...and Celery's "received" and "succeeded" lines are off for line tasks
-        celery_lines = [e for e in events(worker.log) if e["logger"].startswith("celery.")]
-        assert not [e for e in celery_lines if (e.get("data") or {}).get("name") == RUN_LINE]
-        assert not [e for e in celery_lines if RUN_LINE in e["event"]]
+        # ...and, at DEBUG, Celery's line for each copy it received
+        assert len(celery_line_events(worker.log, batch_id)) >= LINES
     finally:
         worker.stop()
+
+    # At INFO (the shared worker), Celery's "received" and "succeeded" lines are off for line
+    # tasks: a batch on a shared model leaves none
+    shared = [proc for proc in stack.procs if proc.name == "worker" and proc.alive()][0]
+    other = create(client, upload(client, jsonl([line(f"o{i}") for i in range(3)])).id).id
+    assert wait_terminal(client, other).status == "completed"
+    assert not celery_line_events(shared.log, other)
 
     # The control worker logged the batch's start and end at INFO, with its project
     control = events(proc_named(stack, "control").log)

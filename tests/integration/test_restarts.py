@@ -126,20 +126,17 @@ def _upstream_count_for_key(stack: Stack, key: str, most: int = 12) -> int:
     raise AssertionError(f"more than {most - 1} upstream requests carried key {key}")
 
 
-#: A worker's per-line DEBUG events: one for each copy of a line it takes up (the copy that
-#: runs it records it; a redelivered one finds the line leased or recorded and leaves).
-LINE_COPY_EVENTS = ("line recorded", "line already recorded", "line not run")
-
-
-def _copies_taken(worker: Proc, batch_id: str) -> Counter[int]:
-    """How many copies of each line of ``batch_id`` ``worker`` (at DEBUG) took up."""
-    counts: Counter[int] = Counter()
+def _received_counts(worker: Proc, task_ids: set[str]) -> Counter[str]:
+    """How many times ``worker`` (at DEBUG, which keeps Celery's per-task lines for line tasks)
+    says it received each of ``task_ids`` (``Task batchsvc.lines.run[<task id>] received``)."""
+    counts: Counter[str] = Counter()
     for row in worker.log.read_text(errors="replace").splitlines():
         if not row.startswith("{"):
             continue
         event = json.loads(row)
-        if event["event"] in LINE_COPY_EVENTS and event.get("batch_id") == batch_id:
-            counts[event["line"]] += 1
+        data = event.get("data") or {}
+        if event["event"].endswith("received") and data.get("id") in task_ids:
+            counts[data["id"]] += 1
     return counts
 
 
@@ -247,7 +244,7 @@ def test_a_line_outliving_the_visibility_timeout_reaches_the_model_once(stack: S
     # their messages out again while they still run. Each line carries its own key; the fake
     # counts requests per key (``hang_s: 0`` names a fault so that the key is counted, with
     # ``fail_times`` high enough that the fault never changes the answer).
-    # (at DEBUG: it logs every copy of a line it takes up)
+    # (at DEBUG: it logs every copy of a line the broker hands it)
     worker = stack.start_worker(models="up-wide", concurrency=4, BATCHSVC_LOG_LEVEL="DEBUG")
     client = stack.client(stack.create_project("lease"))
     run = uuid.uuid4().hex[:10]
@@ -280,10 +277,13 @@ def test_a_line_outliving_the_visibility_timeout_reaches_the_model_once(stack: S
     # The lines really ran for their 15 s, well past the 6 s visibility timeout.
     assert elapsed >= 15, elapsed
 
-    # and the broker did redeliver every message (a second copy of each line taken up) ...
-    def redelivered() -> Counter[int] | None:
-        counts = _copies_taken(worker, batch.id)
-        return counts if all(counts[i] >= 2 for i in range(4)) else None
+    # and the broker did redeliver every message (a second "received" for the same task id;
+    # the task id of line i is batch_<id>.<i>) ...
+    task_ids = {f"{batch.id}.{i}" for i in range(4)}
+
+    def redelivered() -> Counter[str] | None:
+        counts = _received_counts(worker, task_ids)
+        return counts if all(counts[t] >= 2 for t in task_ids) else None
 
     received = wait_until(redelivered, 60, "a redelivered copy of every line to reach a worker")
     print(f"batch done in {elapsed:.1f} s; deliveries per line: {dict(received)}")

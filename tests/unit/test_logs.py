@@ -130,15 +130,22 @@ def _celery_task_line(name: str, level: int = logging.INFO) -> None:
 
 
 def test_celery_task_lines_are_dropped_for_line_tasks_but_not_control_tasks(
-    events: Events,
+    configured: Callable[..., io.StringIO],
 ) -> None:
+    stream = configured(log_format="json", log_level="INFO")
     _celery_task_line(RUN_LINE)
     _celery_task_line(START_BATCH)
     _celery_task_line(RUN_LINE, logging.ERROR)  # a failure is always logged
-    assert [(e["data"]["name"], e["level"]) for e in events()] == [
+    events = [json.loads(row) for row in stream.getvalue().splitlines()]
+    assert [(e["data"]["name"], e["level"]) for e in events] == [
         (START_BATCH, "info"),
         (RUN_LINE, "error"),
     ]
+
+
+def test_at_debug_celery_task_lines_stay_for_line_tasks_too(events: Events) -> None:
+    _celery_task_line(RUN_LINE)
+    assert [e["data"]["name"] for e in events()] == [RUN_LINE]
 
 
 def test_the_quiet_filter_passes_records_without_task_data() -> None:
