@@ -3,7 +3,8 @@ storage directly (uploads stop at 100 MB) and on a 100 MB uploaded one: how long
 and how much the API's gunicorn workers grow meanwhile.
 
 Only Redis and the API run: no control worker takes the ``start`` tasks, so nothing else
-competes for the CPU while the API validates.
+competes for the CPU while the API validates. It runs on local storage, then on S3 (a moto
+server beside the stack): validation reads the input as a stream either way.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import redis
 from batchsvc.files import FileStore
 from batchsvc.ids import new_file_id
 from batchsvc.settings import Settings
-from batchsvc.storage import upload_key
+from batchsvc.storage import Storage, upload_key
 from benchmarks.common import Options
 from benchmarks.harness import (
+    STORAGE_KINDS,
     BenchStack,
     Proc,
     RssSampler,
     create_batch,
     running,
+    storage_for,
+    storage_label,
     upload_file,
 )
 from benchmarks.inputs import write_jsonl
@@ -37,19 +41,22 @@ TARGET_RSS = 50 << 20
 WARMUP_CREATES = 8
 
 
-def seed_file(stack: BenchStack, project_id: str, path: Path) -> str:
-    """Put ``path`` into storage as an uploaded file of the project, bypassing the API."""
+def seed_file(stack: BenchStack, storage: Storage, project_id: str, path: Path) -> str:
+    """Put ``path`` into ``storage`` as an uploaded file of the project, bypassing the API
+    (and its 100 MB upload limit)."""
     file_id = new_file_id()
-    target = stack.data_dir / "files" / upload_key(file_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path.rename(target)
+    size = path.stat().st_size
+    with open(path, "rb") as source, storage.open_writer(upload_key(file_id)) as target:
+        while chunk := source.read(8 << 20):
+            target.write(chunk)
+    path.unlink()
     store = FileStore(
         redis.Redis.from_url(stack.redis_url()), retention_s=Settings().file_retention_s
     )
     store.create(
         file_id=file_id,
         project_id=project_id,
-        size=target.stat().st_size,
+        size=size,
         filename=path.name,
         purpose="batch",
         storage_key=upload_key(file_id),
@@ -91,13 +98,17 @@ def measured(
 
 
 def run(opts: Options) -> list[Section]:
+    return [_run(opts, kind) for kind in STORAGE_KINDS]
+
+
+def _run(opts: Options, kind: str) -> Section:
     big_lines = opts.size(50_000, 5_000)
     big_line_bytes = 4_000  # 50,000 x 4,000 = 200,000,000 bytes, under the 209,715,200 limit
     up_lines = opts.size(50_000, 5_000)
     up_line_bytes = 2_000  # 100,000,000 bytes, under the 104,857,600 upload limit
-    section = Section("B3", "create-time validation")
-    stack = BenchStack("b3", keep=opts.keep)
-    with running(stack):
+    section = Section(storage_label("B3", kind), "create-time validation")
+    stack = BenchStack(f"b3-{kind}", keep=opts.keep)
+    with storage_for(stack, kind) as storage, running(stack):
         stack.start_redis()
         api = stack.start_api()
         creds = stack.create_project("bench-b3")
@@ -105,7 +116,7 @@ def run(opts: Options) -> list[Section]:
 
         big = stack.root / "b3-seeded.jsonl"
         big_size = write_jsonl(big, big_lines, MODEL, line_bytes=big_line_bytes, prefix="b3s")
-        seeded_id = seed_file(stack, creds["project_id"], big)
+        seeded_id = seed_file(stack, storage, creds["project_id"], big)
         with profiled(
             opts.profile, api.pid, opts.profile_dir / "b3-api.pyspy.txt", 120, subprocesses=True
         ) as prof:
@@ -169,4 +180,4 @@ def run(opts: Options) -> list[Section]:
     )
     for line in summarize(prof):
         section.note(f"py-spy API: {line}")
-    return [section]
+    return section

@@ -3,7 +3,8 @@
 RSS of the processes themselves, sampled with psutil.
 
 The batch has ~1.2 KB prompts, which the echo model returns, so its output file is large
-(tens of MB) and a non-streaming assembly would show.
+(tens of MB) and a non-streaming assembly would show. It runs on local storage, then on S3 (a
+moto server beside the stack), where the upload and the assembly are multipart uploads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from benchmarks.b3_validation import measured, warm_up
 from benchmarks.common import Options
 from benchmarks.harness import (
+    STORAGE_KINDS,
     BatchSampler,
     BenchStack,
     RssSampler,
@@ -20,6 +22,8 @@ from benchmarks.harness import (
     download,
     get_batch,
     running,
+    storage_for,
+    storage_label,
     upload_file,
 )
 from benchmarks.inputs import write_jsonl
@@ -32,14 +36,18 @@ ASSEMBLY_TARGET = 100 << 20
 
 
 def run(opts: Options) -> list[Section]:
+    return [_run(opts, kind) for kind in STORAGE_KINDS]
+
+
+def _run(opts: Options, kind: str) -> Section:
     up_lines = opts.size(50_000, 5_000)
     up_line_bytes = 2_000
     batch_lines = opts.size(50_000, 3_000)
     batch_line_bytes = 1_200
     max_s = 1800.0 if not opts.quick else 300.0
-    section = Section("B4", "memory stays flat")
-    stack = BenchStack("b4", keep=opts.keep)
-    with running(stack):
+    section = Section(storage_label("B4", kind), "memory stays flat")
+    stack = BenchStack(f"b4-{kind}", keep=opts.keep)
+    with storage_for(stack, kind), running(stack):
         stack.start_redis()
         api = stack.start_api()
         creds = stack.create_project("bench-b4")
@@ -119,4 +127,4 @@ def run(opts: Options) -> list[Section]:
     )
     for line in summarize(prof):
         section.note(f"py-spy control worker: {line}")
-    return [section]
+    return section

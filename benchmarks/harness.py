@@ -29,8 +29,11 @@ import requests
 
 from batchsvc import keys
 from batchsvc.queues import model_queue
+from batchsvc.storage import Storage
+from batchsvc.storage.local import LocalStorage
+from batchsvc.storage.s3 import S3Storage
 from benchmarks.common import UPSTREAM_MODEL_CONFIG
-from testsupport import launcher
+from testsupport import launcher, moto_server
 from testsupport.launcher import BIN, HOST, auth_headers, running, wait_until
 
 __all__ = [
@@ -873,3 +876,28 @@ def used_memory(client: redis.Redis) -> int:
 
 def mib(n: float) -> float:
     return n / (1 << 20)
+
+
+#: The storage backends B3 and B4 measure: local files, and S3 on a moto server (issue 15:
+#: "B3 and B4 must show this for S3 as they do locally").
+STORAGE_KINDS = ("local", "s3")
+
+
+@contextlib.contextmanager
+def storage_for(stack: BenchStack, kind: str) -> Iterator[Storage]:
+    """Point ``stack`` (before it starts anything) at storage ``kind`` and yield that storage,
+    for a benchmark to seed files into. ``s3`` runs a moto server process beside the stack
+    (its own memory is the server's, never counted) and a bucket of the run's own."""
+    if kind == "local":
+        yield LocalStorage(stack.data_dir / "files")
+        return
+    with moto_server.running(stack.root / "moto.log") as server:
+        bucket = server.new_bucket()
+        stack.extra_env.update(server.env())
+        stack.extra_env["BATCHSVC_STORAGE_URL"] = f"s3://{bucket}/bench"
+        yield S3Storage(bucket, "bench", client=server.client())
+
+
+def storage_label(name: str, kind: str) -> str:
+    """``B4`` for local storage, ``B4 on S3`` for the other one."""
+    return name if kind == "local" else f"{name} on S3"
