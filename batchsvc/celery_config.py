@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchsvc.queues import CONTROL_QUEUE
+from batchsvc.redis_connect import sentinel_kwargs
 from batchsvc.settings import Settings
 
 #: At least 48 h (see ``result_chord_expires`` below).
@@ -14,6 +15,10 @@ CHORD_EXPIRES_S = 3 * 86_400
 
 
 def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
+    """The Celery settings for ``redis_url``, which is what
+    :func:`batchsvc.embedded_redis.resolve_url` gives: a ``redis://`` URL, or under Sentinel
+    the sentinels' ``sentinel://`` URL, which kombu's and Celery's Sentinel support take with
+    the options below."""
     restore_every_s = max(1.0, min(10.0, settings.visibility_timeout_s / 5))
     transport = {
         # A killed worker's unacknowledged lines come back after this; the per-line lease
@@ -31,10 +36,22 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # then their batch queues round robin (workers.celery_app).
         "queue_order_strategy": "priority",
     }
+    backend_options: dict[str, Any] = {}
+    if settings.redis_sentinel is not None:
+        # kombu's and Celery's Sentinel support ask the sentinels for the primary by this name,
+        # and again after a failover. The primary's password and db are in the URL; the
+        # sentinels' own password and timeouts are these kwargs.
+        sentinel = {
+            "master_name": settings.redis_sentinel.master_name,
+            "sentinel_kwargs": sentinel_kwargs(settings.redis_sentinel),
+        }
+        transport.update(sentinel)
+        backend_options.update(sentinel)
     return {
         "broker_url": redis_url,
         "result_backend": redis_url,
         "broker_transport_options": transport,
+        "result_backend_transport_options": backend_options,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from batchsvc import embedded_redis
+from batchsvc import embedded_redis, redis_connect
 from batchsvc.client import add_commands as add_client_commands
 from batchsvc.cpu_priority import lower_cpu_priority
 from batchsvc.errors import BatchsvcError, ConfigError
@@ -43,7 +43,21 @@ def _say(text: str) -> None:
 
 
 def _connect(settings: Settings, wait_s: float = 5.0) -> redis.Redis:
-    return redis.Redis.from_url(embedded_redis.resolve_url(settings, wait_s=wait_s))
+    return redis_connect.connect(settings, wait_s=wait_s)
+
+
+def _child_redis_url(settings: Settings, wait_s: float = 60.0) -> str | None:
+    """The ``REDIS_URL`` a launcher hands the processes it starts: the embedded server's address
+    (resolved once, waiting for it up to ``wait_s``) or ``REDIS_URL`` itself. ``None`` under
+    Sentinel: the children inherit the launcher's environment, so they read the very
+    ``REDIS_SENTINELS`` variables it read (a ``REDIS_URL`` beside them would be refused)."""
+    if settings.redis_sentinel is not None:
+        return None
+    return embedded_redis.resolve_url(settings, wait_s=wait_s)
+
+
+def _redis_env(redis_url: str | None) -> dict[str, str]:
+    return {} if redis_url is None else {"REDIS_URL": redis_url}
 
 
 # -- admin ---------------------------------------------------------------------------------
@@ -167,9 +181,10 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _exec(
-    argv: list[str], redis_url: str, extra_env: dict[str, str] | None = None
+    argv: list[str], redis_url: str | None, extra_env: dict[str, str] | None = None
 ) -> int:  # pragma: no cover - replaces the process
-    env = dict(os.environ, REDIS_URL=redis_url, **(extra_env or {}))
+    """Become ``argv``, with ``REDIS_URL`` set to ``redis_url`` (see :func:`_child_redis_url`)."""
+    env = dict(os.environ, **_redis_env(redis_url), **(extra_env or {}))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(argv[0], argv, env)
@@ -184,13 +199,16 @@ RESTART_PAUSE_S = 2.0
 Child = tuple[list[str], dict[str, str]]
 
 
-def _supervise(argv: list[str], redis_url: str, nice: int = 0) -> int:  # pragma: no cover
+def _supervise(argv: list[str], redis_url: str | None, nice: int = 0) -> int:  # pragma: no cover
     """Run one Celery worker under :func:`_supervise_all`."""
     return _supervise_all([(argv, {})], redis_url, nice)
 
 
 def _supervise_all(
-    children: list[Child], redis_url: str, nice: int = 0, metrics: GroupExport | None = None
+    children: list[Child],
+    redis_url: str | None,
+    nice: int = 0,
+    metrics: GroupExport | None = None,
 ) -> int:
     """Run Celery workers and start each again whenever it dies of an error.
 
@@ -199,11 +217,13 @@ def _supervise_all(
     Redis restarts). Under honcho one exited process stops every other one, so the launcher
     stays up as the workers' supervisor: SIGTERM and SIGINT are passed on to every worker and
     end the launcher once all have exited; any other exit of a worker is a crash, followed by
-    its restart. ``nice`` lowers the CPU priority of the supervisor, which every worker it
-    starts inherits (:func:`batchsvc.cpu_priority.lower_cpu_priority`). ``metrics`` is the
-    launcher's metrics export (:mod:`batchsvc.metrics.exposition`): every worker writes into its
-    directory, a worker that dies has its live gauges dropped, and it is closed at the end.
-    Returns the first non-zero exit status of the last runs, or 0.
+    its restart. Each worker gets ``REDIS_URL=redis_url``, or under Sentinel (``None``) the
+    launcher's own ``REDIS_SENTINELS`` variables (:func:`_child_redis_url`). ``nice`` lowers
+    the CPU priority of the supervisor, which every worker it starts inherits
+    (:func:`batchsvc.cpu_priority.lower_cpu_priority`). ``metrics`` is the launcher's metrics
+    export (:mod:`batchsvc.metrics.exposition`): every worker writes into its directory, a
+    worker that dies has its live gauges dropped, and it is closed at the end. Returns the
+    first non-zero exit status of the last runs, or 0.
     """
     import signal
     import subprocess
@@ -211,7 +231,7 @@ def _supervise_all(
 
     lower_cpu_priority(nice)
 
-    base_env = dict(os.environ, REDIS_URL=redis_url, **(metrics.child_env() if metrics else {}))
+    base_env = dict(os.environ, **_redis_env(redis_url), **(metrics.child_env() if metrics else {}))
     stopping = False
     running: list[subprocess.Popen[bytes] | None] = [None] * len(children)
 
@@ -263,8 +283,12 @@ def _bin(name: str) -> str:
 
 
 def cmd_redis_server(settings: Settings, args: argparse.Namespace) -> int:
-    if settings.redis_url:
-        _say(f"REDIS_URL is set ({settings.redis_url}); not starting the embedded Redis.")
+    if settings.redis_url or settings.redis_sentinel:
+        _say(
+            "REDIS_URL is set; not starting the embedded Redis."
+            if settings.redis_url
+            else "REDIS_SENTINELS is set; not starting the embedded Redis."
+        )
         # Stay up so honcho does not stop the other processes.
         import signal
 
@@ -278,7 +302,7 @@ def cmd_exec(settings: Settings, args: argparse.Namespace) -> int:
     command = [c for c in args.command if c != "--"]
     if not command:
         raise ConfigError("usage: batchsvc exec -- COMMAND [ARGS...]")
-    return _exec(command, embedded_redis.resolve_url(settings, wait_s=60))
+    return _exec(command, _child_redis_url(settings))
 
 
 #: gunicorn's default access-log fields, then how long the request took in microseconds (from
@@ -307,9 +331,9 @@ def _start_metrics(settings: Settings, kind: str) -> GroupExport | None:
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
-    url = embedded_redis.resolve_url(settings, wait_s=60)
+    url = _child_redis_url(settings)
     load_registry(settings.config_path)  # fail now, with the config error, not per request
-    demo = ensure_demo(settings, redis.Redis.from_url(url))
+    demo = ensure_demo(settings, _connect(settings, wait_s=60))
     metrics_env: dict[str, str] = {}
     if settings.metrics_enabled:
         from batchsvc.metrics import exposition
@@ -379,7 +403,7 @@ def control_nodes(launcher_pid: int, host: str) -> tuple[str, str]:
 
 
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
-    url = embedded_redis.resolve_url(settings, wait_s=60)
+    url = _child_redis_url(settings)
     load_registry(settings.config_path)  # a bad config stops the worker now, with its message
     dispatch_node, control_node = control_nodes(os.getpid(), socket.gethostname())
 
@@ -427,7 +451,7 @@ def inference_nodes(launcher_pid: int, processes: int, host: str) -> list[str]:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    url = embedded_redis.resolve_url(settings, wait_s=60)
+    url = _child_redis_url(settings)
     registry = load_registry(settings.config_path)
     served = registry.select(list(settings.worker_models)) if settings.worker_models else registry
     if not len(served):
@@ -473,7 +497,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:
-    url = embedded_redis.resolve_url(settings, wait_s=60)
+    url = _child_redis_url(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return _exec(
         [
@@ -491,7 +515,7 @@ def cmd_beat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
-    url = embedded_redis.resolve_url(settings, wait_s=60)
+    url = _child_redis_url(settings)
     return _exec(
         [
             _bin("celery"),
@@ -571,7 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("beat", help="run celery beat (the sweeps)").set_defaults(func=cmd_beat)
     sub.add_parser("flower", help="run Flower on 127.0.0.1").set_defaults(func=cmd_flower)
-    ex = sub.add_parser("exec", help="run a command with REDIS_URL set to this installation's")
+    ex = sub.add_parser(
+        "exec",
+        help="run a command with REDIS_URL set to this installation's (under Sentinel, with "
+        "the REDIS_SENTINELS variables it has)",
+    )
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(func=cmd_exec)
     return parser

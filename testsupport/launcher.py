@@ -189,13 +189,19 @@ class Stack:
         env.update(overrides)
         return env
 
+    def command(self, argv: list[str]) -> list[str]:
+        """The command line that runs ``argv`` for this stack: ``argv`` itself. A subclass may
+        wrap it, e.g. in ``ip netns exec NAME`` (:mod:`testsupport.netns`); it must keep the
+        pid (exec, not fork), since node names and stops go by the spawned pid."""
+        return argv
+
     def spawn(self, name: str, argv: list[str], **env: str) -> Proc:
-        """Start ``argv`` in a session of its own (so a stop reaches its children too), its
-        output in ``<root>/<name>-<n>.log``."""
+        """Start ``argv`` (through :meth:`command`) in a session of its own (so a stop reaches
+        its children too), its output in ``<root>/<name>-<n>.log``."""
         log = self.root / f"{name}-{len(self.procs)}.log"
         with open(log, "wb") as handle:  # the child has its own copy of the descriptor
             popen = subprocess.Popen(
-                argv,
+                self.command(argv),
                 env=self.env(**env),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -214,7 +220,7 @@ class Stack:
             RuntimeError: it failed and ``check`` is set.
         """
         result = subprocess.run(
-            [str(BIN / "batchsvc"), *args],
+            self.command([str(BIN / "batchsvc"), *args]),
             env=self.env(),
             capture_output=True,
             text=True,

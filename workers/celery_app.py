@@ -20,6 +20,7 @@ from batchsvc.queues import (
 )
 from batchsvc.settings import Settings
 from workers import heartbeat
+from workers.redis_transport import SENTINEL_TRANSPORT
 
 TASK_MODULES = ["workers.tasks.control", "workers.tasks.dispatch", "workers.tasks.lines"]
 
@@ -36,12 +37,21 @@ WORKER_TUNING = {
 }
 
 
+def worker_tuning(settings: Settings) -> dict[str, str]:
+    """:data:`WORKER_TUNING` for this installation: under Sentinel, the tuned transport's
+    Sentinel variant. ``broker_transport`` wins over the broker URL's scheme, so the plain one
+    would take each sentinel for the Redis itself."""
+    if settings.redis_sentinel is None:
+        return dict(WORKER_TUNING)
+    return {**WORKER_TUNING, "broker_transport": SENTINEL_TRANSPORT}
+
+
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     # The launcher serves what this process records (batchsvc.metrics.exposition).
     instruments.set_enabled(settings.metrics_enabled)
     app = Celery("batchsvc", include=TASK_MODULES)
     app.conf.update(celery_config(settings, redis_url))
-    app.conf.update(WORKER_TUNING)
+    app.conf.update(worker_tuning(settings))
     # Sync queues first, then the batch queues round robin (see workers.queue_cycle). Only
     # consumers need it, and only workers import that module.
     app.conf.broker_transport_options = {

@@ -17,12 +17,12 @@ from celery import current_app
 
 from batchsvc.batches import BatchStore
 from batchsvc.dispatch_store import DispatchStore
-from batchsvc.embedded_redis import resolve_url
 from batchsvc.files import FileStore
 from batchsvc.finalize import Finalizer
 from batchsvc.models_config import ModelRegistry, ModelSpec, load_registry
 from batchsvc.projects import ProjectStore
 from batchsvc.queues import CONTROL_QUEUE, DISPATCH, DISPATCH_QUEUE, FINALIZE_BATCH, model_queue
+from batchsvc.redis_connect import connect
 from batchsvc.settings import Settings
 from batchsvc.storage import Storage, open_storage
 from workers.backends import ChatBackend, make_backend
@@ -145,7 +145,7 @@ def context() -> WorkerContext:
             settings = Settings.from_env()
             _context = WorkerContext(
                 settings=settings,
-                redis=redis.Redis.from_url(resolve_url(settings), health_check_interval=30),
+                redis=connect(settings, health_check_interval=30),
                 registry=load_registry(settings.config_path),
             )
         return _context

@@ -11,19 +11,33 @@ A ``redis.Redis`` over a connection pool is thread-safe (each command checks a c
 the pool), so one client per channel, over the same pool kombu would have used, serves every
 caller. Selected by ``broker_transport`` (see :func:`workers.celery_app.make_celery`); only the
 worker processes use it.
+
+Under Sentinel (``REDIS_SENTINELS``) the same override sits on kombu's ``SentinelChannel``, whose
+pool asks the sentinels for the primary (:class:`SentinelTransport`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
+#: What ``broker_transport`` names under Sentinel (:func:`workers.celery_app.worker_tuning`).
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
-class Channel(kombu_redis.Channel):
+
+class SharedClient:
+    """The override itself, for both channels: one shared client per channel."""
+
     _shared_client: Any = None
+
+    if TYPE_CHECKING:  # kombu's, unannotated there: the pool, and a new redis.Redis over it
+        pool: Any
+
+        def _create_client(self, asynchronous: Any = False) -> Any: ...
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -34,10 +48,33 @@ class Channel(kombu_redis.Channel):
         # kombu replaces its pool after a fork or a connection reset: follow it. Two threads
         # racing here may both build a client; either is correct and one is kept.
         if shared is None or shared.connection_pool is not self.pool:
-            # kombu leaves Channel._create_client unannotated (it returns a redis.Redis).
-            shared = self._shared_client = self._create_client()  # type: ignore[no-untyped-call]
+            shared = self._shared_client = self._create_client()
         yield shared
+
+
+class Channel(SharedClient, kombu_redis.Channel):
+    pass
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(SharedClient, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel: its pool is redis-py's Sentinel-managed one, which finds the
+    new primary after a failover; sharing one client over it changes nothing there."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The broker URL lists one ``sentinel://`` part per sentinel, and after any failed
+        # connection attempt (a failover is one) kombu rebuilds the connection from the next
+        # part, taking its transport from the URL's scheme rather than ``broker_transport``
+        # (``kombu.Connection.switch``). Naming this class for the scheme keeps the worker on
+        # it after a failover instead of falling back to kombu's own Sentinel transport (which
+        # works, without the saving above). Only processes that run this transport (the
+        # workers) are changed.
+        kombu_transport.TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]

@@ -24,6 +24,7 @@ from batchsvc.files import FileStore
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, load_registry
 from batchsvc.projects import ProjectStore
+from batchsvc.redis_connect import connect
 from batchsvc.settings import Settings
 from batchsvc.storage import Storage, open_storage
 
@@ -39,9 +40,8 @@ def create_app(
 ) -> Flask:
     settings = settings or Settings.from_env()
     if redis_client is None or dispatcher is None:
-        url = resolve_url(settings)
-        redis_client = redis_client or redis.Redis.from_url(url, health_check_interval=30)
-        dispatcher = dispatcher or CeleryDispatcher(settings, url)
+        redis_client = redis_client or connect(settings, health_check_interval=30)
+        dispatcher = dispatcher or CeleryDispatcher(settings, resolve_url(settings))
     app = Flask("batchsvc")
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-import redis as _redis
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 
-from batchsvc import embedded_redis as _embedded_redis
+from batchsvc import redis_connect as _redis_connect
 from batchsvc.metrics import exposition as _exposition
 from batchsvc.metrics.collector import FleetCollector
 from batchsvc.models_config import load_registry as _load_registry
@@ -47,9 +46,8 @@ def when_ready(server: Any) -> None:
     _directory = directory
     collectors = []
     try:
-        url = settings.redis_url or _embedded_redis.resolve_url(settings)
-        client = _redis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        client = _redis_connect.connect(
+            settings, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
         models = _load_registry(settings.config_path).ids()
         collectors.append(FleetCollector(client, lambda: models))

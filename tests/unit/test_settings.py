@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from batchsvc.errors import ConfigError
-from batchsvc.settings import DEFAULT_CONFIG, Settings, StorageURL
+from batchsvc.settings import DEFAULT_CONFIG, RedisSentinel, Settings, StorageURL
 
 
 def test_defaults_with_an_empty_environment() -> None:
     settings = Settings.from_env({})
     assert settings.redis_url is None
+    assert settings.redis_sentinel is None  # neither: the embedded Redis
     assert settings.data_dir == Path("var").absolute()
     assert settings.data_dir.is_absolute()
     assert settings.config_path == DEFAULT_CONFIG
@@ -110,6 +111,11 @@ def test_booleans(raw: str, expected: bool) -> None:
     "name",
     [
         "REDIS_URL",
+        "REDIS_SENTINELS",
+        "REDIS_MASTER_NAME",
+        "REDIS_PASSWORD",
+        "REDIS_SENTINEL_PASSWORD",
+        "REDIS_DB",
         "BATCHSVC_DATA_DIR",
         "BATCHSVC_CONFIG",
         "PORT",
@@ -174,6 +180,17 @@ def test_a_blank_variable_means_its_default(name: str) -> None:
         ("BATCHSVC_STORAGE_URL", "/srv/batchsvc/files"),
         ("BATCHSVC_STORAGE_URL", "file://srv/batchsvc/files"),
         ("BATCHSVC_STORAGE_URL", "file:relative/files"),
+        ("REDIS_SENTINELS", ","),
+        ("REDIS_SENTINELS", "s1:26379,s2:port"),
+        ("REDIS_SENTINELS", "s1:0"),
+        ("REDIS_SENTINELS", "s1:65536"),
+        ("REDIS_SENTINELS", "::1:26379"),  # IPv6 goes in brackets
+        ("REDIS_SENTINELS", "sentinel://s1:26379"),
+        ("REDIS_SENTINELS", ":pw@s1:26379"),
+        ("REDIS_SENTINELS", "s1:26379/0"),
+        ("REDIS_SENTINELS", "s1 s2"),
+        ("REDIS_SENTINELS", "s1:26379,s1:26379"),
+        ("REDIS_SENTINELS", ":26379"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_the_variable(name: str, raw: str) -> None:
@@ -261,3 +278,81 @@ def test_worker_layout_splits_the_threads_across_processes(
 def test_worker_processes_auto_is_the_default() -> None:
     assert Settings.from_env({"WORKER_PROCESSES": "auto"}).worker_processes is None
     assert Settings.from_env({"WORKER_PROCESSES": " AUTO "}).worker_processes is None
+
+
+# -- Redis behind Sentinel -----------------------------------------------------------------
+
+
+def test_every_sentinel_variable_is_read() -> None:
+    s = Settings.from_env(
+        {
+            "REDIS_SENTINELS": " 10.0.0.1:26379, sentinel-b ,[fd00::3]:26380,",
+            "REDIS_MASTER_NAME": " batchsvc ",
+            "REDIS_PASSWORD": " pw with spaces@/: ",
+            "REDIS_SENTINEL_PASSWORD": "sentinel#pw",
+            "REDIS_DB": "4",
+        }
+    )
+    assert s.redis_url is None
+    assert s.redis_sentinel == RedisSentinel(
+        # a sentinel without a port is on Sentinel's own, 26379
+        sentinels=(("10.0.0.1", 26379), ("sentinel-b", 26379), ("fd00::3", 26380)),
+        master_name="batchsvc",
+        # passwords are taken as they are: a space may be part of one
+        password=" pw with spaces@/: ",
+        sentinel_password="sentinel#pw",
+        db=4,
+    )
+
+
+def test_sentinel_defaults() -> None:
+    sentinel = Settings.from_env({"REDIS_SENTINELS": "s1"}).redis_sentinel
+    assert sentinel == RedisSentinel(sentinels=(("s1", 26379),))
+    assert (sentinel.master_name, sentinel.password, sentinel.sentinel_password, sentinel.db) == (
+        "mymaster",
+        None,
+        None,
+        0,
+    )
+
+
+def test_redis_url_and_sentinels_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="REDIS_URL and REDIS_SENTINELS"):
+        Settings.from_env({"REDIS_URL": "redis://r:6379/0", "REDIS_SENTINELS": "s1:26379"})
+
+
+@pytest.mark.parametrize("name", ["REDIS_MASTER_NAME", "REDIS_SENTINEL_PASSWORD"])
+def test_a_sentinel_option_without_sentinels_is_refused(name: str) -> None:
+    # a typo in REDIS_SENTINELS must not fall back to another Redis unnoticed
+    with pytest.raises(ConfigError, match=f"{name} set without REDIS_SENTINELS"):
+        Settings.from_env({name: "x"})
+
+
+def test_the_password_and_db_variables_alone_leave_redis_url_in_charge() -> None:
+    # The Kubernetes manifests set REDIS_PASSWORD for the Redis container and expand it into
+    # REDIS_URL: with REDIS_URL the URL's own password and db apply
+    env = {"REDIS_URL": "redis://:pw@r:6379/2", "REDIS_PASSWORD": "pw", "REDIS_DB": "7"}
+    s = Settings.from_env(env)
+    assert (s.redis_url, s.redis_sentinel) == ("redis://:pw@r:6379/2", None)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [("REDIS_DB", "-1"), ("REDIS_DB", "one"), ("REDIS_MASTER_NAME", "my master")],
+)
+def test_a_bad_sentinel_option_is_a_config_error(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"REDIS_SENTINELS": "s1:26379", name: raw})
+    assert name in info.value.message
+    assert repr(raw) in info.value.message
+
+
+def test_passwords_stay_out_of_the_settings_repr() -> None:
+    s = Settings.from_env(
+        {
+            "REDIS_SENTINELS": "s1",
+            "REDIS_PASSWORD": "primary-secret",
+            "REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+        }
+    )
+    assert "secret" not in repr(s)
