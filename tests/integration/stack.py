@@ -12,10 +12,19 @@ import kombu.exceptions
 import redis
 import requests
 
+from batchsvc.dispatch_store import DispatchStore
 from testsupport import launcher
 from testsupport.launcher import BIN, Proc, Timeouts, free_port, running, wait_until
 
-__all__ = ["BIN", "Proc", "Stack", "free_port", "running", "wait_until"]
+__all__ = [
+    "BIN",
+    "Proc",
+    "Stack",
+    "free_port",
+    "running",
+    "stop_leftover_workers",
+    "wait_until",
+]
 
 
 class Stack(launcher.Stack):
@@ -68,3 +77,19 @@ class Stack(launcher.Stack):
             max_retries=0,
             timeout=60,
         )
+
+
+def stop_leftover_workers(stack: Stack, model: str) -> None:
+    """Stop the workers earlier tests started for ``model`` and left running (they would take
+    some of this test's lines): their heartbeats name them, ``inference-<launcher pid>...``."""
+    client = redis.Redis.from_url(stack.redis_url())
+    try:
+        nodes = DispatchStore(client).views([model])[model].workers
+    finally:
+        client.close()
+    pids = {
+        int(node.partition("@")[0].removeprefix("inference-").partition(".")[0]) for node in nodes
+    }
+    for proc in stack.procs:
+        if proc.pid in pids and proc.alive():
+            proc.stop()

@@ -9,13 +9,11 @@ import re
 import uuid
 from typing import Any
 
-import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchsvc.dispatch_store import DispatchStore
 from tests.integration.batch_helpers import create, jsonl, line, results, upload, wait_terminal
-from tests.integration.stack import Stack, free_port, wait_until
+from tests.integration.stack import Stack, free_port, stop_leftover_workers, wait_until
 
 #: An openai model on the fake upstream that no shared worker serves: this test's worker is
 #: the only one, so its counters see every line.
@@ -53,22 +51,6 @@ def control_metrics_url(stack: Stack) -> str:
 
 def fake(**directive: Any) -> dict[str, Any]:
     return {"metadata": {"fake": directive}}
-
-
-def stop_leftover_workers(stack: Stack, model: str) -> None:
-    """Stop the workers earlier tests started for ``model`` and left running (they would take
-    some of this test's lines): their heartbeats name them, ``inference-<launcher pid>...``."""
-    client = redis.Redis.from_url(stack.redis_url())
-    try:
-        nodes = DispatchStore(client).views([model])[model].workers
-    finally:
-        client.close()
-    pids = {
-        int(node.partition("@")[0].removeprefix("inference-").partition(".")[0]) for node in nodes
-    }
-    for proc in stack.procs:
-        if proc.pid in pids and proc.alive():
-            proc.stop()
 
 
 def test_a_batch_moves_the_api_and_worker_metrics_by_its_lines(stack: Stack) -> None:

@@ -187,14 +187,17 @@ def test_each_line_runs_only_on_its_models_worker(stack: Stack, tmp_path: Path) 
 
 
 def test_a_worker_with_concurrency_32_keeps_32_requests_in_flight(stack: Stack) -> None:
-    stack.start_worker(models="up-wide", concurrency=32)
+    worker = stack.start_worker(models="up-wide", concurrency=32)
     client = stack.client(stack.create_project("wide"))
     # Each request takes 2 s upstream, so even a slow publisher feeds 32 threads in time, and a
     # thread's own work between requests (more under a stalled vCPU) is small beside it.
     lines = [line(f"w{i}", model="up-wide", **fake(latency_s=2.0)) for i in range(160)]
     file_id = upload(client, jsonl(lines)).id
     stack.upstream("reset", {})
-    batch = wait_terminal(client, create(client, file_id).id, timeout=120)
+    try:
+        batch = wait_terminal(client, create(client, file_id).id, timeout=120)
+    finally:
+        worker.stop()  # later tests that use up-wide count on their own worker alone
     assert batch.status == "completed"
     peak = stack.upstream("stats")["peak_in_flight"]
     print(f"peak in flight at the upstream with CONCURRENCY=32: {peak}")

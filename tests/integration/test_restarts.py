@@ -30,7 +30,7 @@ from tests.integration.batch_helpers import (
     upload,
     wait_terminal,
 )
-from tests.integration.stack import Proc, Stack, wait_until
+from tests.integration.stack import Proc, Stack, stop_leftover_workers, wait_until
 
 # -- local helpers -----------------------------------------------------------------------------
 
@@ -245,6 +245,9 @@ def test_a_line_outliving_the_visibility_timeout_reaches_the_model_once(stack: S
     # counts requests per key (``hang_s: 0`` names a fault so that the key is counted, with
     # ``fail_times`` high enough that the fault never changes the answer).
     # (at DEBUG: it logs every copy of a line the broker hands it)
+    # (the only one: a worker an earlier test left on up-wide would take some of the lines, and
+    # log their copies at INFO, without the per-task lines)
+    stop_leftover_workers(stack, "up-wide")
     worker = stack.start_worker(models="up-wide", concurrency=4, BATCHSVC_LOG_LEVEL="DEBUG")
     client = stack.client(stack.create_project("lease"))
     run = uuid.uuid4().hex[:10]
