@@ -215,15 +215,15 @@ def _supervise_all(
     celery 5.7 / kombu 5.7 can die with "Unrecoverable error: AttributeError ... 'hostname'"
     when Redis goes away while the worker restores unacknowledged messages (seen here when
     Redis restarts). Under honcho one exited process stops every other one, so the launcher
-    stays up as the workers' supervisor: SIGTERM and SIGINT are passed on to every worker and
-    end the launcher once all have exited; any other exit of a worker is a crash, followed by
-    its restart. Each worker gets ``REDIS_URL=redis_url``, or under Sentinel (``None``) the
-    launcher's own ``REDIS_SENTINELS`` variables (:func:`_child_redis_url`). ``nice`` lowers
-    the CPU priority of the supervisor, which every worker it starts inherits
-    (:func:`batchsvc.cpu_priority.lower_cpu_priority`). ``metrics`` is the launcher's metrics
-    export (:mod:`batchsvc.metrics.exposition`): every worker writes into its directory, a
-    worker that dies has its live gauges dropped, and it is closed at the end. Returns the
-    first non-zero exit status of the last runs, or 0.
+    stays up as the workers' supervisor: SIGTERM and SIGINT end every worker (each gets one
+    SIGTERM: a warm shutdown) and the launcher once all have exited; any other exit of a worker
+    is a crash, followed by its restart. Each worker gets ``REDIS_URL=redis_url``, or under
+    Sentinel (``None``) the launcher's own ``REDIS_SENTINELS`` variables
+    (:func:`_child_redis_url`). ``nice`` lowers the CPU priority of the supervisor, which every
+    worker it starts inherits (:func:`batchsvc.cpu_priority.lower_cpu_priority`). ``metrics`` is
+    the launcher's metrics export (:mod:`batchsvc.metrics.exposition`): every worker writes into
+    its directory, a worker that dies has its live gauges dropped, and it is closed at the end.
+    Returns the first non-zero exit status of the last runs, or 0.
     """
     import signal
     import subprocess
@@ -235,12 +235,16 @@ def _supervise_all(
     stopping = False
     running: list[subprocess.Popen[bytes] | None] = [None] * len(children)
 
-    def forward(signum: int, _frame: object) -> None:
+    def forward(_signum: int, _frame: object) -> None:
+        # Always SIGTERM, a warm shutdown however often it comes. Ctrl-C in a terminal reaches
+        # the workers too (they share the terminal's process group): forwarding that SIGINT
+        # would be their second, which Celery takes for a cold shutdown that abandons the
+        # running lines.
         nonlocal stopping
         stopping = True
         for proc in running:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signum)
+                proc.send_signal(signal.SIGTERM)
 
     def start(i: int) -> None:
         argv, extra_env = children[i]

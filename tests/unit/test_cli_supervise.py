@@ -159,3 +159,45 @@ def test_inference_node_names_are_numbered_only_when_there_are_several() -> None
         "inference-42.2@h",
         "inference-42.3@h",
     ]
+
+
+# A worker that records every signal it gets, as Celery does: the first SIGINT asks for a warm
+# shutdown, a second one for a cold shutdown (see celery.apps.worker.on_SIGINT).
+SIGNAL_RECORDER = """
+import pathlib, signal, sys, time
+log = pathlib.Path({log!r})
+def record(signum, _frame):
+    with log.open("a") as handle:
+        handle.write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGTERM:
+        sys.exit(0)
+signal.signal(signal.SIGINT, record)
+signal.signal(signal.SIGTERM, record)
+pathlib.Path({running!r}).write_text("up")
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_reaches_each_worker_as_a_warm_sigterm_never_a_second_sigint(tmp_path: Path) -> None:
+    # Given a supervised worker in the launcher's process group, as under a terminal
+    log, running = tmp_path / "signals", tmp_path / "running"
+    child = SIGNAL_RECORDER.format(log=str(log), running=str(running))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, child], start_new_session=True, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not running.exists():
+            assert supervisor.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        # When Ctrl-C sends SIGINT to the whole foreground group (launcher and worker)
+        os.killpg(supervisor.pid, signal.SIGINT)
+        supervisor.wait(timeout=20)
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+    # Then the worker got a SIGTERM from the launcher (a warm shutdown), never a second SIGINT,
+    # which Celery would take for a cold shutdown. (Whether the terminal's own SIGINT shows
+    # depends on how the kernel and Python order two signals pending at once.)
+    received = log.read_text().split()
+    assert "SIGTERM" in received and received.count("SIGINT") <= 1, received
