@@ -51,6 +51,10 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.OutOfMemoryError,  # maxmemory with noeviction: writes refused until freed
     kombu.exceptions.OperationalError,  # a publish that kombu gave up on (the broker is Redis)
 )
+#: Error replies (their first word) meaning that Redis cannot take writes right now, which
+#: redis-py raises as a plain ``ResponseError``: a primary short of replicas under
+#: ``min-replicas-to-write``, a replica without its primary, a cluster without a quorum.
+UNAVAILABLE_REPLIES = frozenset({"NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN"})
 
 
 class ServiceUnavailable(BatchsvcError):
@@ -119,6 +123,12 @@ def register_error_handlers(app: Flask) -> None:
 
     for exc_class in STORE_UNAVAILABLE:
         app.register_error_handler(exc_class, on_store_unavailable)
+
+    @app.errorhandler(redis.exceptions.ResponseError)
+    def on_redis_reply(error: redis.exceptions.ResponseError) -> Response:
+        if getattr(error, "status_code", None) in UNAVAILABLE_REPLIES:
+            return on_store_unavailable(error)
+        return on_unexpected(error)
 
     @app.errorhandler(HTTPException)
     def on_http_exception(error: HTTPException) -> Response:

@@ -176,8 +176,13 @@ def test_redis_unreachable_is_503_retryable_everywhere(tmp_path: Path) -> None:
         redis.exceptions.TimeoutError("Timeout reading from socket"),
         redis.exceptions.ConnectionError("Connection reset by peer"),
         redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+        # A primary short of replicas under min-replicas-to-write (the Sentinel setup the
+        # README suggests with two replicas): redis-py has no class for it.
+        redis.exceptions.ResponseError(
+            "Not enough good replicas to write.", status_code="NOREPLICAS"
+        ),
     ],
-    ids=lambda e: type(e).__name__,
+    ids=lambda e: getattr(e, "status_code", None) or type(e).__name__,
 )
 def test_redis_loading_or_failing_mid_request_is_503(tmp_path: Path, error: Exception) -> None:
     # Given a store whose calls fail the way Redis does while loading or failing over
@@ -190,6 +195,21 @@ def test_redis_loading_or_failing_mid_request_is_503(tmp_path: Path, error: Exce
     env.services.batches.create = fail  # type: ignore[method-assign]
     # When a batch is created, Then 503, retryable
     assert_unavailable(create_batch(env, file_id))
+
+
+def test_another_redis_error_reply_is_still_a_500(tmp_path: Path) -> None:
+    # Given a store whose call fails with a reply that is our bug, not an outage
+    env = make_env(tmp_path)
+    file_id = upload_id(env)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key", "WRONGTYPE")
+
+    env.services.batches.create = fail  # type: ignore[method-assign]
+    # When a batch is created, Then 500 internal_error, as for any bug
+    response = create_batch(env, file_id)
+    assert response.status_code == 500
+    assert response.get_json()["error"]["type"] == "internal_error"
 
 
 def test_the_broker_refusing_a_sync_request_is_503(tmp_path: Path) -> None:
