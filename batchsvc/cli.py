@@ -145,6 +145,12 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def local_base_url(settings: Settings) -> str:
+    """The API's base URL as seen from this host (a wildcard bind is reached on loopback)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    return f"http://{host}:{settings.port}/v1"
+
+
 def ensure_demo(settings: Settings, client: redis.Redis) -> dict[str, str]:
     """Create the demo project and key once; keep the key's plaintext only in a mode-0600 file
     under the data dir. Rewrites the file's base URL for the current port."""
@@ -162,9 +168,8 @@ def ensure_demo(settings: Settings, client: redis.Redis) -> dict[str, str]:
     if not valid:
         project, key = store.create_project(DEMO_PROJECT_NAME)
         project_id, api_key = project.id, key.api_key
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     demo = {
-        "BATCHSVC_BASE_URL": f"http://{host}:{settings.port}/v1",
+        "BATCHSVC_BASE_URL": local_base_url(settings),
         "BATCHSVC_PROJECT_ID": str(project_id),
         "BATCHSVC_API_KEY": str(api_key),
     }
@@ -337,7 +342,10 @@ def _start_metrics(settings: Settings, kind: str) -> GroupExport | None:
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     url = _child_redis_url(settings)
     load_registry(settings.config_path)  # fail now, with the config error, not per request
-    demo = ensure_demo(settings, _connect(settings, wait_s=60))
+    client = _connect(settings, wait_s=60)
+    client.ping()  # Redis up (or reachable) before gunicorn starts taking requests
+    demo = ensure_demo(settings, client) if settings.demo_enabled else None
+    base_url = local_base_url(settings)
     metrics_env: dict[str, str] = {}
     if settings.metrics_enabled:
         from batchsvc.metrics import exposition
@@ -350,12 +358,18 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
             [
                 "",
                 "batchsvc is up",
-                f"  base URL:     {demo['BATCHSVC_BASE_URL']}",
-                f"  batches page: {demo['BATCHSVC_BASE_URL'].removesuffix('/v1')}/ui",
-                f"  project id:   {demo['BATCHSVC_PROJECT_ID']}",
-                f"  API key:      {demo['BATCHSVC_API_KEY']}",
-                f"  (kept in {settings.data_dir / DEMO_FILE}; `. {settings.data_dir / DEMO_FILE}`"
-                " exports them)",
+                f"  base URL:     {base_url}",
+                f"  batches page: {base_url.removesuffix('/v1')}/ui",
+                *(
+                    [
+                        f"  project id:   {demo['BATCHSVC_PROJECT_ID']}",
+                        f"  API key:      {demo['BATCHSVC_API_KEY']}",
+                        f"  (kept in {settings.data_dir / DEMO_FILE}; "
+                        f"`. {settings.data_dir / DEMO_FILE}` exports them)",
+                    ]
+                    if demo
+                    else ["  (no demo project: BATCHSVC_DEMO=false)"]
+                ),
                 *(
                     [
                         f"  metrics:     http://{settings.metrics_host}:"

@@ -299,6 +299,10 @@ class Settings:
     storage_url: StorageURL = StorageURL()
     #: Whether processes record Prometheus metrics and serve them (``BATCHSVC_METRICS``).
     metrics_enabled: bool = True
+    #: Whether ``batchsvc web`` ensures the demo project at start and prints its key
+    #: (``BATCHSVC_DEMO``): on for ``make run``; off where API pods come and go on a temporary
+    #: data dir, or each new pod would create another demo project.
+    demo_enabled: bool = True
     #: Address of the metrics listeners; loopback by default: labels name models and
     #: statuses an API client has no business reading.
     metrics_host: str = "127.0.0.1"
@@ -451,6 +455,7 @@ class Settings:
             ),
             storage_url=StorageURL.parse(get("BATCHSVC_STORAGE_URL", "file://")),
             metrics_enabled=_bool("BATCHSVC_METRICS", get("BATCHSVC_METRICS", "true")),
+            demo_enabled=_bool("BATCHSVC_DEMO", get("BATCHSVC_DEMO", "true")),
             metrics_host=get("BATCHSVC_METRICS_HOST") or "127.0.0.1",
             metrics_port=_int(
                 "BATCHSVC_METRICS_PORT", get("BATCHSVC_METRICS_PORT"), minimum=1, maximum=65_535

@@ -107,3 +107,22 @@ def test_update_of_an_unknown_project_fails_with_a_message(run: Cli) -> None:
     assert (code, out) == (2, None)
     assert "proj_missing" in err
     assert listed(run) == {}
+
+
+@pytest.mark.parametrize("demo", ["true", "false"])
+def test_web_makes_the_demo_project_only_when_asked(
+    run: Cli, monkeypatch: pytest.MonkeyPatch, demo: str
+) -> None:
+    # Given `batchsvc web` whose gunicorn is not started (exec) and whose Redis is reachable
+    monkeypatch.setenv("BATCHSVC_DEMO", demo)
+    monkeypatch.setenv("BATCHSVC_METRICS", "false")
+    monkeypatch.setattr(cli, "_child_redis_url", lambda settings, wait_s=60.0: "redis://fake")
+    execs: list[list[str]] = []
+    monkeypatch.setattr(cli, "_exec", lambda argv, *args: execs.append(argv) or 0)
+    # When it starts
+    code, _, said = run("web")
+    # Then it execs gunicorn, and the demo project exists (and is shown) only with the demo on
+    assert code == 0 and execs and execs[0][0].endswith("gunicorn")
+    assert [p["name"] for p in listed(run).values()] == (["demo"] if demo == "true" else [])
+    assert ("API key:" in said) is (demo == "true")
+    assert ("no demo project" in said) is (demo == "false")

@@ -60,6 +60,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
         "BATCHSVC_COMPLETION_WINDOW_S": "120",
         "BATCHSVC_FILE_RETENTION_S": "3600",
         "BATCHSVC_STORAGE_URL": "s3://bucket/batchsvc",
+        "BATCHSVC_DEMO": "false",
     }
     s = Settings.from_env(env)
     assert s.redis_url == "redis://example:6379/3"
@@ -79,6 +80,7 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
     assert s.completion_window_s == 120
     assert s.file_retention_s == 3600
     assert s.storage_url == StorageURL(bucket="bucket", prefix="batchsvc")
+    assert s.demo_enabled is False
 
 
 def test_a_relative_data_dir_and_home_are_made_absolute() -> None:
