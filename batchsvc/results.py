@@ -6,14 +6,45 @@ Workers, cancel and expiry all build their lines here, so the shapes cannot drif
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 from batchsvc.errors import LineError
 from batchsvc.ids import line_record_id
 
+#: Characters written as ``\uXXXX`` escapes although JSON allows them raw: lone surrogates (a
+#: custom_id may hold one as an escape; raw, the line cannot be encoded as UTF-8) and the line
+#: separators U+2028, U+2029 and U+0085, where ``str.splitlines`` (the spec's own client code)
+#: would cut the line in two. They can only occur inside JSON strings, so escaping them keeps
+#: the same JSON. All other text stays as it is (``ensure_ascii`` would grow non-Latin text
+#: several times over).
+_ESCAPED = re.compile("[\ud800-\udfff\u2028\u2029\x85]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """One line of standard JSON. A model answer may hold NaN or an infinity (an upstream's
+    ``-Infinity`` logprob, parsed by a lenient ``json.loads``): they are written as ``null``."""
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False)
+    return _ESCAPED.sub(_escape, text)
 
 
 def output_line(
