@@ -102,6 +102,23 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield s3_backend(server, request.getfixturevalue("s3_bucket"))
 
 
+def assert_refused(storage: Storage, key: str) -> None:
+    """``key`` is refused by every operation, before anything is stored."""
+    with pytest.raises(ValueError):
+        with storage.open_writer(key) as out:
+            out.write(b"x")
+    with pytest.raises(ValueError):
+        storage.open_reader(key)
+    with pytest.raises(ValueError):
+        storage.delete(key)
+
+
+@pytest.mark.parametrize("key", ["../outside", "a/../../outside", "/etc/passwd", "", "."])
+def test_a_key_escaping_the_root_is_refused(backend: Backend, key: str) -> None:
+    assert_refused(backend.storage, key)
+    assert backend.stored() == [] and backend.parts() == []
+
+
 def put(storage: Storage, key: str, data: bytes) -> None:
     with storage.open_writer(key) as out:
         out.write(data)

@@ -19,6 +19,7 @@ from batchsvc.settings import Settings
 from batchsvc.storage import open_storage
 from batchsvc.storage.s3 import S3Storage
 from tests.factories import closed_port
+from tests.unit.test_storage_contract import assert_refused
 from testsupport.moto_server import MotoServer
 
 PART = 5 << 20
@@ -66,18 +67,12 @@ def test_keys_live_under_the_prefix(s3_server: MotoServer, s3_bucket: str) -> No
     assert S3Storage(s3_bucket, client=client).exists("tenant/batchsvc/files/a")
 
 
-@pytest.mark.parametrize("key", ["../outside", "a/../../b", "/etc/passwd", "", ".", "a//b", "a/"])
-def test_a_key_escaping_the_prefix_is_refused(
+@pytest.mark.parametrize("key", ["a//b", "a/"])
+def test_a_key_with_an_empty_segment_is_refused(
     s3_server: MotoServer, s3_bucket: str, key: str
 ) -> None:
-    storage = S3Storage(s3_bucket, "pre", client=s3_server.client())
-    with pytest.raises(ValueError):
-        with storage.open_writer(key) as out:
-            out.write(b"x")
-    with pytest.raises(ValueError):
-        storage.open_reader(key)
-    with pytest.raises(ValueError):
-        storage.delete(key)
+    # (a local path folds these; an object key would keep them, a name batchsvc never makes)
+    assert_refused(S3Storage(s3_bucket, "pre", client=s3_server.client()), key)
     assert keys(s3_server, s3_bucket) == []
 
 
