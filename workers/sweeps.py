@@ -8,7 +8,8 @@ batch stays unfinished forever:
 - a cancelling batch is drained again (a line whose lease lapsed with a killed worker);
 - a batch whose lines are all recorded but whose chord callback never ran is finalized;
 - files past their retention lose their bytes and behave as deleted;
-- temporary files of writes killed midway (an upload, an assembly) are deleted.
+- what writes killed midway (an upload, an assembly) left behind is removed: temporary files
+  on local storage, incomplete multipart uploads on S3.
 """
 
 from __future__ import annotations
@@ -170,16 +171,17 @@ def _stalled(batches: BatchStore, batch: BatchRecord, now: int, stall_after_s: f
 def remove_abandoned_parts(
     storage: Storage, redis_client: redis.Redis, *, now: float, after_s: float
 ) -> int:
-    """Delete temporary files no write has changed for ``after_s``; returns how many.
+    """Remove the parts of writes that nothing has changed for ``after_s`` (temporary files,
+    incomplete multipart uploads); returns how many.
 
-    Walking the storage tree costs far more than the rest of a sweep, and an abandoned part
-    only wastes disk, so one sweep in every quarter of ``after_s`` does it, whichever control
-    worker claims the turn first.
+    Walking the storage tree (or listing a bucket's uploads) costs far more than the rest of a
+    sweep, and an abandoned part only wastes space, so one sweep in every quarter of ``after_s``
+    does it, whichever control worker claims the turn first.
     """
     claimed = redis_client.set(STORAGE_SCAN_MARK, int(now), nx=True, ex=max(1, int(after_s / 4)))
     if not claimed:
         return 0
     removed = storage.remove_abandoned_parts(untouched_since=now - after_s)
     if removed:
-        log.warning("abandoned temporary files deleted", count=removed)
+        log.warning("abandoned write parts removed", count=removed)
     return removed
