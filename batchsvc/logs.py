@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import IO, Any, Final
 
 import structlog
-from structlog.contextvars import bind_contextvars, bound_contextvars, clear_contextvars
+from structlog.contextvars import bind_contextvars, clear_contextvars
 from structlog.typing import Processor
 
 from batchsvc.queues import DISPATCH, RUN_LINE, RUN_SYNC, SWEEP
@@ -36,7 +36,6 @@ from batchsvc.settings import Settings
 __all__ = [
     "QuietTasks",
     "bind",
-    "bound",
     "configure",
     "formatter",
     "get_logger",
@@ -45,7 +44,6 @@ __all__ = [
 ]
 
 bind = bind_contextvars
-bound = bound_contextvars
 reset_context = clear_contextvars
 
 #: The fields of the innermost :class:`scope` of this thread (or task), if any.

@@ -29,6 +29,7 @@ import requests
 
 from batchsvc import keys
 from batchsvc.queues import model_queue
+from batchsvc.settings import Settings
 from batchsvc.storage import Storage
 from batchsvc.storage.local import LocalStorage
 from batchsvc.storage.s3 import S3Storage
@@ -889,7 +890,7 @@ def storage_for(stack: BenchStack, kind: str) -> Iterator[Storage]:
     for a benchmark to seed files into. ``s3`` runs a moto server process beside the stack
     (its own memory is the server's, never counted) and a bucket of the run's own."""
     if kind == "local":
-        yield LocalStorage(stack.data_dir / "files")
+        yield LocalStorage(Settings(data_dir=stack.data_dir).storage_root)
         return
     with moto_server.running(stack.root / "moto.log") as server:
         bucket = server.new_bucket()

@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from testsupport import moto_server
+
+# Every property test: no example database (no .hypothesis/ in the checkout; each run draws
+# afresh) and no per-example deadline (a tokenizer's first call, a stalled vCPU). Modules set
+# their own numbers of examples on top.
+settings.register_profile("batchsvc", database=None, deadline=None)
+settings.load_profile("batchsvc")
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,6 @@ URL = "/v1/chat/completions"
 
 SETTINGS = settings(
     max_examples=60,
-    database=None,  # no .hypothesis/ in the checkout; each run draws afresh
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

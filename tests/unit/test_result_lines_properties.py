@@ -31,8 +31,6 @@ from batchsvc.results import (
 
 SETTINGS = settings(
     max_examples=300,
-    database=None,  # no .hypothesis/ in the checkout; each run draws afresh
-    deadline=None,
 )
 
 #: Error-file codes of spec 9.3 (plus the two a tutorial mentions, open point 11).

@@ -18,20 +18,11 @@ from batchsvc.settings import Settings, StorageURL
 from batchsvc.storage import open_storage
 from batchsvc.storage.local import TEMP_PREFIX, LocalStorage
 from tests.factories import storage_files
+from tests.unit.test_storage_contract import put, read
 
 
 def make(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "root")
-
-
-def put(storage: LocalStorage, key: str, data: bytes) -> None:
-    with storage.open_writer(key) as out:
-        out.write(data)
-
-
-def read(storage: LocalStorage, key: str) -> bytes:
-    with storage.open_reader(key) as reader:
-        return reader.read()
 
 
 def test_copy_is_a_hard_link_locally(tmp_path: Path) -> None:

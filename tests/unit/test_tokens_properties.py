@@ -27,8 +27,6 @@ from batchsvc.tokens import (
 
 SETTINGS = settings(
     max_examples=300,
-    database=None,  # no .hypothesis/ in the checkout; each run draws afresh
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
