@@ -233,6 +233,32 @@ def _sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(addresses)
 
 
+#: The periods ``BATCHSVC_RATE_LIMIT`` accepts, in seconds.
+RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``requests`` API requests per project in any ``period_s`` seconds."""
+
+    requests: int
+    period_s: int
+
+    @classmethod
+    def parse(cls, raw: str) -> RateLimit | None:
+        """``<count>/<second|minute|hour>``, or ``off`` (no limit: ``None``)."""
+        value = raw.strip().lower()
+        if value in ("off", "0", "none"):
+            return None
+        count, _, period = value.partition("/")
+        if period not in RATE_PERIODS or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError(
+                f"BATCHSVC_RATE_LIMIT must be <count>/<{'|'.join(RATE_PERIODS)}> with a count "
+                f">= 1, or off; got {raw!r}"
+            )
+        return cls(int(count), RATE_PERIODS[period])
+
+
 #: What ``BATCHSVC_LOG_LEVEL`` and ``BATCHSVC_LOG_FORMAT`` accept.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "console")
@@ -294,6 +320,19 @@ class Settings:
     completion_window_s: int = 86_400
     #: Retention of uploaded and result files (spec: 30 days).
     file_retention_s: int = 2_592_000
+    #: How long a batch is kept once it ended (completed, failed, expired, cancelled): then its
+    #: record leaves every index and Redis, like a file after its retention.
+    batch_retention_s: int = 2_592_000
+    #: API requests per project (``BATCHSVC_RATE_LIMIT``); ``None``: no limit.
+    rate_limit: RateLimit | None = RateLimit(6000, 60)
+    #: Batches a project may have not yet ended; 0: no cap.
+    max_active_batches: int = 100
+    #: Lines a project may have queued (in its batches not yet ended, not yet recorded); 0: no
+    #: cap.
+    max_queued_lines: int = 500_000
+    #: Largest request body of every endpoint but the upload (whose cap is the spec's file size
+    #: plus the multipart envelope): a batch line is at most 1 MiB, so a chat request is too.
+    max_body_bytes: int = 1_048_576
     #: Where file bytes live (``BATCHSVC_STORAGE_URL``): local files (the default, under
     #: ``data_dir/files``) or an S3-compatible bucket.
     storage_url: StorageURL = StorageURL()
@@ -452,6 +491,21 @@ class Settings:
                 "BATCHSVC_FILE_RETENTION_S",
                 get("BATCHSVC_FILE_RETENTION_S", "2592000"),
                 minimum=1,
+            ),
+            batch_retention_s=_int(
+                "BATCHSVC_BATCH_RETENTION_S",
+                get("BATCHSVC_BATCH_RETENTION_S", "2592000"),
+                minimum=1,
+            ),
+            rate_limit=RateLimit.parse(get("BATCHSVC_RATE_LIMIT", "6000/minute")),
+            max_active_batches=_int(
+                "BATCHSVC_MAX_ACTIVE_BATCHES", get("BATCHSVC_MAX_ACTIVE_BATCHES", "100")
+            ),
+            max_queued_lines=_int(
+                "BATCHSVC_MAX_QUEUED_LINES", get("BATCHSVC_MAX_QUEUED_LINES", "500000")
+            ),
+            max_body_bytes=_int(
+                "BATCHSVC_MAX_BODY_BYTES", get("BATCHSVC_MAX_BODY_BYTES", "1048576"), minimum=1024
             ),
             storage_url=StorageURL.parse(get("BATCHSVC_STORAGE_URL", "file://")),
             metrics_enabled=_bool("BATCHSVC_METRICS", get("BATCHSVC_METRICS", "true")),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchsvc.errors import ConfigError
-from batchsvc.settings import DEFAULT_CONFIG, RedisSentinel, Settings, StorageURL
+from batchsvc.settings import DEFAULT_CONFIG, RateLimit, RedisSentinel, Settings, StorageURL
 
 
 def test_defaults_with_an_empty_environment() -> None:
@@ -30,6 +30,11 @@ def test_defaults_with_an_empty_environment() -> None:
     assert settings.stuck_after_s == 60.0
     assert settings.completion_window_s == 86_400
     assert settings.file_retention_s == 2_592_000
+    assert settings.batch_retention_s == 2_592_000
+    assert settings.rate_limit == RateLimit(requests=6000, period_s=60)
+    assert settings.max_active_batches == 100
+    assert settings.max_queued_lines == 500_000
+    assert settings.max_body_bytes == 1_048_576
     assert settings.storage_url == StorageURL()  # local files...
     assert settings.storage_root == settings.data_dir / "files"  # ...under the data dir
     assert settings.redis_dir == settings.data_dir / "redis"
@@ -59,6 +64,11 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
         "BATCHSVC_STUCK_AFTER_S": "0",
         "BATCHSVC_COMPLETION_WINDOW_S": "120",
         "BATCHSVC_FILE_RETENTION_S": "3600",
+        "BATCHSVC_BATCH_RETENTION_S": "60",
+        "BATCHSVC_RATE_LIMIT": "20/Second",
+        "BATCHSVC_MAX_ACTIVE_BATCHES": "0",
+        "BATCHSVC_MAX_QUEUED_LINES": "7",
+        "BATCHSVC_MAX_BODY_BYTES": "4096",
         "BATCHSVC_STORAGE_URL": "s3://bucket/batchsvc",
         "BATCHSVC_DEMO": "false",
     }
@@ -79,6 +89,11 @@ def test_every_variable_is_read_and_coerced(tmp_path: Path) -> None:
     assert s.stuck_after_s == 0.0
     assert s.completion_window_s == 120
     assert s.file_retention_s == 3600
+    assert s.batch_retention_s == 60
+    assert s.rate_limit == RateLimit(requests=20, period_s=1)
+    assert s.max_active_batches == 0
+    assert s.max_queued_lines == 7
+    assert s.max_body_bytes == 4096
     assert s.storage_url == StorageURL(bucket="bucket", prefix="batchsvc")
     assert s.demo_enabled is False
 
@@ -133,6 +148,11 @@ def test_booleans(raw: str, expected: bool) -> None:
         "BATCHSVC_STUCK_AFTER_S",
         "BATCHSVC_COMPLETION_WINDOW_S",
         "BATCHSVC_FILE_RETENTION_S",
+        "BATCHSVC_BATCH_RETENTION_S",
+        "BATCHSVC_RATE_LIMIT",
+        "BATCHSVC_MAX_ACTIVE_BATCHES",
+        "BATCHSVC_MAX_QUEUED_LINES",
+        "BATCHSVC_MAX_BODY_BYTES",
         "BATCHSVC_STORAGE_URL",
         "BATCHSVC_STORAGE",
     ],
@@ -170,6 +190,15 @@ def test_a_blank_variable_means_its_default(name: str) -> None:
         ("BATCHSVC_COMPLETION_WINDOW_S", "1.5"),
         ("BATCHSVC_FILE_RETENTION_S", "-5"),
         ("BATCHSVC_FILE_RETENTION_S", "30d"),
+        ("BATCHSVC_BATCH_RETENTION_S", "0"),
+        ("BATCHSVC_RATE_LIMIT", "100"),
+        ("BATCHSVC_RATE_LIMIT", "0/second"),
+        ("BATCHSVC_RATE_LIMIT", "-5/minute"),
+        ("BATCHSVC_RATE_LIMIT", "10/day"),
+        ("BATCHSVC_RATE_LIMIT", "1.5/second"),
+        ("BATCHSVC_MAX_ACTIVE_BATCHES", "-1"),
+        ("BATCHSVC_MAX_QUEUED_LINES", "lots"),
+        ("BATCHSVC_MAX_BODY_BYTES", "100"),
         ("BATCHSVC_STORAGE", "s3"),
         ("BATCHSVC_STORAGE_URL", "s3://"),
         ("BATCHSVC_STORAGE_URL", "s3:///prefix"),
@@ -358,3 +387,8 @@ def test_passwords_stay_out_of_the_settings_repr() -> None:
         }
     )
     assert "secret" not in repr(s)
+
+
+@pytest.mark.parametrize("raw", ["off", "OFF", "0", "none"])
+def test_the_rate_limit_can_be_turned_off(raw: str) -> None:
+    assert Settings.from_env({"BATCHSVC_RATE_LIMIT": raw}).rate_limit is None
