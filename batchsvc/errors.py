@@ -134,6 +134,43 @@ class PayloadTooLarge(BatchsvcError):
     default_code = "file_too_large"
 
 
+class RequestTooLarge(BatchsvcError):
+    """413 for a request body over the endpoint's cap (``BATCHSVC_MAX_BODY_BYTES``), answered
+    from ``Content-Length`` before the body is read (or as soon as a chunked body passes it)."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body is larger than this endpoint accepts ({limit} bytes)")
+
+
+class RateLimited(BatchsvcError):
+    """429 ``rate_limit_exceeded``: the project sent more requests than ``BATCHSVC_RATE_LIMIT``
+    allows. Transient, so the SDK's retry (which honours ``Retry-After``) is the right move;
+    ``Retry-After`` is an extension the spec does not send (README, compatibility notes)."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class ProjectCapReached(BatchsvcError):
+    """429 for a create past a project's cap (``active_batch_limit``, ``queued_line_limit``).
+    Only the project's batches ending frees room, which takes far longer than the SDK's
+    retries, so the SDK is told not to retry."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message, code=code, headers={"x-should-retry": "false"})
+
+
 class StorageError(BatchsvcError):
     default_code = "storage_error"
 
