@@ -2,7 +2,9 @@
 
 A deleted file keeps its record for audit (``deleted_at``) but leaves every index, so list,
 retrieve and download all answer 404 for it. A file past ``expires_at`` behaves as deleted until
-the retention sweep removes its bytes.
+the retention sweep removes its bytes. The audit record itself is kept one more retention period
+after the delete, then the sweep removes it: records of deleted files must not pile up in Redis
+for as long as the service runs.
 """
 
 from __future__ import annotations
@@ -17,10 +19,26 @@ import redis
 
 from batchsvc.ids import canonical_file_id
 from batchsvc.paging import SEQ_KEY, Page, page_ids
-from batchsvc.redis_types import HashMapping, members, text_fields
+from batchsvc.redis_types import HashMapping, members, text, text_fields
 
 PURPOSES = ("batch", "batch_output")
 EXPIRY_INDEX = "bs:files:expiry"
+#: Deleted files (by a client or at the end of their retention) by when they were deleted.
+DELETED_INDEX = "bs:files:deleted"
+#: Present once the files deleted before :data:`DELETED_INDEX` existed have been indexed.
+DELETED_BACKFILLED = "bs:files:deleted:backfilled"
+
+# KEYS: the file's hash, its project's index, its purpose's index, the expiry index, the
+# deleted index. ARGV: file id, now. Marks and unindexes in one step: a crash in between would
+# leave a deleted file listed, or one never indexed as deleted and so kept forever.
+_MARK_DELETED = """
+if redis.call('HSETNX', KEYS[1], 'deleted_at', ARGV[2]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+return 1
+"""
 
 
 def _file_key(file_id: str) -> str:
@@ -86,6 +104,7 @@ class FileStore:
         self.r = client
         self.retention_s = retention_s
         self.clock = clock
+        self._mark_deleted = client.register_script(_MARK_DELETED)
 
     def now(self) -> int:
         return int(self.clock())
@@ -194,14 +213,14 @@ class FileStore:
     def mark_deleted(self, record: FileRecord) -> bool:
         """Soft-delete: keep the record with ``deleted_at``, drop it from every index.
         Returns ``False`` if another request deleted it first."""
-        if not self.r.hsetnx(_file_key(record.id), "deleted_at", self.now()):
-            return False
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(_index_key(record.project_id, None), record.id)
-        pipe.zrem(_index_key(record.project_id, record.purpose), record.id)
-        pipe.zrem(EXPIRY_INDEX, record.id)
-        pipe.execute()
-        return True
+        keys = [
+            _file_key(record.id),
+            _index_key(record.project_id, None),
+            _index_key(record.project_id, record.purpose),
+            EXPIRY_INDEX,
+            DELETED_INDEX,
+        ]
+        return bool(self._mark_deleted(keys=keys, args=[record.id, self.now()]))
 
     def forget(self, file_id: str, project_id: str | None, purpose: str | None) -> None:
         """Drop ``file_id`` from every index, whatever state its record is in (the retention
@@ -217,3 +236,50 @@ class FileStore:
     def expired_ids(self, now: int, limit: int = 1000) -> Iterator[str]:
         """Files whose retention ran out (for the retention sweep)."""
         yield from members(self.r.zrangebyscore(EXPIRY_INDEX, 0, now, start=0, num=limit))
+
+    def purge_deleted(self, now: int, limit: int = 1000) -> int:
+        """Remove the records of files deleted more than one retention period before ``now``
+        (at most ``limit`` of them); returns how many."""
+        file_ids = members(
+            self.r.zrangebyscore(DELETED_INDEX, 0, now - self.retention_s, start=0, num=limit)
+        )
+        if not file_ids:
+            return 0
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(*(_file_key(file_id) for file_id in file_ids))
+        pipe.zrem(DELETED_INDEX, *file_ids)
+        pipe.execute()
+        return len(file_ids)
+
+    def index_deleted_once(self, chunk: int = 1000) -> int:
+        """Index the files deleted before :data:`DELETED_INDEX` existed, once per
+        installation (a marker key says it was done); returns how many.
+
+        A one-time ``SCAN`` of the file records: nothing else names them.
+        """
+        if not self.r.set(DELETED_BACKFILLED, self.now(), nx=True):
+            return 0
+        indexed = 0
+        batch: builtins.list[str] = []
+
+        def flush() -> int:
+            pipe = self.r.pipeline(transaction=False)
+            for key in batch:
+                pipe.hmget(key, ["id", "deleted_at"])
+            found = {
+                text(file_id): int(deleted_at)
+                for file_id, deleted_at in pipe.execute()
+                if file_id is not None and deleted_at is not None
+            }
+            if found:
+                self.r.zadd(DELETED_INDEX, found, nx=True)
+            batch.clear()
+            return len(found)
+
+        for key in self.r.scan_iter(match=_file_key("*"), count=chunk):
+            batch.append(text(key))
+            if len(batch) >= chunk:
+                indexed += flush()
+        if batch:
+            indexed += flush()
+        return indexed

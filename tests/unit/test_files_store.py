@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchsvc.files import FileRecord, FileStore
+from batchsvc.files import DELETED_INDEX, FileRecord, FileStore
 from batchsvc.ids import new_file_id
 from batchsvc.storage import upload_key
 from tests.factories import RETENTION_S, T0, FakeClock, fake_redis
@@ -253,3 +253,47 @@ def test_to_api_parses_as_the_openai_sdks_file_object() -> None:
             "processed",
             T0 + RETENTION_S,
         )
+
+
+def test_a_deleted_files_record_is_removed_one_retention_period_after_the_delete() -> None:
+    # Given a file deleted at T0 + 5 and one still live
+    clock = FakeClock()
+    store = make_store(clock)
+    deleted = add(store)
+    live = add(store)
+    clock.advance(5)
+    store.mark_deleted(deleted)
+    # When the sweep purges just before, then at, the end of the audit period
+    assert store.purge_deleted(T0 + 5 + RETENTION_S - 1) == 0
+    assert store.get_any(deleted.id) is not None
+    assert store.purge_deleted(T0 + 5 + RETENTION_S) == 1
+    # Then the record is gone with its index entry, and the live file is untouched
+    assert store.get_any(deleted.id) is None
+    assert store.r.zcard(DELETED_INDEX) == 0
+    assert store.get(PROJECT, live.id) == live
+    assert store.purge_deleted(T0 + 10 * RETENTION_S) == 0
+
+
+def test_purging_takes_at_most_limit_records_a_pass() -> None:
+    store = make_store()
+    for record in [add(store) for _ in range(5)]:
+        store.mark_deleted(record)
+    assert store.purge_deleted(T0 + RETENTION_S, limit=3) == 3
+    assert store.purge_deleted(T0 + RETENTION_S, limit=3) == 2
+
+
+def test_files_deleted_before_the_deleted_index_existed_are_indexed_once() -> None:
+    # Given two records deleted the old way (deleted_at, no index entry) and a live one
+    clock = FakeClock()
+    store = make_store(clock)
+    old = [add(store), add(store)]
+    live = add(store)
+    for record in old:
+        store.r.hset(f"bs:file:{record.id}", "deleted_at", T0)
+    # When the one-time backfill runs (twice: the second does nothing)
+    assert store.index_deleted_once(chunk=2) == 2
+    assert store.index_deleted_once() == 0
+    # Then they are purged like any deleted file, and the live one stays
+    assert store.purge_deleted(T0 + RETENTION_S) == 2
+    assert all(store.get_any(record.id) is None for record in old)
+    assert store.get(PROJECT, live.id) == live
