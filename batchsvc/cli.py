@@ -95,6 +95,13 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    """Every key (of one project with ``PROJECT``) by its prefix, never the key itself."""
+    keys = ProjectStore(_connect(settings)).list_keys(args.project)
+    _emit([key.to_dict() for key in keys])
+    return 0
+
+
 def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     revoked = ProjectStore(_connect(settings)).revoke(args.prefix)
     _emit({"prefix": args.prefix, "revoked": revoked})
@@ -578,6 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate = keys.add_parser("create", help="issue another key for a project")
     kcreate.add_argument("--project", required=True)
     kcreate.set_defaults(func=cmd_keys_create)
+    klist = keys.add_parser(
+        "list",
+        help="list keys by prefix: project, created_at, status (active or revoked), revoked_at, "
+        "last_used_at (to the minute)",
+    )
+    klist.add_argument("project", nargs="?", help="only this project's keys")
+    klist.set_defaults(func=cmd_keys_list)
     revoke = keys.add_parser("revoke", help="revoke the key(s) with this 12-character prefix")
     revoke.add_argument("prefix")
     revoke.set_defaults(func=cmd_keys_revoke)

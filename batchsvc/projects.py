@@ -4,6 +4,19 @@ A key is shown once, at creation, and stored only as its SHA-256 (a key is 240 r
 fast hash is enough; a slow KDF would only add latency to every request). Lookup goes by the
 hash, and the stored hash is compared with ``hmac.compare_digest`` so no step depends on the
 secret's bytes in a data-dependent way.
+
+A key record (``bs:apikey:<sha256>``) also keeps when it was made, whether it is still active and
+when it was revoked, and ``last_used_at``: the last time it authenticated, to the minute.
+Authentication runs on every API request, so that write must cost the common path nothing: the
+read authentication already makes brings ``last_used_at`` back with the rest, and only a key
+last marked :data:`LAST_USED_RESOLUTION_S` or more ago is written, by a small script that checks
+again in Redis (so concurrent requests write it once). Each key pays one more round trip a
+minute at most, and a key that fails to authenticate writes nothing (unlike a marker key per
+presented key, which unknown keys would create). The write is bookkeeping: when Redis refuses
+it (a primary short of replicas, out of memory) the request goes on and a warning is logged.
+
+Each project's keys are indexed (``bs:project-keys:<project>``) for ``batchsvc keys list``; keys
+made before the index existed are added to it by the first listing (:meth:`ProjectStore.list_keys`).
 """
 
 from __future__ import annotations
@@ -17,13 +30,53 @@ from dataclasses import dataclass
 
 import redis
 
+from batchsvc import logs
 from batchsvc.errors import InvalidCredentials, InvalidRequest, NotFound
 from batchsvc.ids import new_api_key, new_project_id
 from batchsvc.redis_types import members, text, text_fields
 
+log = logs.get_logger("batchsvc.projects")
+
 KEY_PREFIX_LEN = 12
+#: ``last_used_at`` is written at most this often per key (seconds): it is a key's last use to
+#: the minute, which is what deciding whether a key is still in use needs.
+LAST_USED_RESOLUTION_S = 60
 _PROJECTS = "bs:projects"
 _SEQ = "bs:seq"
+#: Set once every key made before the per-project index existed has been added to it.
+_KEYS_INDEXED = "bs:apikeys-indexed"
+#: A key record's fields as ``keys list`` reads them (:func:`_parse_key`).
+_KEY_FIELDS = (
+    "digest",
+    "project_id",
+    "prefix",
+    "created_at",
+    "active",
+    "revoked_at",
+    "last_used_at",
+)
+
+# Mark a key used: only a key record that exists (never create one), and only when its mark is
+# at least ARGV[2] seconds old, checked here again so that concurrent requests write it once.
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local last = redis.call('HGET', KEYS[1], 'last_used_at')
+if last and tonumber(ARGV[1]) - tonumber(last) < tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'last_used_at', ARGV[1])
+return 1
+"""
+# Revoke an active key and record when; a key revoked already keeps its first revoked_at.
+_REVOKE = """
+if redis.call('HGET', KEYS[1], 'active') == '1' then
+  redis.call('HSET', KEYS[1], 'active', '0', 'revoked_at', ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 def _project_key(project_id: str) -> str:
@@ -36,6 +89,11 @@ def _api_key_key(digest: str) -> str:
 
 def _prefix_key(prefix: str) -> str:
     return f"bs:apikey-prefix:{prefix}"
+
+
+def _project_keys_key(project_id: str) -> str:
+    """A project's keys: a sorted set of their digests, scored by creation time."""
+    return f"bs:project-keys:{project_id}"
 
 
 def hash_key(api_key: str) -> str:
@@ -73,10 +131,36 @@ class IssuedKey:
     prefix: str
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """What ``batchsvc keys list`` shows of a key: its prefix, never the key. Times are Unix
+    seconds; ``revoked_at`` is ``None`` for a key revoked before it was recorded, and
+    ``last_used_at`` for a key not used since it was (see the module docstring)."""
+
+    prefix: str
+    project_id: str
+    created_at: int
+    active: bool
+    revoked_at: int | None
+    last_used_at: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "prefix": self.prefix,
+            "project_id": self.project_id,
+            "created_at": self.created_at,
+            "status": "active" if self.active else "revoked",
+            "revoked_at": self.revoked_at,
+            "last_used_at": self.last_used_at,
+        }
+
+
 class ProjectStore:
     def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.time) -> None:
         self.r = client
         self.clock = clock
+        self._touch = client.register_script(_TOUCH)
+        self._revoke = client.register_script(_REVOKE)
 
     def create_project(
         self, name: str, models: list[str] | None = None, weight: int = 1
@@ -143,33 +227,77 @@ class ProjectStore:
         api_key = new_api_key()
         digest = hash_key(api_key)
         prefix = api_key[:KEY_PREFIX_LEN]
+        now = self.clock()
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(
             _api_key_key(digest),
             mapping={
                 "project_id": project_id,
                 "prefix": prefix,
-                "created_at": int(self.clock()),
+                "created_at": int(now),
                 "active": 1,
                 "digest": digest,
             },
         )
         pipe.sadd(_prefix_key(prefix), digest)
+        # Scored by the clock's own value, finer than created_at: keys made within one second
+        # still list in the order they were made.
+        pipe.zadd(_project_keys_key(project_id), {digest: now})
         pipe.execute()
         return IssuedKey(project_id=project_id, api_key=api_key, prefix=prefix)
 
+    def list_keys(self, project_id: str | None = None) -> list[KeyInfo]:
+        """Every key of ``project_id``, or of every project (in project order), oldest first,
+        revoked ones included.
+
+        Raises:
+            NotFound: no such project.
+        """
+        if project_id is not None and self.get_project(project_id) is None:
+            raise NotFound(f"Project not found: {project_id}")
+        self._index_old_keys()
+        project_ids = (
+            [project_id] if project_id is not None else members(self.r.zrange(_PROJECTS, 0, -1))
+        )
+        pipe = self.r.pipeline(transaction=False)
+        for pid in project_ids:
+            pipe.zrange(_project_keys_key(pid), 0, -1)
+        digests = [d for reply in pipe.execute() for d in members(reply)]
+        pipe = self.r.pipeline(transaction=False)
+        for digest in digests:
+            pipe.hmget(_api_key_key(digest), _KEY_FIELDS)
+        return [
+            info for info in (_parse_key(reply) for reply in pipe.execute()) if info is not None
+        ]
+
+    def _index_old_keys(self) -> None:
+        """Add the keys made before the per-project index existed to it, once per Redis: a scan
+        of the key space, which is why it is done by the admin's listing and not by requests.
+        Safe to run twice at once (adding a key to the index is idempotent), and keys made
+        meanwhile index themselves."""
+        if self.r.exists(_KEYS_INDEXED):
+            return
+        found = [text(k) for k in self.r.scan_iter(match=_api_key_key("*"), count=1000)]
+        pipe = self.r.pipeline(transaction=False)
+        for name in found:
+            pipe.hmget(name, ["digest", "project_id", "created_at"])
+        indexing = self.r.pipeline(transaction=False)
+        for reply in pipe.execute():
+            digest, owner, created_at = (text(v) if v is not None else "" for v in reply)
+            if digest and owner:
+                indexing.zadd(_project_keys_key(owner), {digest: int(created_at or 0)}, nx=True)
+        indexing.set(_KEYS_INDEXED, 1)
+        indexing.execute()
+
     def revoke(self, prefix: str) -> int:
-        """Deactivate every key starting with ``prefix`` (its first 12 characters); returns how
-        many were revoked."""
+        """Deactivate every key starting with ``prefix`` (its first 12 characters) and record
+        when (``revoked_at``); returns how many were revoked. Authentication reads the record
+        on every request, so the next request with a revoked key is refused."""
         if len(prefix) < KEY_PREFIX_LEN:
             raise NotFound(f"a key prefix has {KEY_PREFIX_LEN} characters, got {prefix!r}")
         digests = [text(d) for d in self.r.smembers(_prefix_key(prefix[:KEY_PREFIX_LEN]))]
-        revoked = 0
-        for digest in digests:
-            if self.r.hget(_api_key_key(digest), "active") == b"1":
-                self.r.hset(_api_key_key(digest), "active", 0)
-                revoked += 1
-        return revoked
+        now = int(self.clock())
+        return sum(int(self._revoke(keys=[_api_key_key(d)], args=[now])) for d in digests)
 
     def authenticate(self, api_key: str, project_id: str | None) -> Project:
         """The project an active key belongs to; with ``project_id`` the key must belong to it.
@@ -178,7 +306,7 @@ class ProjectStore:
             InvalidCredentials: unknown or inactive key, or a key of another project.
         """
         digest = hash_key(api_key)
-        fields = ["digest", "project_id", "active"]
+        fields = ["digest", "project_id", "active", "last_used_at"]
         if project_id is None:
             stored, raw_project = self.r.hmget(_api_key_key(digest), fields), None
         else:
@@ -189,7 +317,7 @@ class ProjectStore:
             # (bytes: a header value is any string, and redis-py would refuse a lone surrogate)
             pipe.hgetall(_project_key(project_id).encode("utf-8", "surrogatepass"))
             stored, raw_project = pipe.execute()
-        stored_digest, owner, active = (text(v) if v is not None else "" for v in stored)
+        stored_digest, owner, active, last_used = (text(v) if v is not None else "" for v in stored)
         if not hmac.compare_digest(stored_digest.encode(), digest.encode()) or active != "1":
             raise InvalidCredentials()
         if project_id is None:
@@ -200,7 +328,24 @@ class ProjectStore:
             raise InvalidCredentials()
         if project is None:
             raise InvalidCredentials()
+        self._mark_used(digest, api_key[:KEY_PREFIX_LEN], last_used)
         return project
+
+    def _mark_used(self, digest: str, prefix: str, last_used: str) -> None:
+        """Write the key's ``last_used_at`` when its mark is stale (see the module docstring);
+        ``last_used`` is the mark authentication read, ``""`` for none."""
+        now = int(self.clock())
+        if last_used and now - int(last_used) < LAST_USED_RESOLUTION_S:
+            return
+        try:
+            self._touch(keys=[_api_key_key(digest)], args=[now, LAST_USED_RESOLUTION_S])
+        except redis.RedisError as exc:
+            # The key did authenticate: losing a usage mark must not refuse the request.
+            log.warning(
+                "api key last_used_at not written",
+                prefix=prefix,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
 
 def _parse_project(raw: Mapping[bytes | str, bytes | str] | None) -> Project | None:
@@ -211,6 +356,23 @@ def _parse_project(raw: Mapping[bytes | str, bytes | str] | None) -> Project | N
     # Projects made before weights existed have none: the default share.
     weight = int(fields.get("weight") or 1)
     return Project(fields["id"], fields["name"], int(fields["created_at"]), models, weight)
+
+
+def _parse_key(reply: list[bytes | None]) -> KeyInfo | None:
+    """A key record read with ``HMGET`` of :data:`_KEY_FIELDS` (``None``: no such record)."""
+    digest, owner, prefix, created_at, active, revoked_at, last_used = (
+        text(v) if v is not None else None for v in reply
+    )
+    if not digest or owner is None or prefix is None:
+        return None
+    return KeyInfo(
+        prefix=prefix,
+        project_id=owner,
+        created_at=int(created_at or 0),
+        active=active == "1",
+        revoked_at=int(revoked_at) if revoked_at else None,
+        last_used_at=int(last_used) if last_used else None,
+    )
 
 
 def _check_weight(weight: int) -> None:

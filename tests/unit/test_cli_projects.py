@@ -1,9 +1,11 @@
 """``batchsvc projects create/update/list`` with weights (issue 12: weights are set with the admin
-CLI and shown by ``projects list``), run in process on fakeredis."""
+CLI and shown by ``projects list``) and ``batchsvc keys create/list/revoke`` (issue 16: the key
+lifecycle), run in process on fakeredis."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,57 @@ def test_web_makes_the_demo_project_only_when_asked(
     assert [p["name"] for p in listed(run).values()] == (["demo"] if demo == "true" else [])
     assert ("API key:" in said) is (demo == "true")
     assert ("no demo project" in said) is (demo == "false")
+
+
+# -- keys (issue 16: the key lifecycle) ----------------------------------------------------------
+
+
+def test_keys_list_shows_each_key_by_prefix_with_its_status_and_times(run: Cli) -> None:
+    # Given project A with two keys, the first used and the second revoked, and project B
+    start = int(time.time())
+    _, a, _ = run("projects", "create", "--name", "a")
+    _, a2, _ = run("keys", "create", "--project", a["project_id"])
+    _, b, _ = run("projects", "create", "--name", "b")
+    ProjectStore(run.redis).authenticate(a["api_key"], a["project_id"])
+    code, revoked, _ = run("keys", "revoke", a2["api_key"][:12])
+    assert code == 0 and revoked == {"prefix": a2["api_key"][:12], "revoked": 1}
+    end = int(time.time())
+    # When every key is listed
+    code, keys, err = run("keys", "list")
+    # Then one JSON line lists them in project order, by prefix only, with status and times
+    assert code == 0 and err == ""
+    assert [(k["prefix"], k["project_id"], k["status"]) for k in keys] == [
+        (a["api_key"][:12], a["project_id"], "active"),
+        (a2["api_key"][:12], a["project_id"], "revoked"),
+        (b["api_key"][:12], b["project_id"], "active"),
+    ]
+    for key in keys:
+        assert set(key) == {
+            "prefix",
+            "project_id",
+            "created_at",
+            "status",
+            "revoked_at",
+            "last_used_at",
+        }
+        assert start <= key["created_at"] <= end
+    used, gone, unused = keys
+    assert start <= used["last_used_at"] <= end and used["revoked_at"] is None
+    assert start <= gone["revoked_at"] <= end and gone["last_used_at"] is None
+    assert unused["last_used_at"] is None and unused["revoked_at"] is None
+    out = json.dumps(keys)
+    for secret in (a["api_key"], a2["api_key"], b["api_key"]):
+        assert secret not in out
+    # And with a project, only its keys
+    code, only_b, _ = run("keys", "list", b["project_id"])
+    assert code == 0 and only_b == [unused]
+
+
+def test_keys_list_with_no_keys_is_an_empty_list(run: Cli) -> None:
+    assert run("keys", "list") == (0, [], "")
+
+
+def test_keys_list_of_an_unknown_project_fails_with_a_message(run: Cli) -> None:
+    code, out, err = run("keys", "list", "proj_missing")
+    assert (code, out) == (2, None)
+    assert "Project not found: proj_missing" in err

@@ -1,14 +1,23 @@
-"""batchsvc.projects: projects, hashed API keys and authentication (spec 2.2, 2.3)."""
+"""batchsvc.projects: projects, hashed API keys and authentication (spec 2.2, 2.3), and the key
+lifecycle (issue 16): last_used_at, revoked_at, listing."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from batchsvc.errors import InvalidCredentials, InvalidRequest, NotFound
-from batchsvc.projects import KEY_PREFIX_LEN, ProjectStore, hash_key
+from batchsvc.projects import (
+    KEY_PREFIX_LEN,
+    LAST_USED_RESOLUTION_S,
+    KeyInfo,
+    ProjectStore,
+    hash_key,
+)
 from tests.factories import T0, FakeClock, fake_redis, redis_dump
 
 
@@ -190,9 +199,208 @@ def test_authenticating_with_the_project_named_is_one_round_trip() -> None:
     # Every API request authenticates: the key and the named project come back together.
     store = make_store()
     project, key = store.create_project("acme")
+    store.authenticate(key.api_key, project.id)  # its first use writes last_used_at (below)
     assert _round_trips(store, lambda: store.authenticate(key.api_key, project.id)) == 1
     # Without the project header the project is known only from the key: two.
     assert _round_trips(store, lambda: store.authenticate(key.api_key, None)) == 2
+
+
+# -- the key lifecycle: last_used_at, revoked_at, listing ----------------------------------------
+
+
+def key_info(store: ProjectStore, prefix: str) -> KeyInfo:
+    return next(k for k in store.list_keys() if k.prefix == prefix)
+
+
+def test_last_used_at_is_written_on_first_use_then_at_most_once_a_minute() -> None:
+    # Given a key never used
+    clock = FakeClock()
+    store = ProjectStore(fake_redis(), clock=clock)
+    project, key = store.create_project("acme")
+    assert key_info(store, key.prefix).last_used_at is None
+    # When it authenticates, its use is marked
+    store.authenticate(key.api_key, project.id)
+    assert key_info(store, key.prefix).last_used_at == T0
+    # Then for the next 59 s requests cost their one round trip and change nothing
+    clock.advance(LAST_USED_RESOLUTION_S - 1)
+    assert _round_trips(store, lambda: store.authenticate(key.api_key, project.id)) == 1
+    assert _round_trips(store, lambda: store.authenticate(key.api_key, None)) == 2
+    assert key_info(store, key.prefix).last_used_at == T0
+    # And a minute after the mark, the next request moves it, with one more round trip
+    clock.advance(1)
+    assert _round_trips(store, lambda: store.authenticate(key.api_key, project.id)) == 2
+    assert key_info(store, key.prefix).last_used_at == T0 + LAST_USED_RESOLUTION_S
+    # (the bearer path, which has no project header, marks it too)
+    clock.advance(LAST_USED_RESOLUTION_S + 5)
+    store.authenticate(key.api_key, None)
+    assert key_info(store, key.prefix).last_used_at == T0 + 2 * LAST_USED_RESOLUTION_S + 5
+
+
+def test_two_requests_that_both_read_a_stale_mark_write_it_once() -> None:
+    # Given two API processes on one Redis, and a key last marked over a minute ago
+    clock = FakeClock()
+    redis_client = fake_redis()
+    first, second = ProjectStore(redis_client, clock=clock), ProjectStore(redis_client, clock=clock)
+    project, key = first.create_project("acme")
+    first.authenticate(key.api_key, project.id)
+    stale = str(T0)
+    clock.advance(LAST_USED_RESOLUTION_S)
+    # When both read that mark before either wrote (the second writing a second later)
+    first._mark_used(hash_key(key.api_key), key.prefix, stale)
+    clock.advance(1)
+    second._mark_used(hash_key(key.api_key), key.prefix, stale)
+    # Then the script's own check keeps the first write
+    assert key_info(first, key.prefix).last_used_at == T0 + LAST_USED_RESOLUTION_S
+
+
+def test_a_key_that_fails_to_authenticate_marks_nothing_and_creates_nothing() -> None:
+    # Given two projects and a revoked key
+    clock = FakeClock()
+    store = ProjectStore(fake_redis(), clock=clock)
+    project_a, key_a = store.create_project("a")
+    project_b, _ = store.create_project("b")
+    revoked = store.create_key(project_a.id)
+    store.revoke(revoked.prefix)
+    before = sorted(redis_dump(store.r))
+    # When A's key claims B's project, the revoked key is used, and unknown keys are tried
+    clock.advance(3600)
+    for api_key, project_id in [
+        (key_a.api_key, project_b.id),
+        (revoked.api_key, project_a.id),
+        (revoked.api_key, None),
+        ("bsk_" + "x" * 40, project_a.id),
+        ("bsk_" + "y" * 40, None),
+    ]:
+        with pytest.raises(InvalidCredentials):
+            store.authenticate(api_key, project_id)
+    # Then Redis holds exactly what it held: no mark, no record for an unknown key
+    assert sorted(redis_dump(store.r)) == before
+    assert {k.prefix: k.last_used_at for k in store.list_keys()} == {
+        key_a.prefix: None,
+        revoked.prefix: None,
+        store.list_keys(project_b.id)[0].prefix: None,
+    }
+
+
+def test_a_refused_usage_mark_does_not_refuse_the_request(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a Redis that refuses writes (a primary short of replicas) but still reads
+    store = make_store()
+    project, key = store.create_project("acme")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ResponseError("NOREPLICAS Not enough good replicas to write.")
+
+    monkeypatch.setattr(store, "_touch", refuse)
+    # When the key authenticates / Then it is let in, and the lost mark is logged by prefix
+    with caplog.at_level(logging.WARNING, logger="batchsvc.projects"):
+        assert store.authenticate(key.api_key, project.id) == project
+    assert "last_used_at not written" in caplog.text
+    assert key.prefix in caplog.text and key.api_key not in caplog.text
+    assert key_info(store, key.prefix).last_used_at is None
+
+
+def test_revoke_records_revoked_at_once() -> None:
+    # Given a key made at T0
+    clock = FakeClock()
+    store = ProjectStore(fake_redis(), clock=clock)
+    project, key = store.create_project("acme")
+    assert key_info(store, key.prefix) == KeyInfo(
+        prefix=key.prefix,
+        project_id=project.id,
+        created_at=T0,
+        active=True,
+        revoked_at=None,
+        last_used_at=None,
+    )
+    # When it is revoked an hour later
+    clock.advance(3600)
+    assert store.revoke(key.prefix) == 1
+    # Then it lists as revoked then, and revoking it again changes nothing
+    revoked = key_info(store, key.prefix)
+    assert (revoked.active, revoked.revoked_at) == (False, T0 + 3600)
+    assert revoked.to_dict()["status"] == "revoked"
+    clock.advance(60)
+    assert store.revoke(key.prefix) == 0
+    assert key_info(store, key.prefix) == revoked
+
+
+def test_list_keys_lists_each_project_s_keys_oldest_first_revoked_included() -> None:
+    # Given two projects, A with three keys (one revoked), B with one
+    clock = FakeClock()
+    store = ProjectStore(fake_redis(), clock=clock)
+    project_a, a1 = store.create_project("a")
+    clock.advance(1)
+    project_b, b1 = store.create_project("b")
+    clock.advance(0.25)  # within the same second: still listed after b1's project's
+    a2 = store.create_key(project_a.id)
+    clock.advance(0.25)
+    a3 = store.create_key(project_a.id)
+    store.revoke(a2.prefix)
+    # When listed, all or by project
+    everything = store.list_keys()
+    only_a = store.list_keys(project_a.id)
+    # Then in project order, each project's keys oldest first
+    assert [k.prefix for k in everything] == [a1.prefix, a2.prefix, a3.prefix, b1.prefix]
+    assert only_a == everything[:3]
+    assert [k.prefix for k in store.list_keys(project_b.id)] == [b1.prefix]
+    assert [k.active for k in only_a] == [True, False, True]
+    assert [k.created_at for k in everything] == [T0, T0 + 1, T0 + 1, T0 + 1]
+    assert everything[0].to_dict() == {
+        "prefix": a1.prefix,
+        "project_id": project_a.id,
+        "created_at": T0,
+        "status": "active",
+        "revoked_at": None,
+        "last_used_at": None,
+    }
+
+
+def test_list_keys_of_a_missing_project_is_not_found_and_of_none_is_empty() -> None:
+    store = make_store()
+    with pytest.raises(NotFound):
+        store.list_keys("proj_missing")
+    assert store.list_keys() == []
+    project, _ = store.create_project("acme")
+    store.r.delete(f"bs:project-keys:{project.id}")
+    store.r.set("bs:apikeys-indexed", 1)
+    assert store.list_keys(project.id) == []
+
+
+def test_keys_made_before_the_index_existed_are_listed() -> None:
+    # Given keys whose records predate the per-project index (no index, no "indexed" mark)
+    clock = FakeClock()
+    store = ProjectStore(fake_redis(), clock=clock)
+    project, old = store.create_project("acme")
+    clock.advance(10)
+    older_revoked = store.create_key(project.id)
+    store.revoke(older_revoked.prefix)
+    store.r.hdel(f"bs:apikey:{hash_key(older_revoked.api_key)}", "revoked_at")  # as they were
+    store.r.delete(f"bs:project-keys:{project.id}", "bs:apikeys-indexed")
+    # When a key is made since, then the keys are listed
+    clock.advance(10)
+    new = store.create_key(project.id)
+    listed = store.list_keys(project.id)
+    # Then all three are there, oldest first, the old revoked one with no revoked_at
+    assert [(k.prefix, k.active, k.revoked_at) for k in listed] == [
+        (old.prefix, True, None),
+        (older_revoked.prefix, False, None),
+        (new.prefix, True, None),
+    ]
+    # And the index was filled once: a listing no longer scans
+    assert store.r.exists("bs:apikeys-indexed")
+    scans = 0
+    real_scan = store.r.scan
+
+    def counting_scan(*args: Any, **kwargs: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return real_scan(*args, **kwargs)
+
+    store.r.scan = counting_scan  # type: ignore[method-assign]
+    assert store.list_keys() == listed
+    assert scans == 0
 
 
 # -- weights (DESIGN "Sharing the fleet") --------------------------------------------------------
