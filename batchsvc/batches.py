@@ -1,16 +1,33 @@
 """Batch records (spec 5.2) and their per-line results, in Redis.
 
-Three things here must be atomic, so each is one Lua script:
+These must be atomic, so each is one Lua script:
 
-- a status transition (compare-and-set on ``status``, with its timestamp);
+- a create: the project's caps (batches not yet ended, lines not yet recorded in them; issue
+  16) are checked and the batch committed in one step, so two creates at once cannot both slip
+  past a cap;
+- a status transition (compare-and-set on ``status``, with its timestamp); a terminal one
+  also moves the batch from the active indexes to the ended index;
 - recording a line's result: only the first record of a line index is kept, and only that one
   increments ``completed`` or ``failed`` (a redelivered line never counts twice), and nothing is
   recorded once the batch is sealed for assembly;
 - short-circuiting the lines that never started (cancel, expiry): every index with neither a
-  record nor a live lease gets the given error line.
+  record nor a live lease gets the given error line;
+- removing an ended batch once its retention has run out: its record and its place in every
+  index go together, so a listing sees it whole or not at all.
+
+The indexes, all sorted sets (keys in :mod:`batchsvc.keys`): the project's listing
+(``bs:batches:<project>``, by creation sequence); the batches not yet ended, globally
+(``bs:batches:active``, what the sweeps scan) and per project (``bs:batches:<project>:active``,
+what the caps count), both by ``created_at``; and the ended batches (``bs:batches:ended``, by
+when they ended, what retention removes from). A batch not yet ended is in both active
+indexes, an ended one in the ended index only, and every step that moves it writes all three
+at once. Batches created before
+the per-project and ended indexes existed are indexed once: the first create copies the
+global active index into the per-project ones, and the sweep backfills the ended index.
 
 Per-line records live in one hash per batch and are deleted once written into the result files,
-so Redis memory is bounded by what is in flight.
+so Redis memory is bounded by what is in flight; the batch itself is removed after
+``batch_retention_s`` (:mod:`workers.sweeps`), so it is bounded over months too.
 """
 
 from __future__ import annotations
@@ -20,35 +37,48 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.typing import EncodableT
 
 from batchsvc import lifecycle
+from batchsvc.errors import ProjectCapReached
+from batchsvc.keys import ACTIVE_INDEX as ACTIVE_INDEX
 from batchsvc.keys import (
+    ENDED_BACKFILL,
+    PROJECT_ACTIVE_BACKFILLED,
     batch_key,
+    chord_backend_keys,
     deliveries_key,
     inflight_key,
     inflight_member,
     lease_prefix,
     lines_key,
+    lua_key,
+    project_active_key,
+    project_index_key,
     wake_key,
     window_key,
 )
-from batchsvc.paging import SEQ_KEY, page_ids
+from batchsvc.keys import ENDED_INDEX as ENDED_INDEX
+from batchsvc.paging import SEQ_KEY
 from batchsvc.redis_types import HashMapping, members, text, text_fields
 
 #: A finish step asks for a dispatch at most this often per model (the dispatcher clears the
 #: flag as it starts, so a round under way never hides the next request).
 WAKE_PX = 1000
 
-ACTIVE_INDEX = "bs:batches:active"
+_TERMINAL_LUA = "local terminal = " + lifecycle.lua_set(lifecycle.TERMINAL) + "\n"
 
-# KEYS: batch hash, active index. ARGV: sources (comma-separated), target, timestamp field,
-# now, batch id, "1" if the target is terminal (leave the active index in the same step),
-# "1" if a batch that is expiring (flagged, or past expires_at) must stay as it is, then
-# field/value pairs.
-_TRANSITION = """
+# KEYS: batch hash, active index, ended index. ARGV: sources (comma-separated), target,
+# timestamp field, now, batch id, "1" if the target is terminal, "1" if a batch that is
+# expiring (flagged, or past expires_at) must stay as it is, then field/value pairs.
+# A terminal target leaves both active indexes (the global one and the project's, whose key is
+# built here from the project id in the hash) and joins the ended index at ``now``, in the
+# same step: the caps never count an ended batch, and retention finds every one.
+_TRANSITION = (
+    """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, ''} end
 if ARGV[7] == '1' and (redis.call('HGET', KEYS[1], 'expiring') == '1'
@@ -61,12 +91,135 @@ for source in string.gmatch(ARGV[1], '[^,]+') do
     for i = 8, #ARGV, 2 do
       redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     end
-    if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[5]) end
+    if ARGV[6] == '1' then
+      redis.call('ZREM', KEYS[2], ARGV[5])
+      local project = redis.call('HGET', KEYS[1], 'project_id')
+      if project then redis.call('ZREM', """
+    + lua_key(project_active_key, "project")
+    + """, ARGV[5]) end
+      redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+    end
     return {1, ARGV[2]}
   end
 end
 return {0, status}
 """
+)
+
+# The create: check the project's caps and commit the batch in one step, so two creates at
+# once can never both slip past a cap. The project's active index is the set the caps count;
+# batches that index does not hold yet (created before it existed) are copied in from the
+# global active index the first time any create runs (guarded by a marker key). Members that
+# ended or vanished without leaving it (a process of an older version moved them) are dropped
+# on the way. A batch born terminal (failed at validation) counts for no cap and goes
+# straight to the ended index.
+# KEYS: batch hash, project index, active index, project active index, ended index, sequence
+#       counter, backfill marker.
+# ARGV: batch id, created_at, ended_at ("" unless born terminal), max active (0: no cap),
+#       max queued lines (0: no cap), the batch's lines, "1" to check only, then field/value
+#       pairs.
+# Returns {1, seq} once committed, {-1, active} past the active cap, {-2, queued} past the
+# queued-line cap ({0, 0} for a check that passed).
+_CREATE = (
+    _TERMINAL_LUA
+    + """
+local born_ended = ARGV[3] ~= ''
+if not born_ended then
+  if redis.call('EXISTS', KEYS[7]) == 0 then
+    local all = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+    for i = 1, #all, 2 do
+      local project = redis.call('HGET', """
+    + lua_key(batch_key, "all[i]")
+    + """, 'project_id')
+      if project then redis.call('ZADD', """
+    + lua_key(project_active_key, "project")
+    + """, all[i + 1], all[i]) end
+    end
+    redis.call('SET', KEYS[7], '1')
+  end
+  local max_active, max_queued = tonumber(ARGV[4]), tonumber(ARGV[5])
+  if max_active > 0 or max_queued > 0 then
+    local active, queued = 0, 0
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+      local f = redis.call('HMGET', """
+    + lua_key(batch_key, "id")
+    + """, 'status', 'total', 'completed', 'failed')
+      if not f[1] or terminal[f[1]] then
+        redis.call('ZREM', KEYS[4], id)
+      else
+        active = active + 1
+        local left = tonumber(f[2] or '0') - tonumber(f[3] or '0') - tonumber(f[4] or '0')
+        if left > 0 then queued = queued + left end
+      end
+    end
+    if max_active > 0 and active >= max_active then return {-1, active} end
+    if max_queued > 0 and queued + tonumber(ARGV[6]) > max_queued then return {-2, queued} end
+  end
+end
+if ARGV[7] == '1' then return {0, 0} end
+local seq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 8))
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+if born_ended then
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+else
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+end
+return {1, seq}
+"""
+)
+
+# The removal of an ended batch, in one step, so a listing sees it whole or not at all: its
+# hash, what is left of its per-line data and its chord in Celery's result backend, and its
+# place in every index. A batch not ended is never removed (it only leaves the ended index,
+# which it should never have been in).
+# KEYS: batch hash, lines hash, deliveries hash, active index, ended index, then the chord's
+#       backend keys. ARGV: batch id.
+# Returns 1 if a batch was removed, 0 if there was none, -1 if it has not ended.
+_REMOVE = (
+    _TERMINAL_LUA
+    + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'project_id')
+redis.call('ZREM', KEYS[5], ARGV[1])
+if f[1] and not terminal[f[1]] then return -1 end
+if f[2] then
+  redis.call('ZREM', """
+    + lua_key(project_index_key, "f[2]")
+    + """, ARGV[1])
+  redis.call('ZREM', """
+    + lua_key(project_active_key, "f[2]")
+    + """, ARGV[1])
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('UNLINK', unpack(KEYS, 2, 3))
+redis.call('DEL', KEYS[1], unpack(KEYS, 6))
+if f[1] then return 1 end
+return 0
+"""
+)
+
+# The ended index's backfill: each of ARGV (batch ids) whose batch has ended and is not in
+# the index joins it at its terminal timestamp (``completed_at`` for ``completed``...; its
+# ``created_at`` if it has none). KEYS: ended index. Returns how many joined.
+_INDEX_ENDED = (
+    _TERMINAL_LUA
+    + """
+local added = 0
+for _, id in ipairs(ARGV) do
+  local key = """
+    + lua_key(batch_key, "id")
+    + """
+  local status = redis.call('HGET', key, 'status')
+  if status and terminal[status] then
+    local f = redis.call('HMGET', key, status .. '_at', 'created_at')
+    local at = tonumber(f[1] or f[2] or '0')
+    added = added + redis.call('ZADD', KEYS[1], 'NX', at, id)
+  end
+end
+return added
+"""
+)
 
 _RECORD = """
 local written = 1
@@ -190,12 +343,41 @@ return 0
 """
 
 
-def _index_key(project_id: str) -> str:
-    return f"bs:batches:{project_id}"
-
-
 OK = "o"
 ERR = "e"
+
+#: Keys the ended index's backfill reads per SCAN step.
+_BACKFILL_SCAN_COUNT = 1000
+_BACKFILL_DONE = "done"
+
+
+@dataclass(frozen=True)
+class ProjectCaps:
+    """A project's caps at batch create (0: no cap): batches not yet ended, and lines in them
+    not yet recorded plus the new batch's."""
+
+    max_active_batches: int = 0
+    max_queued_lines: int = 0
+
+    @property
+    def off(self) -> bool:
+        return self.max_active_batches <= 0 and self.max_queued_lines <= 0
+
+    def refusal(self, verdict: int, count: int, lines: int | None) -> ProjectCapReached:
+        """The 429 for the create script's ``verdict`` (-1 active, -2 queued lines)."""
+        retry = "Please try again once some of its batches have ended."
+        if verdict == -1:
+            return ProjectCapReached(
+                f"Active batch limit reached for this project: {count} of "
+                f"{self.max_active_batches} batches not yet ended. {retry}",
+                code="active_batch_limit",
+            )
+        this = f", and this batch has {lines:,}" if lines is not None else ""
+        return ProjectCapReached(
+            f"Queued line limit reached for this project: {count:,} lines queued in its "
+            f"batches not yet ended{this}; the limit is {self.max_queued_lines:,}. {retry}",
+            code="queued_line_limit",
+        )
 
 
 @dataclass(frozen=True)
@@ -316,6 +498,9 @@ class BatchStore:
         self.r = client
         self.clock = clock
         self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
+        self._remove = client.register_script(_REMOVE)
+        self._index_ended = client.register_script(_INDEX_ENDED)
         self._record = client.register_script(_RECORD)
         self._short_circuit = client.register_script(_SHORT_CIRCUIT)
         self._renew = client.register_script(_RENEW)
@@ -342,10 +527,15 @@ class BatchStore:
         total: int = 0,
         errors: dict[str, Any] | None = None,
         timestamps: dict[str, int] | None = None,
+        caps: ProjectCaps | None = None,
     ) -> BatchRecord:
-        """Commit a batch in one transaction: its hash, its project index and (unless terminal)
-        the active index the sweeps scan."""
-        seq = self.r.incr(SEQ_KEY)
+        """Commit a batch in one step: its hash, its project index and, unless it is born
+        terminal, the active indexes (the sweeps', and the project's that ``caps`` count);
+        a batch born terminal joins the ended index instead.
+
+        Raises:
+            ProjectCapReached: the project is at one of ``caps`` (nothing is written).
+        """
         mapping: HashMapping = {
             "id": batch_id,
             "project_id": project_id,
@@ -359,20 +549,68 @@ class BatchStore:
             "completed": 0,
             "failed": 0,
             "metadata": json.dumps(metadata, separators=(",", ":")),
-            "seq": seq,
         }
         if errors is not None:
             mapping["errors"] = json.dumps(errors, separators=(",", ":"))
         mapping.update(timestamps or {})
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(batch_key(batch_id), mapping=mapping)
-        pipe.zadd(_index_key(project_id), {batch_id: seq})
-        if not lifecycle.is_terminal(status):
-            pipe.zadd(ACTIVE_INDEX, {batch_id: created_at})
-        pipe.execute()
+        ended_at = ""
+        if lifecycle.is_terminal(status):
+            ended_at = str((timestamps or {}).get(f"{status}_at", created_at))
+        fields: builtins.list[EncodableT] = []
+        for name, value in mapping.items():
+            fields += [name, value]
+        self._run_create(batch_id, project_id, created_at, ended_at, total, caps, fields)
         record = self.get_any(batch_id)
         assert record is not None
         return record
+
+    def check_caps(self, project_id: str, caps: ProjectCaps, lines: int = 1) -> None:
+        """Whether a batch of ``lines`` would pass the project's caps now, creating nothing: a
+        cheap early answer before validating a large file. Only :meth:`create`'s own check
+        holds against a create running at the same time.
+
+        Raises:
+            ProjectCapReached: it would not.
+        """
+        if not caps.off:
+            self._run_create("", project_id, 0, "", lines, caps, [], check_only=True)
+
+    def _run_create(
+        self,
+        batch_id: str,
+        project_id: str,
+        created_at: int,
+        ended_at: str,
+        lines: int,
+        caps: ProjectCaps | None,
+        fields: builtins.list[EncodableT],
+        *,
+        check_only: bool = False,
+    ) -> None:
+        caps = caps or ProjectCaps()
+        verdict, count = self._create(
+            keys=[
+                batch_key(batch_id),
+                project_index_key(project_id),
+                ACTIVE_INDEX,
+                project_active_key(project_id),
+                ENDED_INDEX,
+                SEQ_KEY,
+                PROJECT_ACTIVE_BACKFILLED,
+            ],
+            args=[
+                batch_id,
+                created_at,
+                ended_at,
+                max(0, caps.max_active_batches),
+                max(0, caps.max_queued_lines),
+                lines,
+                "1" if check_only else "0",
+                *fields,
+            ],
+        )
+        if int(verdict) < 0:
+            raise caps.refusal(int(verdict), int(count), None if check_only else lines)
 
     def get_any(self, batch_id: str) -> BatchRecord | None:
         raw = self.r.hgetall(batch_key(batch_id))
@@ -387,12 +625,89 @@ class BatchStore:
     def list(
         self, project_id: str, *, after: str | None, limit: int
     ) -> tuple[list[BatchRecord], bool]:
-        page = page_ids(self.r, _index_key(project_id), after=after, limit=limit, descending=True)
-        records = [r for r in (self.get_any(i) for i in page.ids) if r is not None]
-        return records, page.has_more
+        """A page of the project's batches, newest first, strictly after ``after`` (an id not
+        in the project gives an empty page, spec open point 12).
+
+        Retention may remove batches while a page is read. Each read goes on from the creation
+        sequence of the last batch seen, never from a rank or an id that a removal could
+        shift or delete, and a batch removed between the index read and the record read is
+        skipped and the page filled from further on: a page is never short while more follow.
+        """
+        key = project_index_key(project_id)
+        bound = "+inf"
+        if after is not None:
+            score = self.r.zscore(key, after)
+            if score is None:
+                return [], False
+            bound = f"({int(score)}"
+        records: list[BatchRecord] = []
+        while True:
+            want = limit - len(records)
+            rows = cast(
+                "builtins.list[tuple[bytes, float]]",
+                self.r.zrevrangebyscore(key, bound, "-inf", start=0, num=want + 1, withscores=True),
+            )
+            page, has_more = rows[:want], len(rows) > want
+            for member, _ in page:
+                record = self.get_any(text(member))
+                if record is not None:
+                    records.append(record)
+            if len(records) >= limit or not has_more:
+                return records, has_more
+            bound = f"({int(page[-1][1])}"
 
     def active_ids(self) -> builtins.list[str]:
         return members(self.r.zrange(ACTIVE_INDEX, 0, -1))
+
+    def project_active_ids(self, project_id: str) -> builtins.list[str]:
+        """The project's batches not yet ended, as its caps count them (oldest first)."""
+        return members(self.r.zrange(project_active_key(project_id), 0, -1))
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def ended_before(self, cutoff: int, limit: int) -> builtins.list[str]:
+        """Up to ``limit`` batches that ended at or before ``cutoff``, the oldest first."""
+        return members(self.r.zrangebyscore(ENDED_INDEX, "-inf", cutoff, start=0, num=limit))
+
+    def remove(self, batch_id: str) -> bool:
+        """Remove an ended batch from Redis in one step (its hash, what is left of its line
+        data and of its chord in the result backend, its place in every index); True if it
+        was there. A batch not ended is left alone. Its dispatch state and stored run files
+        are the caller's to drop first (:meth:`batchsvc.finalize.Finalizer.remove`)."""
+        removed = self._remove(
+            keys=[
+                batch_key(batch_id),
+                lines_key(batch_id),
+                deliveries_key(batch_id),
+                ACTIVE_INDEX,
+                ENDED_INDEX,
+                *chord_backend_keys(batch_id),
+            ],
+            args=[batch_id],
+        )
+        return int(removed) == 1
+
+    def backfill_ended_index(self, max_steps: int = 20) -> bool:
+        """Index the batches that ended before the ended index existed, a bounded part per
+        call (``max_steps`` SCAN steps); True once the whole keyspace has been seen, after
+        which every call returns at once. The SCAN cursor is kept in Redis between calls,
+        so any sweep carries on where the last one stopped; two at once only repeat work
+        (joining the index is NX)."""
+        state = self.r.get(ENDED_BACKFILL)
+        if state is not None and text(state) == _BACKFILL_DONE:
+            return True
+        cursor = int(state or 0)
+        for _ in range(max_steps):
+            cursor, keys = self.r.scan(cursor, match=batch_key("*"), count=_BACKFILL_SCAN_COUNT)
+            prefix = batch_key("")
+            ids = [k for k in (text(key).removeprefix(prefix) for key in keys) if ":" not in k]
+            if ids:
+                self._index_ended(keys=[ENDED_INDEX], args=ids)
+            if cursor == 0:
+                self.r.set(ENDED_BACKFILL, _BACKFILL_DONE)
+                return True
+        self.r.set(ENDED_BACKFILL, cursor)
+        return False
 
     # -- the run state (lifecycle.RunState) ----------------------------------------------------
 
@@ -468,7 +783,9 @@ class BatchStore:
         ]
         for name, value in (fields or {}).items():
             args += [name, value]
-        moved, status = self._transition(keys=[batch_key(batch_id), ACTIVE_INDEX], args=args)
+        moved, status = self._transition(
+            keys=[batch_key(batch_id), ACTIVE_INDEX, ENDED_INDEX], args=args
+        )
         return bool(moved), text(status)
 
     # -- lines -------------------------------------------------------------------------------

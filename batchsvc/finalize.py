@@ -14,6 +14,10 @@ ever sees half a file. The order of the steps is what makes a crash at any point
    that sees a terminal status can download at once.
 
 A retry after a crash redoes only what is missing.
+
+Retention (:meth:`Finalizer.remove`) is the last step of an ended batch's life: once its
+retention has run out, whatever of its run is left goes, then the batch itself in one Redis
+step. Its output and error files are Files with their own retention and stay.
 """
 
 from __future__ import annotations
@@ -146,6 +150,20 @@ class Finalizer:
                 total=batch.total,
             )
         return status
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def remove(self, batch_id: str) -> bool:
+        """Remove an ended batch for good: first what its run may have left (normally dropped
+        at finalize already: line records, dispatch state, input copy, per-model line
+        indexes), then its record and its place in every index in one step, so a listing sees
+        it whole or not at all. True if it was removed; a batch not ended is left alone."""
+        batch = self.batches.get_any(batch_id)
+        if batch is not None and not lifecycle.is_terminal(batch.status):
+            log.error("batch in the ended index has not ended; kept", batch_id=batch_id)
+        else:
+            self._forget_run(batch_id)
+        return self.batches.remove(batch_id)
 
     def _forget_run(self, batch_id: str) -> None:
         """Drop what only the batch's run needed: its line records, its dispatch state, its

@@ -7,7 +7,14 @@ batch stays unfinished forever:
   ``batch_expired``, and it ends ``expired`` once in-flight lines are done (spec open point 16);
 - a cancelling batch is drained again (a line whose lease lapsed with a killed worker);
 - a batch whose lines are all recorded but whose chord callback never ran is finalized;
-- files past their retention lose their bytes and behave as deleted;
+- files past their retention lose their bytes and behave as deleted; the audit record of a
+  deleted file goes one retention period after the delete;
+- batches ended longer ago than their retention (``batch_retention_s``, counted from when they
+  ended) are removed: record, indexes, what is left of their line data, dispatch state, input
+  copy, per-model line indexes and Celery chord keys (their output and error files are Files
+  and follow the files' retention), a bounded number per pass, oldest first. The index of
+  ended batches this reads was born with retention: batches that ended before it are indexed
+  once, by a backfill spread over the first passes (a SCAN whose cursor is kept in Redis);
 - what writes killed midway (an upload, an assembly) left behind is removed: temporary files
   on local storage, incomplete multipart uploads on S3.
 """
@@ -34,12 +41,19 @@ log = logs.get_logger("batchsvc.sweep")
 STORAGE_SCAN_MARK = "bs:sweep:storage-scanned"
 
 
+#: Ended batches removed per pass at most: a pass stays short however many are due, and the
+#: rest go on the next passes (a sweep every 30 s removes over half a million a day).
+BATCH_REMOVALS_PER_PASS = 200
+
+
 @dataclass(frozen=True)
 class SweepReport:
     started: int = 0
     expired: int = 0
     finalized: int = 0
     files_removed: int = 0
+    batches_removed: int = 0
+    file_records_removed: int = 0
 
 
 def sweep(
@@ -51,8 +65,10 @@ def sweep(
     start: Callable[[str], None],
     now: int,
     stuck_after_s: float,
+    batch_retention_s: int,
 ) -> SweepReport:
-    """One pass over the active batches and the expired files, one concern at a time.
+    """One pass over the active batches, the expired files and the batches past their
+    retention, one concern at a time.
 
     Lost line messages are not the sweep's business: the dispatcher's reconciler checks every
     line in flight (:meth:`workers.dispatcher.Dispatcher.reconcile`).
@@ -70,7 +86,14 @@ def sweep(
             started += 1
             continue
         finalized += finalize_if_recorded(batches, finalizer, batch_id)
-    return SweepReport(started, expired, finalized, remove_expired_files(files, storage, now))
+    return SweepReport(
+        started,
+        expired,
+        finalized,
+        remove_expired_files(files, storage, now),
+        remove_ended_batches(batches, finalizer, now, batch_retention_s),
+        remove_deleted_file_records(files, now),
+    )
 
 
 def is_due_to_expire(batch: BatchRecord, now: int) -> bool:
@@ -144,6 +167,39 @@ def remove_expired_files(files: FileStore, storage: Storage, now: int) -> int:
         files.forget(
             file_id, record.project_id if record else None, record.purpose if record else None
         )
+    return removed
+
+
+def remove_deleted_file_records(files: FileStore, now: int) -> int:
+    """Remove the audit records of files deleted one retention period ago or more (a bounded
+    number per pass); returns how many. The first pass indexes the files deleted before the
+    index of deleted files existed."""
+    files.index_deleted_once()
+    return files.purge_deleted(now)
+
+
+def remove_ended_batches(
+    batches: BatchStore,
+    finalizer: Finalizer,
+    now: int,
+    retention_s: int,
+    limit: int = BATCH_REMOVALS_PER_PASS,
+) -> int:
+    """Remove up to ``limit`` batches that ended ``retention_s`` or more before ``now``, the
+    oldest first, each in one step (:meth:`Finalizer.remove`); returns how many. Each pass
+    first carries on the ended index's one-time backfill, so batches that ended before the
+    index existed are removed too."""
+    batches.backfill_ended_index()
+    # Every id read leaves the ended index, removed or not, so the loop always moves on.
+    seen = removed = 0
+    while seen < limit:
+        due = batches.ended_before(now - retention_s, min(100, limit - seen))
+        if not due:
+            break
+        seen += len(due)
+        removed += sum(finalizer.remove(batch_id) for batch_id in due)
+    if removed:
+        log.info("ended batches removed", count=removed, retention_s=retention_s)
     return removed
 
 

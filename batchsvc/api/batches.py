@@ -1,4 +1,5 @@
-"""The Batches API (spec section 4): create (validating synchronously), retrieve, list, cancel."""
+"""The Batches API (spec section 4): create (validating synchronously, within the project's
+caps), retrieve, list, cancel. A batch removed by retention answers like one that never was."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ from batchsvc import lifecycle, logs
 from batchsvc.api import idempotency, schemas
 from batchsvc.api.auth import current_project
 from batchsvc.api.services import Services, services
-from batchsvc.batches import BatchRecord
-from batchsvc.errors import BatchNotFound, Conflict, InvalidRequest, JsonlInvalid, NotFound
+from batchsvc.batches import BatchRecord, ProjectCaps
+from batchsvc.errors import (
+    BatchNotFound,
+    Conflict,
+    InvalidRequest,
+    JsonlInvalid,
+    NotFound,
+    ProjectCapReached,
+)
 from batchsvc.ids import new_batch_id
 from batchsvc.jsonl import validate_jsonl
 from batchsvc.metrics import instruments
@@ -76,9 +84,23 @@ def create() -> Any:
     )
 
 
+def _project_caps(svc: Services) -> ProjectCaps:
+    return ProjectCaps(
+        max_active_batches=svc.settings.max_active_batches,
+        max_queued_lines=svc.settings.max_queued_lines,
+    )
+
+
 def _create() -> dict[str, Any]:
+    """Validate, then commit. The caps are checked twice: cheaply before the input is copied
+    and validated (a project at its cap costs no validation of a large file), and for good in
+    the step that commits the batch, once the line count is known (two creates at once cannot
+    both pass). A create refused at a cap leaves nothing: no batch, no input copy. A file that
+    fails validation after the early check passed leaves its ``failed`` batch even at a full
+    line cap: an ended batch counts for no cap."""
     svc = services()
     project = current_project()
+    caps = _project_caps(svc)
     body: schemas.CreateBatch = CREATE_BATCH.load_body(request.get_json(force=True, silent=True))
     input_file_id = body.input_file_id
     record = svc.files.get(project.id, input_file_id)
@@ -90,6 +112,7 @@ def _create() -> dict[str, Any]:
             code="invalid_request_error",
             param="input_file_id",
         )
+    svc.batches.check_caps(project.id, caps)
     batch_id = new_batch_id()
     created_at = svc.now()
     # The batch holds its own copy (a hard link locally) from now until its lines are
@@ -121,12 +144,17 @@ def _create() -> dict[str, Any]:
         _fail_batch(svc, base, error)
         log.info("batch rejected", batch_id=batch_id, code=error.code, line=error.line)
         raise
-    batch = svc.batches.create(
-        **base,
-        status=lifecycle.IN_PROGRESS,
-        total=summary.total,
-        timestamps={"in_progress_at": svc.now()},
-    )
+    try:
+        batch = svc.batches.create(
+            **base,
+            status=lifecycle.IN_PROGRESS,
+            total=summary.total,
+            timestamps={"in_progress_at": svc.now()},
+            caps=caps,
+        )
+    except ProjectCapReached:
+        svc.storage.delete(input_key)
+        raise
     try:
         svc.dispatcher.start_batch(batch_id)
     except Exception:

@@ -16,10 +16,12 @@ true``: unlike a reused key, retrying that request is exactly right, and the SDK
 
 Which outcomes are kept: a success and every 4xx raised while creating, a schema's
 ``ValidationError`` included (a replay gets the same error, as OpenAI does; a JSONL-invalid
-create keeps its one ``failed`` batch). A 5xx or any other exception releases the claim so a
-retry can run. Once the object is committed nothing here can turn the answer into a 5xx:
-failing to store the answer is logged and the created object is still returned (spec open
-point 13).
+create keeps its one ``failed`` batch), but a 429. A 429 (a project at its cap of active batches
+or queued lines) says "not now": it frees as the project's batches end, and the same request
+with the same key must then run, not replay the refusal. It, a 5xx or any other exception
+releases the claim so a retry can run. Once the object is committed nothing here can turn the
+answer into a 5xx: failing to store the answer is logged and the created object is still
+returned (spec open point 13).
 
 Fingerprints. ``POST /v1/batches``: sha256 of the parsed JSON body canonicalised (sorted keys,
 compact), so key order and whitespace do not matter; a body that is not JSON is hashed as raw
@@ -146,7 +148,7 @@ def respond(
         _keep(store, outcome, 400, api_error(error).envelope())
         raise
     except BatchsvcError as error:
-        if error.status < 500:
+        if error.status < 500 and error.status != 429:
             _keep(store, outcome, error.status, error.envelope())
         else:
             _release(store, outcome)

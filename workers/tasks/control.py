@@ -60,6 +60,7 @@ def sweep() -> None:
         start=lambda batch_id: send_control(START_BATCH, batch_id),
         now=int(now),
         stuck_after_s=ctx.settings.stuck_after_s,
+        batch_retention_s=ctx.settings.batch_retention_s,
     )
     sweeps.remove_abandoned_parts(
         ctx.storage, ctx.redis, now=now, after_s=ctx.settings.abandoned_part_after_s

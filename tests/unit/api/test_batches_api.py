@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from batchsvc.dispatch_store import DispatchStore
+from batchsvc.finalize import Finalizer
 from batchsvc.ids import new_file_id
 from batchsvc.storage import batch_input_key, upload_key
 from tests.factories import SPEC_BATCH_FIELDS
@@ -696,3 +698,133 @@ def test_cancel_a_validation_failed_batch_is_409(tmp_path: Path) -> None:
     response = cancel(env, failed_id)
     assert response.status_code == 409
     assert response.get_json()["error"]["message"] == 'Cannot cancel a batch with status "failed"'
+
+
+# -- per-project caps (issue 16) ------------------------------------------------------------
+
+
+def input_copies(env: ApiEnv) -> list[str]:
+    root = env.storage.root / "batches"
+    return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def assert_cap_refusal(response: Any, code: str) -> None:
+    assert response.status_code == 429, response.get_json()
+    error = response.get_json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("rate_limit_exceeded", code, None)
+    assert response.headers["x-should-retry"] == "false"
+
+
+def end_batch(env: ApiEnv, batch_id: str) -> None:
+    env.batches.transition(batch_id, ["in_progress"], "cancelling")
+    env.batches.transition(batch_id, ["cancelling"], "cancelled")
+
+
+def test_a_create_past_the_active_batch_cap_is_429_and_leaves_nothing(tmp_path: Path) -> None:
+    # Given a project with two batches running, at a cap of two
+    env = make_env(tmp_path, max_active_batches=2)
+    first = new_batch(env)
+    new_batch(env)
+    listed = list_batches(env)["data"]
+    copies = input_copies(env)
+    # When it creates a third from a good file, and one from a bad file
+    refused = create_batch(env, upload_id(env))
+    refused_bad = create_batch(env, upload_id(env, b"not json\n"))
+    # Then both are 429 active_batch_limit, not to be retried by the SDK, and nothing is
+    # left: no batch (not even a failed one), no input copy, no start
+    assert_cap_refusal(refused, "active_batch_limit")
+    assert_cap_refusal(refused_bad, "active_batch_limit")
+    assert list_batches(env)["data"] == listed
+    assert input_copies(env) == copies
+    assert len(env.dispatcher.started) == 2
+    # And another project is not held back
+    assert create_batch(env, upload_id(env, tenant=env.b), tenant=env.b).status_code == 200
+    # When one of the project's batches ends, Then it may create again
+    end_batch(env, first["id"])
+    assert create_batch(env, upload_id(env)).status_code == 200
+
+
+def test_a_create_past_the_queued_line_cap_is_429_after_validation_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    # Given 3 lines queued under a cap of 5
+    env = make_env(tmp_path, max_queued_lines=5)
+    first = new_batch(env, good_jsonl(3))
+    copies = input_copies(env)
+    # When a 3-line batch comes, Then it is refused at the commit (its lines are known only
+    # once validated), its input copy deleted, no batch left
+    response = create_batch(env, upload_id(env, good_jsonl(3)))
+    assert_cap_refusal(response, "queued_line_limit")
+    assert "3 lines queued" in response.get_json()["error"]["message"]
+    assert [b["id"] for b in list_batches(env)["data"]] == [first["id"]]
+    assert input_copies(env) == copies
+    # And a 2-line batch fits (3 + 2 = 5)
+    assert create_batch(env, upload_id(env, good_jsonl(2))).status_code == 200
+    # When lines are recorded, Then room frees up
+    env.batches.record_line(first["id"], 0, True, "{}")
+    assert create_batch(env, upload_id(env, good_jsonl(1))).status_code == 200
+    assert_cap_refusal(create_batch(env, upload_id(env, good_jsonl(1))), "queued_line_limit")
+
+
+def test_zero_caps_let_every_create_through(tmp_path: Path) -> None:
+    env = make_env(tmp_path, max_active_batches=0, max_queued_lines=0)
+    for _ in range(4):
+        assert create_batch(env, upload_id(env, good_jsonl(3))).status_code == 200
+    assert len(list_batches(env)["data"]) == 4
+
+
+def test_a_capped_create_retried_with_its_idempotency_key_runs_again_once_room_frees(
+    tmp_path: Path,
+) -> None:
+    # Given a project at its cap of one
+    env = make_env(tmp_path, max_active_batches=1)
+    running = new_batch(env)
+    file_id = upload_id(env)
+    headers = {**env.a.headers, "Idempotency-Key": "job-42"}
+    body = {"input_file_id": file_id, "endpoint": URL, "completion_window": "24h"}
+    # When a create with a key is refused, Then the 429 is not kept as the key's answer
+    refused = env.client.post("/v1/batches", json=body, headers=headers)
+    assert_cap_refusal(refused, "active_batch_limit")
+    assert "idempotent-replayed" not in refused.headers
+    # When the running batch ends and the same request comes again, Then it creates the
+    # batch, and that answer is the one replayed from then on
+    end_batch(env, running["id"])
+    created = env.client.post("/v1/batches", json=body, headers=headers)
+    assert created.status_code == 200, created.get_json()
+    replayed = env.client.post("/v1/batches", json=body, headers=headers)
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.get_json()["id"] == created.get_json()["id"]
+
+
+# -- retention (issue 16) ---------------------------------------------------------------------
+
+
+def test_a_batch_removed_by_retention_is_404_everywhere(tmp_path: Path) -> None:
+    # Given two batches, one of which ended and was removed by retention
+    env = make_env(tmp_path)
+    gone = new_batch(env)
+    kept = new_batch(env)
+    end_batch(env, gone["id"])
+    finalizer = Finalizer(
+        env.redis, env.batches, env.files, env.storage, DispatchStore(env.redis, env.clock)
+    )
+    assert finalizer.remove(gone["id"])
+    # Then it answers 404 like a batch that never was, and the listing shows only the other
+    response = env.client.get(f"/v1/batches/{gone['id']}", headers=env.a.headers)
+    assert_error(response, 404, f"Batch not found: {gone['id']}", code=None, param=None)
+    assert cancel(env, gone["id"]).status_code == 404
+    assert [b["id"] for b in list_batches(env)["data"]] == [kept["id"]]
+    assert list_batches(env, after=gone["id"])["data"] == []
+
+
+def test_a_bad_file_at_a_full_line_cap_still_leaves_its_failed_batch(tmp_path: Path) -> None:
+    # Given a project whose 3 queued lines fill its line cap (the early check, which assumes
+    # one line, passes only while one more fits: so a cap of 4)
+    env = make_env(tmp_path, max_queued_lines=4)
+    new_batch(env, good_jsonl(3))
+    # When a file that fails validation comes, Then it is the 400 with its failed batch, as
+    # without caps: an ended batch counts for none
+    response = create_batch(env, upload_id(env, b"not json\n"))
+    assert response.status_code == 400
+    statuses = [b["status"] for b in list_batches(env)["data"]]
+    assert statuses == ["failed", "in_progress"]

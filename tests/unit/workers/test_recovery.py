@@ -204,6 +204,7 @@ def test_an_empty_in_flight_set_forgets_its_suspects(tmp_path: Path) -> None:
 # -- sweep: a start that never ran, or stalled ------------------------------------------------
 
 STUCK_AFTER = 60
+BATCH_RETENTION = 30 * 86_400
 
 
 def run_sweep(env: WorkerEnv, now: int, start: Starts | None = None) -> SweepReport:
@@ -217,6 +218,7 @@ def run_sweep(env: WorkerEnv, now: int, start: Starts | None = None) -> SweepRep
         start=start if start is not None else Starts(),
         now=now,
         stuck_after_s=STUCK_AFTER,
+        batch_retention_s=BATCH_RETENTION,
     )
 
 

@@ -44,6 +44,7 @@ from workers.sweeps import (
 )
 
 STUCK_AFTER = 60
+BATCH_RETENTION = 30 * 86_400
 
 
 class Starts:
@@ -69,6 +70,7 @@ def run_sweep(env: WorkerEnv, start: Starts, now: int | None = None) -> SweepRep
         start=start,
         now=int(env.clock()) if now is None else now,
         stuck_after_s=STUCK_AFTER,
+        batch_retention_s=BATCH_RETENTION,
     )
 
 
@@ -317,6 +319,13 @@ def test_expired_file_bytes_are_removed_and_the_file_404s(tmp_path: Path) -> Non
     assert env.storage.exists(upload_key(fresh))
     # And a second sweep has nothing more to do
     assert run_sweep(worker, Starts()).files_removed == 0
+    # Until one more retention period has passed: then the old file's audit record goes too
+    assert env.files.get_any(old) is not None
+    env.clock.advance(2_592_000)
+    report = run_sweep(worker, Starts())
+    assert report.file_records_removed == 1
+    assert env.files.get_any(old) is None
+    assert env.client.get(f"/v1/files/{old}", headers=env.a.headers).status_code == 404
 
 
 def test_odd_retention_entries_leave_the_index_and_never_block_the_sweep(
@@ -366,6 +375,11 @@ def test_one_sweep_takes_each_batch_to_its_own_concern(tmp_path: Path) -> None:
     # one with every line recorded, and one started and partly recorded
     env = make_worker_env(tmp_path)
     old_file = stored_file(env, "file-old")
+    # (and a batch that ended then, whose retention ends with the file's)
+    long_ended = batch_of_lines(env, "a")
+    env.batches.transition(long_ended.id, [lifecycle.IN_PROGRESS], lifecycle.CANCELLING)
+    env.batches.transition(long_ended.id, [lifecycle.CANCELLING], lifecycle.CANCELLED)
+    assert BATCH_RETENTION == RETENTION_S
     env.clock.advance(RETENTION_S - STUCK_AFTER)
     never_started = batch_of_lines(env, "a", "b", "c")
     expiring = batch_of_lines(env, "a", "b", "c")
@@ -384,8 +398,11 @@ def test_one_sweep_takes_each_batch_to_its_own_concern(tmp_path: Path) -> None:
     env.clock.advance(STUCK_AFTER)
     report = run_sweep(env, start)
     # Then each concern saw its batch, and only its batch
-    assert report == SweepReport(started=1, expired=1, finalized=3, files_removed=1)
+    assert report == SweepReport(
+        started=1, expired=1, finalized=3, files_removed=1, batches_removed=1
+    )
     assert start.calls == [never_started.id]
+    assert env.batches.get_any(long_ended.id) is None
     for batch, status in (
         (expiring, lifecycle.EXPIRED),
         (cancelling, lifecycle.CANCELLED),
