@@ -11,6 +11,11 @@ exception, wherever in a request they are raised:
   ``x-should-retry: true``. The SDK would retry a 500 as well, but a 500 says "our bug"; this is
   a passing outage and says so. The type stays in the spec's vocabulary (2.4), where
   ``internal_error`` already means "transient, retry".
+
+A request body over its endpoint's cap is ``413``: the spec's ``file_too_large`` on uploads,
+``request_too_large`` elsewhere (:func:`body_too_large`), whether ``Content-Length`` announced
+it (refused before the body is read) or a chunked body passed the cap while being read
+(werkzeug's ``RequestEntityTooLarge``).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import kombu.exceptions
 import redis.exceptions
 from flask import Flask, Response, g, jsonify, request
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from batchsvc import logs
+from batchsvc.api import uploads
 from batchsvc.api.schemas import ERROR_ENVELOPE, api_error
-from batchsvc.errors import BatchsvcError
+from batchsvc.api.services import services
+from batchsvc.errors import BatchsvcError, RequestTooLarge
 from batchsvc.ids import new_request_id
 
 log = logs.get_logger("batchsvc.api")
@@ -72,6 +79,13 @@ class ServiceUnavailable(BatchsvcError):
         )
 
 
+def body_too_large(limit: int) -> BatchsvcError:
+    """The 413 for the current request's body being over ``limit`` bytes, its endpoint's cap."""
+    if request.endpoint == uploads.UPLOAD_ENDPOINT:
+        return uploads.upload_too_large()
+    return RequestTooLarge(limit)
+
+
 def error_response(error: BatchsvcError) -> Response:
     response = jsonify(ERROR_ENVELOPE.dump(error.envelope()))
     response.status_code = error.status
@@ -98,7 +112,7 @@ def register_error_handlers(app: Flask) -> None:
         response.headers["Access-Control-Allow-Origin"] = "*"
         # Let browser clients read our own headers too.
         response.headers["Access-Control-Expose-Headers"] = (
-            "x-request-id, idempotent-replayed, x-should-retry"
+            "x-request-id, idempotent-replayed, x-should-retry, retry-after"
         )
         return response
 
@@ -129,6 +143,13 @@ def register_error_handlers(app: Flask) -> None:
         if getattr(error, "status_code", None) in UNAVAILABLE_REPLIES:
             return on_store_unavailable(error)
         return on_unexpected(error)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def on_body_too_large(error: RequestEntityTooLarge) -> Response:
+        # Raised by werkzeug's stream once a chunked upload passes request.max_content_length,
+        # set by the app's cap hook with the limit it keeps in g.
+        limit: int = g.get("body_limit") or services().settings.max_body_bytes
+        return error_response(body_too_large(limit))
 
     @app.errorhandler(HTTPException)
     def on_http_exception(error: HTTPException) -> Response:

@@ -7,6 +7,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from batchsvc import logs
 from batchsvc.api import idempotency, schemas
@@ -32,7 +33,12 @@ def _drain() -> None:
     stream = request.stream
     left = _DRAIN_LIMIT
     while left > 0:
-        chunk = stream.read(min(1 << 20, left))
+        try:
+            chunk = stream.read(min(1 << 20, left))
+        except RequestEntityTooLarge:
+            # A chunked body past the request's cap (uploads.max_request_bytes): no more of it
+            # is read, even to drain it (gunicorn drains a little and closes the connection).
+            return
         if not chunk:
             return
         left -= len(chunk)

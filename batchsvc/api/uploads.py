@@ -3,6 +3,11 @@
 The file part is written straight into a storage writer as it arrives (never whole in memory,
 never spooled twice) and the upload stops with 413 as soon as it passes the limit. The storage
 writer is atomic, so an upload that fails half-way leaves nothing behind.
+
+The whole request body is capped too (:func:`max_request_bytes`: the file's limit plus a bounded
+allowance for the multipart envelope): the app answers 413 from ``Content-Length`` before
+reading anything, and stops a chunked body that passes the cap (``batchsvc.api``'s
+``cap_request_body`` hook), so parts this module ignores cannot stream on without end either.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from batchsvc.storage import Storage
 MAX_UPLOAD_BYTES = 104_857_600
 #: A form field other than the file (``purpose``) is tiny; anything bigger is not a form we read.
 MAX_FIELD_BYTES = 65_536
+#: What a whole upload request may carry on top of the file: boundaries, part headers, the
+#: ``purpose`` field (at most :data:`MAX_FIELD_BYTES`) and, with room to spare, any small
+#: fields a client adds.
+UPLOAD_ENVELOPE_BYTES = 1_048_576
+#: The Flask endpoint of ``POST /v1/files`` (``files.upload``), whose body cap is the upload's.
+UPLOAD_ENDPOINT = "files.upload"
 CHUNK = 256 * 1024
 FORM = UploadFormSchema()
 
@@ -44,6 +55,18 @@ class _LenientDecoder(MultipartDecoder):
 
     def _parse_headers(self, data: bytes | bytearray) -> Headers:
         return super()._parse_headers(bytes(data).decode("utf-8", "replace").encode("utf-8"))
+
+
+def max_request_bytes() -> int:
+    """The cap on an upload request's whole body: :data:`MAX_UPLOAD_BYTES` (read at call time,
+    like :func:`receive_upload` does) plus :data:`UPLOAD_ENVELOPE_BYTES`."""
+    return MAX_UPLOAD_BYTES + UPLOAD_ENVELOPE_BYTES
+
+
+def upload_too_large() -> PayloadTooLarge:
+    """The spec's 413 ``file_too_large`` (section 3.1), for a body over :func:`max_request_bytes`
+    as for a file part over :data:`MAX_UPLOAD_BYTES`."""
+    return PayloadTooLarge(f"File exceeds maximum upload size of {MAX_UPLOAD_BYTES} bytes")
 
 
 def clean_filename(raw: str | None) -> str | None:
