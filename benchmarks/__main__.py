@@ -35,6 +35,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         b6_fairness,
         b8_observability,
         b9_fleet,
+        b10_soak,
     )
 
     return {
@@ -46,6 +47,7 @@ def _runners() -> dict[str, tuple[str, Runner]]:
         "B6": ("fairness", b6_fairness.run),
         "B8": ("observability cost", b8_observability.run),
         "B9": ("fleet scaling", b9_fleet.run),
+        "B10": ("soak: nothing piles up", b10_soak.run),
     }
 
 
