@@ -8,10 +8,12 @@ PORT ?= 8000
 MODELS ?=
 CONCURRENCY ?= 8
 PYTEST_ARGS ?=
+# make fuzz: e.g. FUZZ_ARGS="--url http://127.0.0.1:8000 --max-time 3600 --seed 7"
+FUZZ_ARGS ?=
 # make run is read by people: console logs, set here because under honcho stdout is no TTY.
 LOG_FORMAT ?= console
 
-.PHONY: help install run run-worker test test-unit test-integration test-slow lint check-deploy format bench clean
+.PHONY: help install run run-worker test test-unit test-integration test-slow fuzz lint check-deploy format bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +45,9 @@ test-integration: install ## the integration tests (real redis-server, gunicorn,
 
 test-slow: install ## the slow end-to-end tests
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+fuzz: install ## long schemathesis run (10 min) on a stack of its own, or make run's: FUZZ_ARGS="--url http://127.0.0.1:8000"
+	$(BIN)/python -m tests.integration.fuzz $(FUZZ_ARGS)
 
 lint: install ## ruff check, ruff format --check, mypy --strict (batchsvc, workers)
 	$(BIN)/ruff check .

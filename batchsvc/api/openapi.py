@@ -2,8 +2,11 @@
 
 It is generated from the marshmallow schemas of :mod:`batchsvc.api.schemas` by apispec, so the
 document and the validation cannot drift apart; the operations themselves (paths, statuses,
-headers) are written out below, one entry per endpoint of spec section 1, with every error
-status the endpoint answers.
+headers, links) are written out below, one entry per endpoint of spec section 1, with every error
+status the endpoint answers. Where a schema refuses more than its fields' types show (an empty
+upload, a null message, an empty query parameter taken as omitted), the document says so too: a
+client, or the schemathesis runs of the tests (tests/integration/fuzz.py), then never sees a
+schema-valid request refused nor an invalid one accepted.
 """
 
 from __future__ import annotations
@@ -17,13 +20,21 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint
-from marshmallow import Schema
+from marshmallow import Schema, fields
 
 from batchsvc.api import schemas
 
 bp = Blueprint("openapi", __name__)
 
 OPENAPI_VERSION = "3.1.0"
+
+#: ``Retry-After`` on a 429 ``rate_limit_exceeded``: whole seconds (an extension; the spec sends
+#: none, see the README's compatibility notes).
+_RETRY_AFTER: dict[str, Any] = {
+    "description": "Seconds to wait before sending again (an extension the spec does not send).",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
 
 #: Component schemas, by the name the document gives them.
 _SCHEMAS: dict[str, type[Schema]] = {
@@ -43,30 +54,83 @@ _SCHEMAS: dict[str, type[Schema]] = {
     "ErrorEnvelope": schemas.ErrorEnvelopeSchema,
 }
 
-#: Error responses: status -> (component name, description, extra headers).
-_ERRORS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "400": ("BadRequest", "Malformed request or failed validation.", {}),
-    "401": ("Unauthorized", "Missing authentication headers.", {}),
-    "403": ("Forbidden", "Invalid credentials.", {}),
-    "404": ("NotFound", "No such object in this project (or deleted).", {}),
-    "409": ("Conflict", "Conflict; see x-should-retry.", {"x-should-retry": "ShouldRetry"}),
-    "413": ("PayloadTooLarge", "Upload larger than 104857600 bytes.", {}),
-    "500": ("InternalError", "Internal error.", {}),
-    "502": ("BadGateway", "The model's upstream failed the request.", {}),
-    "503": (
-        "ServiceUnavailable",
-        "The data store (Redis) cannot be reached or is loading; retry shortly.",
+#: Error responses, by component name: (status, description, headers). A header is the name of
+#: a header component, or a header object written out where one response needs it optional.
+_ERRORS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "BadRequest": ("400", "Malformed request or failed validation.", {}),
+    "Unauthorized": ("401", "Missing authentication headers.", {}),
+    "Forbidden": ("403", "Invalid credentials.", {}),
+    "NotFound": ("404", "No such object in this project (or deleted).", {}),
+    "Conflict": ("409", "Conflict; see x-should-retry.", {"x-should-retry": "ShouldRetry"}),
+    "FileTooLarge": (
+        "413",
+        "`file_too_large`: the file is larger than 104857600 bytes (the upload stops there), "
+        "or the whole body is larger than that plus 1048576 bytes for the multipart envelope "
+        "(refused before it is read).",
+        {},
+    ),
+    "RequestTooLarge": (
+        "413",
+        "`request_too_large`: the body is larger than this endpoint accepts "
+        "(BATCHSVC_MAX_BODY_BYTES, 1048576 bytes by default), refused before it is read.",
+        {},
+    ),
+    "RateLimited": (
+        "429",
+        "`rate_limit_exceeded`: the project sent more requests than BATCHSVC_RATE_LIMIT "
+        "allows; Retry-After says when to try again.",
+        {"Retry-After": "RetryAfter"},
+    ),
+    "RateLimitedOrCapped": (
+        "429",
+        "`rate_limit_exceeded` as on every endpoint (with Retry-After), or a project cap: "
+        "code `active_batch_limit` (BATCHSVC_MAX_ACTIVE_BATCHES) or `queued_line_limit` "
+        "(BATCHSVC_MAX_QUEUED_LINES), with x-should-retry false, as only the project's "
+        "batches ending makes room.",
+        {
+            # Each kind sends one of the two, never both: neither header is required.
+            "Retry-After": {**_RETRY_AFTER, "required": False},
+            "x-should-retry": "ShouldRetry",
+        },
+    ),
+    "ChatRateLimited": (
+        "429",
+        "`rate_limit_exceeded` as on every endpoint (with Retry-After), or the model's "
+        "upstream throttled the request and its worker gave up (x-should-retry when the "
+        "worker decided it).",
+        {"Retry-After": {**_RETRY_AFTER, "required": False}, "x-should-retry": "ShouldRetry"},
+    ),
+    "InternalError": ("500", "Internal error.", {}),
+    "BadGateway": ("502", "The model's upstream failed the request.", {}),
+    "ServiceUnavailable": (
+        "503",
+        "`redis_unavailable`: the data store (Redis) cannot be reached or is loading; retry "
+        "shortly.",
         {"x-should-retry": "ShouldRetry"},
     ),
-    "504": (
-        "GatewayTimeout",
+    "GatewayTimeout": (
+        "504",
         "The model did not answer in time; the request may still be running, so "
         "x-should-retry is false.",
         {"x-should-retry": "ShouldRetry"},
     ),
 }
-#: Answered by every authenticated endpoint.
-_COMMON = ("401", "403", "500", "503")
+#: A request line (method, path and query string) over gunicorn's ``limit_request_line`` (4094
+#: bytes) is refused by gunicorn itself, before the app sees the request, with gunicorn's own HTML
+#: page: neither the error envelope nor x-request-id (gunicorn has no hook to change them).
+_URI_TOO_LONG = "UriTooLong"
+#: The status of each error response.
+_STATUSES = {name: status for name, (status, _, _) in _ERRORS.items()} | {_URI_TOO_LONG: "414"}
+#: Answered by every authenticated endpoint (an operation may name another response of the same
+#: status instead, as the create of a batch does for 429).
+_COMMON = (
+    "Unauthorized",
+    "Forbidden",
+    _URI_TOO_LONG,
+    "RateLimited",
+    "InternalError",
+    "ServiceUnavailable",
+)
 #: The tag of each area of the API, by the prefix of its paths.
 _TAGS = {"/v1/files": "Files", "/v1/batches": "Batches", "/v1/chat/": "Chat"}
 #: The parameter components, by the name a path gives the parameter.
@@ -79,23 +143,66 @@ def _description(cls: type) -> str:
     return doc.split("\n\n")[0].replace("\n", " ").replace("``", "`")
 
 
-def _ok(schema: str | None, description: str, *, replayable: bool = False) -> dict[str, Any]:
+def _ok(
+    schema: str | None,
+    description: str,
+    *,
+    replayable: bool = False,
+    links: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     headers = {"x-request-id": "RequestId"}
     if replayable:
         headers["idempotent-replayed"] = "IdempotentReplayed"
     response: dict[str, Any] = {"description": description, "headers": headers}
     if schema is not None:
         response["content"] = {"application/json": {"schema": schema}}
+    if links:
+        response["links"] = links
     return response
+
+
+def _links_by_id(parameter: str, *operation_ids: str) -> dict[str, Any]:
+    """OpenAPI links from an answer whose ``id`` is the ``parameter`` of each operation (a
+    client, or a stateful fuzzer, follows them: upload, then retrieve what was uploaded)."""
+    return {
+        operation_id[0].upper() + operation_id[1:]: {
+            "operationId": operation_id,
+            "parameters": {parameter: "$response.body#/id"},
+        }
+        for operation_id in operation_ids
+    }
+
+
+def _empty_means_omitted(self: Any, field: fields.Field[Any], **kwargs: Any) -> dict[str, Any]:
+    """apispec parameter attribute function: a query parameter of a :class:`QuerySchema` may be
+    sent empty (``?limit=``), which means it was not given (its pre_load drops it)."""
+    return {"allowEmptyValue": True} if isinstance(field.parent, schemas.QuerySchema) else {}
+
+
+def _file_part_is_not_empty(self: Any, field: fields.Field[Any], **kwargs: Any) -> dict[str, Any]:
+    """apispec attribute function: the upload's file part refuses zero bytes (400
+    ``empty_file``, spec 3.1)."""
+    return {"minLength": 1} if isinstance(field, schemas.FilePart) else {}
+
+
+#: One chat message (spec 8.1): an object. Its role and content are the model's backend's to
+#: judge, as for a batch line (spec 8.1, open point 22), so nothing more is required here.
+_CHAT_MESSAGE: dict[str, Any] = {
+    "type": "object",
+    "description": "{role, content}; role is user, assistant, system, tool or developer.",
+    "properties": {"role": {"type": "string"}, "content": {}},
+}
 
 
 def _operation(
     operation_id: str, summary: str, ok: dict[str, Any], *errors: str, **extra: Any
 ) -> dict[str, Any]:
-    """An operation answering ``ok`` as its 200, the ``errors`` statuses, and the statuses
-    every authenticated endpoint answers (``_COMMON``)."""
-    statuses = sorted(set(errors) | set(_COMMON))
-    responses = {"200": ok} | {status: _ERRORS[status][0] for status in statuses}
+    """An operation answering ``ok`` as its 200, the ``errors`` responses (component names), and
+    the responses every authenticated endpoint answers (``_COMMON``) unless ``errors`` names
+    another one of the same status."""
+    by_status = {_STATUSES[name]: name for name in _COMMON}
+    by_status |= {_STATUSES[name]: name for name in errors}
+    responses = {"200": ok} | {status: by_status[status] for status in sorted(by_status)}
     return {"operationId": operation_id, "summary": summary, "responses": responses, **extra}
 
 
@@ -105,7 +212,9 @@ def _list(
     """A cursor-paginated list: a ``page`` of objects, its parameters read from the query
     string by ``query``, and 400 for a parameter that fails it."""
     parameters = [{"in": "query", "schema": query}]
-    return _operation(operation_id, summary, _ok(page, description), "400", parameters=parameters)
+    return _operation(
+        operation_id, summary, _ok(page, description), "BadRequest", parameters=parameters
+    )
 
 
 def _path(spec: APISpec, path: str, **operations: dict[str, Any]) -> None:
@@ -138,7 +247,8 @@ def _build() -> APISpec:
                 "A self-hostable Batch + Files API for LLM chat completions, wire-compatible "
                 "with OpenAI's and ZeroGPU's. Every error answers with the envelope "
                 '{"error": {"message", "type", "code", "param"}} and every response carries '
-                "x-request-id."
+                "x-request-id. A request body over its endpoint's cap is refused with 413 "
+                "before it is read, on every endpoint."
             )
         },
         security=[{"ApiKey": [], "ProjectId": []}, {"Bearer": []}],
@@ -150,6 +260,10 @@ def _build() -> APISpec:
     )
     # The upload's file part never reaches the schema as bytes (see FilePart).
     plugin.map_to_openapi_type(schemas.FilePart, "string", "binary")
+    assert plugin.converter is not None  # set by APISpec(plugins=...)
+    # Unannotated in apispec (its sibling add_parameter_attribute_function is annotated).
+    plugin.converter.add_attribute_function(_file_part_is_not_empty)  # type: ignore[no-untyped-call]
+    plugin.converter.add_parameter_attribute_function(_empty_means_omitted)
 
     components = spec.components
     components.security_scheme("ApiKey", {"type": "apiKey", "in": "header", "name": "x-api-key"})
@@ -167,6 +281,10 @@ def _build() -> APISpec:
     )
     for name, cls in _SCHEMAS.items():
         components.schema(name, {"description": _description(cls)}, schema=cls)
+    # marshmallow's List(Raw()) says only "any value but null"; the document says what a message
+    # is. apispec keeps the component dicts it was given, so this edits the document's own.
+    chat_request = components.schemas["ChatCompletionRequest"]
+    chat_request["properties"]["messages"]["items"] = _CHAT_MESSAGE
 
     components.header(
         "RequestId",
@@ -183,6 +301,7 @@ def _build() -> APISpec:
             "schema": {"type": "string", "enum": ["true", "false"]},
         },
     )
+    components.header("RetryAfter", _RETRY_AFTER)
     components.header(
         "IdempotentReplayed",
         {
@@ -191,7 +310,7 @@ def _build() -> APISpec:
             "schema": {"type": "string", "enum": ["true"]},
         },
     )
-    for name, description, headers in _ERRORS.values():
+    for name, (_, description, headers) in _ERRORS.items():
         components.response(
             name,
             {
@@ -200,6 +319,15 @@ def _build() -> APISpec:
                 "content": {"application/json": {"schema": "ErrorEnvelope"}},
             },
         )
+    components.response(
+        _URI_TOO_LONG,
+        {
+            "description": "The request line is longer than 4094 bytes: refused by the HTTP "
+            "server (gunicorn) before the API sees it, with its own HTML page (neither the "
+            "error envelope nor x-request-id).",
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        },
+    )
     components.parameter(
         "FileId", "path", {"name": "file_id", "required": True, "schema": {"type": "string"}}
     )
@@ -212,8 +340,9 @@ def _build() -> APISpec:
         {
             "name": "Idempotency-Key",
             "description": "Same key and same body within 24 h: the first answer again, and "
-            "nothing is created twice (spec open point 13).",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            "nothing is created twice (spec open point 13). 1 to 255 characters, not all "
+            "blank (HTTP drops the spaces and tabs around a header's value).",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "[^ \\t]"},
         },
     )
 
@@ -223,10 +352,24 @@ def _build() -> APISpec:
         post=_operation(
             "uploadFile",
             "Upload a JSONL file",
-            _ok("FileObject", "The new File.", replayable=True),
-            "400",
-            "409",
-            "413",
+            _ok(
+                "FileObject",
+                "The new File.",
+                replayable=True,
+                links={
+                    **_links_by_id("file_id", "retrieveFile", "downloadFile", "deleteFile"),
+                    "CreateBatch": {
+                        "operationId": "createBatch",
+                        "requestBody": {
+                            "input_file_id": "$response.body#/id",
+                            "endpoint": "/v1/chat/completions",
+                        },
+                    },
+                },
+            ),
+            "BadRequest",
+            "Conflict",
+            "FileTooLarge",
             parameters=["IdempotencyKey"],
             requestBody={
                 "required": True,
@@ -245,13 +388,16 @@ def _build() -> APISpec:
         spec,
         "/v1/files/{file_id}",
         get=_operation(
-            "retrieveFile", "Retrieve a file's metadata", _ok("FileObject", "The File."), "404"
+            "retrieveFile",
+            "Retrieve a file's metadata",
+            _ok("FileObject", "The File."),
+            "NotFound",
         ),
         delete=_operation(
             "deleteFile",
             "Delete a file (its bytes at once, its record kept for audit)",
             _ok("FileDeleted", "The file is deleted."),
-            "404",
+            "NotFound",
         ),
     )
     download = _ok(None, "The stored bytes, streamed.")
@@ -263,7 +409,7 @@ def _build() -> APISpec:
     _path(
         spec,
         "/v1/files/{file_id}/content",
-        get=_operation("downloadFile", "Download a file", download, "404"),
+        get=_operation("downloadFile", "Download a file", download, "NotFound"),
     )
     _path(
         spec,
@@ -271,10 +417,17 @@ def _build() -> APISpec:
         post=_operation(
             "createBatch",
             "Create a batch (the input file is validated before the answer)",
-            _ok("Batch", "The batch, in_progress.", replayable=True),
-            "400",
-            "404",
-            "409",
+            _ok(
+                "Batch",
+                "The batch, in_progress.",
+                replayable=True,
+                links=_links_by_id("batch_id", "retrieveBatch", "cancelBatch"),
+            ),
+            "BadRequest",
+            "NotFound",
+            "Conflict",
+            "RequestTooLarge",
+            "RateLimitedOrCapped",
             parameters=["IdempotencyKey"],
             requestBody=_json_body("CreateBatchRequest"),
         ),
@@ -293,8 +446,8 @@ def _build() -> APISpec:
             "retrieveBatch",
             "Retrieve a batch, with live counts",
             _ok("Batch", "The batch."),
-            "400",
-            "404",
+            "BadRequest",
+            "NotFound",
         ),
     )
     _path(
@@ -304,19 +457,21 @@ def _build() -> APISpec:
             "cancelBatch",
             "Cancel a batch (idempotent; 409 once it is completed, failed or expired)",
             _ok("Batch", "The batch, cancelling or cancelled."),
-            "400",
-            "404",
-            "409",
+            "BadRequest",
+            "NotFound",
+            "Conflict",
         ),
     )
     chat = _operation(
         "createChatCompletion",
         "Run one chat completion on the model's workers",
         _ok("ChatCompletion", "The completion, as a batch output line's body."),
-        "400",
-        "404",
-        "502",
-        "504",
+        "BadRequest",
+        "NotFound",
+        "RequestTooLarge",
+        "ChatRateLimited",
+        "BadGateway",
+        "GatewayTimeout",
         requestBody=_json_body("ChatCompletionRequest"),
     )
     chat["responses"]["default"] = {

@@ -1,5 +1,6 @@
 """The OpenAPI document on the real server: it validates, and the running stack's answers (the
-echo worker's real completion, the result files of a finished batch, errors) match it."""
+echo worker's real completion, the result files of a finished batch, errors, gunicorn's own 414)
+match it."""
 
 from __future__ import annotations
 
@@ -80,3 +81,7 @@ def test_the_running_server_answers_as_its_document_says(stack: Stack) -> None:
     call("get", "/v1/files/file-missing", 404)
     call("delete", f"/v1/files/{file_id}", 200)
     call("get", "/v1/batches", 401, auth=False)
+
+    # A request line over gunicorn's limit (4094 bytes), refused before the app sees it
+    call("get", "/v1/files", 414, params={"after": "x" * 5000})
+    call("get", f"/v1/batches/{'b' * 5000}", 414)

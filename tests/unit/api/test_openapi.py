@@ -18,6 +18,7 @@ from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from werkzeug.test import TestResponse
 
 from batchsvc.api import uploads
+from batchsvc.settings import RateLimit
 from tests.factories import SPEC_BATCH_FIELDS
 from tests.unit.api.helpers import (
     MODEL,
@@ -74,16 +75,88 @@ def test_every_endpoint_is_documented_with_its_errors(tmp_path: Path) -> None:
     assert ENDPOINTS <= documented
     for method, path in ENDPOINTS:
         operation = document["paths"][path][method]
-        # Authentication, internal errors and Redis outages apply everywhere
-        assert {"200", "401", "403", "500", "503"} <= set(operation["responses"]), (method, path)
+        # Authentication, the rate limit, internal errors and Redis outages apply everywhere
+        assert {"200", "401", "403", "429", "500", "503"} <= set(operation["responses"]), (
+            method,
+            path,
+        )
         assert operation["security"] if "security" in operation else document["security"]
+        # Every body has a size cap (issue 16): 413 before it is read
+        if "requestBody" in operation:
+            assert "413" in operation["responses"], (method, path)
+        # gunicorn's own refusal of a long request line
+        assert operation["responses"]["414"] == {"$ref": "#/components/responses/UriTooLong"}
     responses = document["components"]["responses"]
     for name in ("BadRequest", "NotFound", "Conflict", "ServiceUnavailable", "GatewayTimeout"):
         schema = responses[name]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorEnvelope"}
     assert "x-should-retry" in responses["ServiceUnavailable"]["headers"]
+    # gunicorn answers 414 before the app: its HTML page, no envelope, no x-request-id
+    assert set(responses["UriTooLong"]["content"]) == {"text/html"}
+    assert "headers" not in responses["UriTooLong"]
     assert "x-should-retry" in responses["GatewayTimeout"]["headers"]
     assert document["paths"]["/openapi.json"]["get"]["security"] == []
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def test_the_limits_of_issue_16_are_documented(tmp_path: Path) -> None:
+    document = fetch_document(make_env(tmp_path))
+    paths, responses = document["paths"], document["components"]["responses"]
+    # 413: the spec's file_too_large for uploads, request_too_large for the other bodies
+    assert paths["/v1/files"]["post"]["responses"]["413"] == _ref("FileTooLarge")
+    for path in ("/v1/batches", "/v1/chat/completions"):
+        assert paths[path]["post"]["responses"]["413"] == _ref("RequestTooLarge")
+    assert "file_too_large" in responses["FileTooLarge"]["description"]
+    assert "request_too_large" in responses["RequestTooLarge"]["description"]
+    # 429 rate_limit_exceeded with Retry-After (required) on the plain endpoints
+    assert paths["/v1/files"]["get"]["responses"]["429"] == _ref("RateLimited")
+    retry_after = responses["RateLimited"]["headers"]["Retry-After"]
+    assert retry_after == {"$ref": "#/components/headers/RetryAfter"}
+    assert document["components"]["headers"]["RetryAfter"]["required"] is True
+    # The create of a batch adds the project caps: x-should-retry, and Retry-After optional
+    assert paths["/v1/batches"]["post"]["responses"]["429"] == _ref("RateLimitedOrCapped")
+    capped = responses["RateLimitedOrCapped"]
+    assert "active_batch_limit" in capped["description"]
+    assert "queued_line_limit" in capped["description"]
+    assert capped["headers"]["Retry-After"]["required"] is False
+    assert "x-should-retry" in capped["headers"]
+    # The sync endpoint also passes on the model's 429, without Retry-After
+    chat = paths["/v1/chat/completions"]["post"]["responses"]
+    assert chat["429"] == _ref("ChatRateLimited")
+    assert responses["ChatRateLimited"]["headers"]["Retry-After"]["required"] is False
+    assert "redis_unavailable" in responses["ServiceUnavailable"]["description"]
+
+
+def test_links_chain_an_upload_and_a_batch_to_the_operations_taking_their_ids(
+    tmp_path: Path,
+) -> None:
+    paths = fetch_document(make_env(tmp_path))["paths"]
+    upload_links = paths["/v1/files"]["post"]["responses"]["200"]["links"]
+    by_id = {"parameters": {"file_id": "$response.body#/id"}}
+    for operation_id in ("retrieveFile", "downloadFile", "deleteFile"):
+        assert {"operationId": operation_id, **by_id} in upload_links.values()
+    create = next(link for link in upload_links.values() if link["operationId"] == "createBatch")
+    assert create["requestBody"]["input_file_id"] == "$response.body#/id"
+    batch_links = paths["/v1/batches"]["post"]["responses"]["200"]["links"]
+    assert {link["operationId"] for link in batch_links.values()} == {
+        "retrieveBatch",
+        "cancelBatch",
+    }
+    for link in batch_links.values():
+        assert link["parameters"] == {"batch_id": "$response.body#/id"}
+    # And every link names a real operation
+    operation_ids = {
+        operation["operationId"]
+        for item in paths.values()
+        for method, operation in item.items()
+        if method != "parameters"
+    }
+    assert {link["operationId"] for link in [*upload_links.values(), *batch_links.values()]} <= (
+        operation_ids
+    )
 
 
 def test_the_component_schemas_come_from_the_marshmallow_schemas(tmp_path: Path) -> None:
@@ -115,6 +188,23 @@ def test_the_component_schemas_come_from_the_marshmallow_schemas(tmp_path: Path)
     assert schemas["ChatCompletionRequest"]["additionalProperties"] is True
     upload = schemas["UploadForm"]["properties"]["file"]
     assert (upload["type"], upload["format"]) == ("string", "binary")
+    # What the schemas refuse that a plain conversion would not show: an empty file (400
+    # empty_file), a message that is not an object (null answers 400)
+    assert upload["minLength"] == 1
+    messages = schemas["ChatCompletionRequest"]["properties"]["messages"]
+    assert messages["items"]["type"] == "object"
+
+
+def test_an_empty_query_parameter_is_documented_as_omitted(tmp_path: Path) -> None:
+    # ?limit= means "not given" (QuerySchema drops empty values): allowEmptyValue says so
+    document = fetch_document(make_env(tmp_path))
+    for path in ("/v1/files", "/v1/batches"):
+        parameters = document["paths"][path]["get"]["parameters"]
+        assert parameters and all(p["allowEmptyValue"] is True for p in parameters), path
+    env = make_env(tmp_path / "env")
+    call = Checked(env, ResponseChecker(document))
+    call("get", "/v1/files", 200, query_string={"purpose": "", "order": "", "limit": ""})
+    call("get", "/v1/batches", 200, query_string={"limit": "", "after": ""})
 
 
 # -- real answers against the document -------------------------------------------------------
@@ -271,6 +361,29 @@ def test_real_answers_match_the_document(tmp_path: Path, monkeypatch: pytest.Mon
 
     # And every documented operation was exercised
     assert checker.seen == checker.operations()
+
+
+def test_the_limits_answer_as_the_document_says(tmp_path: Path) -> None:
+    # Issue 16's limits, each as low as it goes: 413 before the body is read, the batch cap's
+    # 429 (x-should-retry: false), and the rate limit's 429 (Retry-After)
+    env = make_env(tmp_path, rate_limit=RateLimit(6, 60), max_body_bytes=1024, max_active_batches=1)
+    checker = ResponseChecker(fetch_document(env))
+    call = Checked(env, checker)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2048}]}
+    too_large = call("post", "/v1/chat/completions", 413, json=chat)
+    assert too_large.get_json()["error"]["code"] == "request_too_large"
+    file_id = call("post", "/v1/files", 200, **upload_form(good_jsonl())).get_json()["id"]
+    body = {"input_file_id": file_id, "endpoint": URL}
+    call("post", "/v1/batches", 200, json=body)
+    capped = call("post", "/v1/batches", 429, json=body)
+    assert capped.get_json()["error"]["code"] == "active_batch_limit"
+    assert capped.headers["x-should-retry"] == "false"
+    # 3 of the 6 requests are spent (the 413 came before authentication, which counts)
+    for _ in range(3):
+        call("get", "/v1/files", 200)
+    limited = call("get", "/v1/files", 429)
+    assert limited.get_json()["error"]["type"] == "rate_limit_exceeded"
+    assert int(limited.headers["Retry-After"]) >= 1
 
 
 def test_the_checker_rejects_an_answer_that_breaks_the_document(tmp_path: Path) -> None:
