@@ -13,15 +13,20 @@ FUZZ_ARGS ?=
 # make run is read by people: console logs, set here because under honcho stdout is no TTY.
 LOG_FORMAT ?= console
 
-.PHONY: help install run run-worker test test-unit test-integration test-slow fuzz lint check-deploy format bench clean
+.PHONY: help install run run-worker test test-unit test-integration test-slow fuzz lint check-deploy format bench lock clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+# Every dependency's version is pinned in constraints.txt (make lock refreshes it), so each
+# install, CI's included, gets the versions the suite last passed with.
+CONSTRAINTS := constraints.txt
+LOCK_VENV := .venv-lock
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install batchsvc with its test tools
@@ -63,8 +68,15 @@ format: install ## ruff format + fix
 	$(BIN)/ruff check --fix .
 
 bench: install ## benchmarks (never part of make test); one, small: make bench BENCH_ARGS="B1 --quick"
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,bench]'
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
-clean: ## remove .venv and var/
-	rm -rf $(VENV) var
+# pip-tools has a venv of its own: installed into .venv, its own dependencies (click) would move
+# packages away from their pins.
+lock: ## refresh constraints.txt: the newest versions pyproject.toml allows, every extra, pinned
+	@test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/python -m pip install --quiet pip-tools)
+	$(LOCK_VENV)/bin/pip-compile --quiet --upgrade --allow-unsafe --all-extras --strip-extras \
+		--no-emit-index-url --no-emit-find-links --output-file $(CONSTRAINTS) pyproject.toml
+
+clean: ## remove .venv, .venv-lock and var/
+	rm -rf $(VENV) $(LOCK_VENV) var
