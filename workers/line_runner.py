@@ -49,6 +49,9 @@ def execute_request(spec: ModelSpec, body: dict[str, Any], backend: ChatBackend)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_body("messages must be a non-empty array", "messages")
+    if not all(isinstance(message, dict) for message in messages):
+        # A message is an object (spec 8.1): anything else fails here, whatever the model.
+        raise invalid_body("messages must be an array of message objects", "messages")
     sent, prompt_tokens = apply_token_limit(
         messages, spec.max_tokens, spec.error_on_max_token, spec.encoding
     )

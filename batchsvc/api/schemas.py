@@ -392,7 +392,7 @@ class ChatCompletionRequestSchema(RequestSchema):
         metadata=_meta(INVALID_REQUEST, "A model id enabled for the project."),
     )
     messages = fields.List(
-        fields.Raw(),
+        fields.Dict(error_messages=_every_failure("messages must be an array of message objects")),
         required=True,
         validate=Length(min=1, error="messages must be a non-empty array"),
         error_messages=_every_failure("messages must be a non-empty array"),

@@ -73,6 +73,15 @@ def test_stream_false_or_null_is_accepted(tmp_path: Path, stream: Any) -> None:
         pytest.param(
             {"model": MODEL}, "messages must be a non-empty array", "messages", id="no-messages"
         ),
+        *(
+            pytest.param(
+                {"model": MODEL, "messages": messages},
+                "messages must be an array of message objects",
+                "messages",
+                id=f"messages-{messages!r}",
+            )
+            for messages in ([None], ["Hi"], [{"role": "user", "content": "Hi"}, 7])
+        ),
         pytest.param(
             {"model": 7, "messages": MESSAGES}, "model must be a string", "model", id="model-7"
         ),

@@ -143,8 +143,17 @@ def test_execute_request_over_the_limit_raises_context_length_exceeded() -> None
     assert info.value.line_message.startswith("[legacy:http_400] Input is ")
 
 
-@pytest.mark.parametrize("messages", [None, [], "hi", {"role": "user"}])
-def test_execute_request_rejects_unusable_messages(messages: Any) -> None:
+@pytest.mark.parametrize(
+    ("messages", "detail"),
+    [
+        *((m, "messages must be a non-empty array") for m in (None, [], "hi", {"role": "user"})),
+        *(
+            (m, "messages must be an array of message objects")
+            for m in ([None], ["hi"], [{"role": "user", "content": "hi"}, 7])
+        ),
+    ],
+)
+def test_execute_request_rejects_unusable_messages(messages: Any, detail: str) -> None:
     body: dict[str, Any] = {"model": MODEL}
     if messages is not None:
         body["messages"] = messages
@@ -152,6 +161,7 @@ def test_execute_request_rejects_unusable_messages(messages: Any) -> None:
         execute_request(SPEC, body, EchoBackend())
     assert info.value.code == "invalid_request_error"
     assert info.value.param == "messages"
+    assert info.value.detail == detail
 
 
 # -- run_batch_line --------------------------------------------------------------------------
