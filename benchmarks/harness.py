@@ -51,6 +51,7 @@ __all__ = [
     "Proc",
     "RedisMemorySampler",
     "RssSampler",
+    "StackProcess",
     "auth_headers",
     "cancel_batch",
     "create_batch",
@@ -97,6 +98,47 @@ class Proc(launcher.Proc):
             return psutil.Process(self.pid).children()
         except psutil.Error:
             return []
+
+    def children_recursive(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+
+@dataclass(frozen=True)
+class StackProcess:
+    """One OS process of the stack: the stack process it belongs to (``web``, ``worker``,
+    ...), its pid, and whether it is that process itself rather than one of its children."""
+
+    service: str
+    pid: int
+    supervisor: bool
+
+
+def _unique(taken: Mapping[str, Any], name: str) -> str:
+    return name if name not in taken else f"{name}@{len(taken)}"
+
+
+def _child_label(child: psutil.Process, node: str | None) -> str:
+    """``dispatcher`` / ``control worker`` / ``inference`` for a Celery node, ``gunicorn
+    worker`` for gunicorn's, else the executable's name."""
+    if node is not None:
+        if node.startswith("dispatch-"):
+            return "dispatcher"
+        if node.startswith("control-"):
+            return "control worker"
+        if node.startswith("inference-"):
+            return "inference"
+        return node.split("-", 1)[0]
+    try:
+        cmdline = child.cmdline()
+    except psutil.Error:
+        return "child"
+    text = " ".join(cmdline)
+    if "gunicorn" in text:
+        return "gunicorn worker"
+    return Path(cmdline[0]).name if cmdline else "child"
 
 
 def node_of(cmdline: Sequence[str]) -> str | None:
@@ -154,6 +196,8 @@ class BenchStack(launcher.Stack):
         self.name = name
         self.keep = keep
         self._redis: redis.Redis | None = None
+        #: Flower's port once :meth:`start_flower` ran.
+        self.flower_port = 0
 
     @property
     def redis(self) -> redis.Redis:
@@ -248,6 +292,57 @@ class BenchStack(launcher.Stack):
             pids[name] = proc.pid
         pids["benchmark"] = os.getpid()
         return CpuMeter(pids, alone=("benchmark",))
+
+    def start_flower(self, **env: str) -> Proc:
+        """``batchsvc flower`` as the Procfile runs it (``env FLOWER_UNAUTHENTICATED_API=true
+        batchsvc flower``, on 127.0.0.1 at ``PORT``): it consumes every task event, as under
+        ``make run``. Waits for its open ``/healthcheck``."""
+        self.flower_port = launcher.free_port()
+        proc = _ours(
+            self.spawn(
+                "flower",
+                [str(BIN / "batchsvc"), "flower"],
+                FLOWER_UNAUTHENTICATED_API="true",
+                PORT=str(self.flower_port),
+                **env,
+            )
+        )
+        self._wait_ready(
+            proc, lambda: launcher.answers(self.flower_url("/healthcheck")), 60.0, "Flower"
+        )
+        return proc
+
+    def flower_url(self, path: str) -> str:
+        return f"http://{HOST}:{self.flower_port}{path}"
+
+    def every_process(self) -> dict[str, StackProcess]:
+        """Every live process of the stack, each supervisor's and gunicorn's children apart
+        (they are what ``make run`` starts, honcho aside), by a readable label: ``web``,
+        ``web/gunicorn worker #1``, ``control/dispatcher``, ``worker/inference #2``, ... For
+        a :class:`CpuMeter` that counts each process alone (nothing counted twice)."""
+        out: dict[str, StackProcess] = {}
+        for proc in self.procs:
+            if not proc.alive():
+                continue
+            ours = _ours(proc)
+            by_pid = {pid: node for node, pid in ours.node_pids.items()}
+            out[_unique(out, proc.name)] = StackProcess(proc.name, proc.pid, supervisor=True)
+            counts: dict[str, int] = {}
+            for child in ours.children_recursive():
+                label = _child_label(child, by_pid.get(child.pid))
+                counts[label] = counts.get(label, 0) + 1
+                name = _unique(out, f"{proc.name}/{label} #{counts[label]}")
+                out[name] = StackProcess(proc.name, child.pid, supervisor=False)
+        return out
+
+    def log_sizes(self) -> dict[str, int]:
+        """Bytes each process has written to its log so far (under ``make run`` honcho reads
+        and relays every one of them: what its own CPU goes on)."""
+        sizes: dict[str, int] = {}
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                sizes[_unique(sizes, proc.name)] = proc.log.stat().st_size
+        return sizes
 
     def serve_upstream_model(self, model: str, latency_s: float) -> None:
         """Start the fake upstream, then write the config of one openai-backend ``model`` on it
