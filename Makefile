@@ -37,12 +37,15 @@ run: install ## start Redis, the API, workers, beat and Flower (Procfile, honcho
 run-worker: install ## inference worker: make run-worker MODELS=a,b CONCURRENCY=64
 	PATH="$(abspath $(BIN)):$$PATH" MODELS="$(MODELS)" CONCURRENCY="$(CONCURRENCY)" $(BIN)/batchsvc worker
 
+# The unit tests share nothing, so they run on every core (-n auto); the integration tests run
+# one at a time: each starts real processes, and several share the session's stack.
 test: lint check-deploy ## lint (ruff, mypy), check deploy/, then every test but the slow ones (installs Debian's chromium if missing)
 	scripts/ensure-chromium
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n auto tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" tests/integration $(PYTEST_ARGS)
 
 test-unit: install ## the fast unit tests only
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto tests/unit $(PYTEST_ARGS)
 
 test-integration: install ## the integration tests (real redis-server, gunicorn, celery workers, chromium)
 	scripts/ensure-chromium
