@@ -15,7 +15,7 @@ from batchsvc.celery_config import celery_config
 from batchsvc.queues import CONTROL_QUEUE, FINALIZE_BATCH, RUN_LINE
 from batchsvc.settings import Settings
 from tests.integration.stack import Stack
-from workers.fanout import CeleryPublisher, chord_group_id, line_task_id
+from workers.fanout import CeleryPublisher, chord_group_id, line_argsrepr, line_task_id
 
 QUEUE = "batchsvc.model.fanout-message-check"  # no worker consumes it
 
@@ -44,6 +44,7 @@ def test_the_published_line_is_the_message_send_task_queues(stack: Stack) -> Non
         app.send_task(
             RUN_LINE,
             args=[batch_id, index, "req-7", model, body],
+            argsrepr=line_argsrepr(batch_id, index, "req-7", model),
             queue=QUEUE,
             task_id=line_task_id(batch_id, index),
             group_id=chord_group_id(batch_id),
@@ -52,12 +53,20 @@ def test_the_published_line_is_the_message_send_task_queues(stack: Stack) -> Non
             ignore_result=True,
         )
         expected = _queued(client)
+        # (send_task also passes its argsrepr option on to the producer, which copies it into
+        # the message's properties, where nothing reads it: the header is the one that counts.)
+        expected["properties"].pop("argsrepr")
         # When the fan-out's publisher publishes the same line (through its pipelined batch)
         publisher = CeleryPublisher(app)
         publisher.publish(batch_id, index, "req-7", model, body)
         publisher.flush()
-        # Then it queued the same message
+        # Then it queued the same message, whose argsrepr (what Flower shows) names the line
+        # but not its prompt
         assert _queued(client) == expected
+        assert (
+            expected["headers"]["argsrepr"]
+            == "['batch_fanoutcheck', 7, 'req-7', 'fanout-message-check']"
+        )
         assert client.llen(QUEUE) == 0
     finally:
         client.delete(QUEUE)
