@@ -3,10 +3,11 @@
 Per model, at most W lines are dispatched and not yet recorded: W is the model's
 ``dispatch_window`` if set, else twice the concurrency its live workers advertise (0 when none is
 live). A round reads the model's in-flight set and pending batches, hands the free slots out
-with :func:`batchsvc.fair_share.plan`, and for each chosen batch reads the lines at its cursor
-(two ranged reads), claims them (one Lua step: the batch may still dispatch, the cursor is where
-we read it, the window has room; the lines join the in-flight set as the cursor moves past
-them), then publishes them.
+with :func:`batchsvc.fair_share.plan`, and for each chosen batch takes the lines at its cursor
+(read ahead, :class:`~batchsvc.line_index.ReadAhead`: two ranged reads per 64 lines, however
+thinly the window is shared), claims them (one Lua step: the batch may still dispatch, the
+cursor is where the plan read it, the window has room; the lines join the in-flight set as the
+cursor moves past them), then publishes them.
 
 Why a crash or a second dispatcher is harmless:
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -35,7 +36,7 @@ from batchsvc.dispatch_store import DispatchStore, ModelSnapshot
 from batchsvc.fair_share import BatchShare, ProjectShare, plan
 from batchsvc.jsonl import decode_request_line
 from batchsvc.keys import inflight_member, split_member
-from batchsvc.line_index import find_entry, line_index_key, read_entries, read_lines, within_span
+from batchsvc.line_index import ReadAhead, find_entry, line_index_key, read_lines
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, dispatch_window
 from batchsvc.projects import ProjectStore
@@ -66,6 +67,10 @@ class Dispatcher:
     queued_task_ids: Callable[[str], set[str]]
     lease_ttl_s: float
     clock: Callable[[], float] = time.time
+    reader: ReadAhead = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = ReadAhead(self.storage)
 
     def window(self, model: str) -> int:
         spec = self.registry.get(model)
@@ -95,9 +100,16 @@ class Dispatcher:
                 if free <= 0 or not snapshot.pending:
                     break
                 moved, changed = 0, False
-                for batch_id, slots in self._plan(model, snapshot, free):
+                planned, cursors = self._plan(model, snapshot, free)
+                for batch_id, slots in planned:
                     claimed = self._claim_and_publish(
-                        model, batch_id, snapshot.pending[batch_id], slots, window, publisher
+                        model,
+                        batch_id,
+                        snapshot.pending[batch_id],
+                        cursors.get(batch_id, 0),
+                        slots,
+                        window,
+                        publisher,
                     )
                     moved += max(0, claimed)
                     # A batch that may no longer dispatch (now unregistered) or a cursor
@@ -113,7 +125,11 @@ class Dispatcher:
             instruments.lines_dispatched(model, published)
         return published
 
-    def _plan(self, model: str, snapshot: ModelSnapshot, free: int) -> list[tuple[str, int]]:
+    def _plan(
+        self, model: str, snapshot: ModelSnapshot, free: int
+    ) -> tuple[list[tuple[str, int]], dict[str, int]]:
+        """The slots of each chosen batch, and the cursors of the pending batches as read for
+        the plan (a claim compares its cursor, so one moved since only costs a round)."""
         in_flight_by_batch: dict[str, int] = {}
         for value in snapshot.in_flight:
             batch_id, _ = split_member(value)
@@ -143,28 +159,26 @@ class Dispatcher:
             )
             for batch_id, project_id in snapshot.pending.items()
         ]
-        return plan(free, projects, shares)
+        return plan(free, projects, shares), cursors
 
     def _claim_and_publish(
         self,
         model: str,
         batch_id: str,
         project_id: str,
+        cursor: int,
         slots: int,
         window: int,
         publisher: Publisher,
     ) -> int:
-        """Claim and publish up to ``slots`` lines of ``batch_id``; returns how many, or the
-        claim's refusal (-1: the batch may not dispatch, -2: its cursor moved)."""
-        cursor = self.store.cursor_many([batch_id], model).get(batch_id, 0)
+        """Claim and publish up to ``slots`` lines of ``batch_id`` from ``cursor``; returns how
+        many, or the claim's refusal (-1: the batch may not dispatch, -2: its cursor moved)."""
         try:
-            entries = within_span(
-                read_entries(self.storage, line_index_key(batch_id, model), cursor, slots)
-            )
-            raws = read_lines(self.storage, batch_input_key(batch_id), entries)
+            entries, raws = self.reader.lines(batch_id, model, cursor, slots)
         except StorageMissing:
             # The batch ended (its files are gone): the claim would refuse it anyway.
             entries, raws = [], []
+            self.reader.forget(batch_id, model)
         claimed, _ = self.store.claim(
             batch_id=batch_id,
             project_id=project_id,
@@ -173,6 +187,8 @@ class Dispatcher:
             window=window,
             members=[inflight_member(batch_id, e.index) for e in entries],
         )
+        if claimed == -1:
+            self.reader.forget(batch_id, model)  # it will not dispatch again
         if claimed <= 0:
             return claimed
         for entry, raw in zip(entries[:claimed], raws[:claimed], strict=True):

@@ -10,7 +10,9 @@ import pytest
 from batchsvc.jsonl import decode_request_line, iter_request_lines
 from batchsvc.line_index import (
     ENTRY_SIZE,
+    READ_AHEAD_LINES,
     IndexEntry,
+    ReadAhead,
     find_entry,
     line_index_key,
     read_entries,
@@ -137,3 +139,78 @@ def test_find_entry_finds_a_line_by_its_index_or_says_none(tmp_path: Path) -> No
         assert find_entry(storage, key, absent) is None
     empty = write_index(storage, [], model="empty")
     assert find_entry(storage, empty, 0) is None
+
+
+class CountingStorage(LocalStorage):
+    """Local storage that counts its ranged reads."""
+
+    reads = 0
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        self.reads += 1
+        return super().read_range(key, start, length)
+
+
+def many_lines(count: int) -> bytes:
+    return jsonl_bytes([request_line(f"r{i}", model=MODEL) for i in range(count)])
+
+
+def test_read_ahead_serves_thin_windows_from_one_read_of_many_lines(tmp_path: Path) -> None:
+    # Given a batch of 150 lines and a reader
+    storage = CountingStorage(tmp_path)
+    _, raws = index_input(storage, many_lines(150))
+    reader = ReadAhead(storage)
+    # When a dispatcher takes them one or two at a time, as a thinly shared window does
+    taken: list[bytes] = []
+    position = 0
+    while position < 150:
+        count = min(1 + position % 2, 150 - position)
+        entries, lines = reader.lines(BATCH, MODEL, position, count)
+        assert [e.index for e in entries] == list(range(position, position + count))
+        taken += lines
+        position += count
+    # Then every line came back exactly, for two ranged reads (index, input) per 64 lines
+    assert taken == raws
+    assert storage.reads == 2 * -(-150 // READ_AHEAD_LINES)
+
+
+def test_read_ahead_rereads_when_asked_outside_what_it_holds(tmp_path: Path) -> None:
+    storage = CountingStorage(tmp_path)
+    _, raws = index_input(storage, many_lines(150))
+    reader = ReadAhead(storage)
+    assert reader.lines(BATCH, MODEL, 0, 2)[1] == raws[:2]
+    reads = storage.reads
+    # A cursor another dispatcher moved past what is held, and one asking beyond its end
+    assert reader.lines(BATCH, MODEL, 70, 3)[1] == raws[70:73]
+    assert (
+        reader.lines(BATCH, MODEL, 70 + READ_AHEAD_LINES - 1, 2)[1]
+        == raws[70 + READ_AHEAD_LINES - 1 : 70 + READ_AHEAD_LINES + 1]
+    )
+    assert storage.reads == reads + 4
+
+
+def test_read_ahead_keeps_at_most_its_bytes_and_forgets(tmp_path: Path) -> None:
+    storage = CountingStorage(tmp_path)
+    _, raws = index_input(storage, many_lines(10))
+    size = sum(len(raw) for raw in raws)
+    reader = ReadAhead(storage, max_bytes=size)
+    reader.lines(BATCH, MODEL, 0, 1)
+    reads = storage.reads
+    reader.lines(BATCH, MODEL, 1, 1)
+    assert storage.reads == reads  # held
+    reader.forget(BATCH, MODEL)
+    reader.lines(BATCH, MODEL, 0, 1)
+    assert storage.reads == reads + 2  # read again after forget
+    # Another model's lines push the first out once both do not fit
+    other = "other/model"
+    write_index(storage, [IndexEntry(0, 0, len(raws[0]))], model=other)
+    reader.lines(BATCH, other, 0, 1)
+    reads = storage.reads
+    reader.lines(BATCH, MODEL, 3, 1)
+    assert storage.reads == reads + 2
+
+
+def test_read_ahead_of_an_ended_batch_raises_storage_missing(tmp_path: Path) -> None:
+    reader = ReadAhead(LocalStorage(tmp_path))
+    with pytest.raises(StorageMissing):
+        reader.lines(BATCH, MODEL, 0, 1)
