@@ -20,7 +20,8 @@ from tests.integration.conftest import MODELS_TOML
 from tests.integration.stack import Stack, wait_until
 
 WINDOW_S = 8
-RETENTION_S = 20
+#: Files: long enough for the batch tests here to download their results before they go.
+RETENTION_S = 12
 #: Long enough for wait_terminal (it polls every 0.2 s) to see a batch end before it goes.
 BATCH_RETENTION_S = 4
 
