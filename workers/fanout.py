@@ -29,7 +29,7 @@ from batchsvc import lifecycle, logs
 from batchsvc.batches import BatchStore
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.jsonl import iter_request_lines
-from batchsvc.keys import inflight_member
+from batchsvc.keys import chord_group_id, inflight_member
 from batchsvc.line_index import IndexEntry, line_index_key, write_entry
 from batchsvc.models_config import ModelRegistry
 from batchsvc.projects import Project, ProjectStore
@@ -58,10 +58,6 @@ class Publisher(Protocol):
 
     def flush(self) -> None:
         """Send what is buffered and let go of the producer."""
-
-
-def chord_group_id(batch_id: str) -> str:
-    return f"{batch_id}.lines"
 
 
 def line_task_id(batch_id: str, index: int) -> str:

@@ -317,8 +317,8 @@ def test_the_backfill_is_spread_over_passes_and_runs_once(
 
 
 def test_the_chord_keys_retention_removes_are_the_ones_celery_writes_for_the_batch() -> None:
-    # The group id is named in batchsvc.keys (the domain imports no worker code) and in
-    # workers.fanout (which declares the chord): they must agree, or the keys are missed
+    # The group id is built in batchsvc.keys, which the fan-out declares the chord with: the
+    # backend's own key builder must name the same keys, or retention misses them
     from celery.backends.redis import RedisBackend
 
     from workers.fanout import chord_group_id
