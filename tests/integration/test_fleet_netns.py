@@ -82,7 +82,10 @@ def _recorded(client: OpenAI, batch_id: str) -> int:
     return 0 if counts is None else counts.completed + counts.failed
 
 
-@pytest.mark.timeout(150)  # it takes ~45 s; every wait inside is bounded too
+# In make test-slow: it takes about 45 s, and with issue 16's tests make test ran past its
+# 12 minutes on this machine (issue 15 puts it in make test-slow when make test has no room).
+@pytest.mark.slow
+@pytest.mark.timeout(150)  # every wait inside is bounded too
 def test_a_gpu_host_cut_off_mid_batch_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
     _require_netns()
     started = time.monotonic()
