@@ -17,11 +17,10 @@ limit; when the project is over it, the page shows the 429's message and polls o
 
 from __future__ import annotations
 
-import redis.exceptions
 from flask import current_app, g, request
 
 from batchsvc import logs
-from batchsvc.api.errors import STORE_UNAVAILABLE, UNAVAILABLE_REPLIES
+from batchsvc.api.errors import store_unavailable
 from batchsvc.api.services import services
 from batchsvc.errors import AuthenticationMissing, RateLimited
 from batchsvc.projects import Project
@@ -84,13 +83,9 @@ def _count_request(project: Project) -> None:
         limiter.hit(project.id)
     except RateLimited:
         raise
-    except STORE_UNAVAILABLE:
-        raise
-    except redis.exceptions.ResponseError as exc:
-        if getattr(exc, "status_code", None) in UNAVAILABLE_REPLIES:
+    except Exception as exc:
+        if store_unavailable(exc):
             raise
-        log.exception("rate limit check failed: request let through")
-    except Exception:
         log.exception("rate limit check failed: request let through")
 
 

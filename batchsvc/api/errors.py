@@ -64,6 +64,16 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
 UNAVAILABLE_REPLIES = frozenset({"NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN"})
 
 
+def store_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says that Redis cannot serve right now (answered 503
+    ``redis_unavailable``, never 500): one of :data:`STORE_UNAVAILABLE`, or an error reply in
+    :data:`UNAVAILABLE_REPLIES`."""
+    return isinstance(error, STORE_UNAVAILABLE) or (
+        isinstance(error, redis.exceptions.ResponseError)
+        and getattr(error, "status_code", None) in UNAVAILABLE_REPLIES
+    )
+
+
 class ServiceUnavailable(BatchsvcError):
     """503: Redis (metadata store and broker) cannot serve the request right now."""
 
@@ -140,7 +150,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(redis.exceptions.ResponseError)
     def on_redis_reply(error: redis.exceptions.ResponseError) -> Response:
-        if getattr(error, "status_code", None) in UNAVAILABLE_REPLIES:
+        if store_unavailable(error):
             return on_store_unavailable(error)
         return on_unexpected(error)
 
