@@ -191,14 +191,7 @@ class ReadAhead:
         )
         # The lines asked for as before (within MAX_SPAN_BYTES); those read ahead only within
         # READ_AHEAD_BYTES, so a cached window stays small whatever its lines' sizes.
-        kept = min(count, len(entries))
-        if entries:
-            start = entries[0].offset
-            while (
-                kept < len(entries)
-                and entries[kept].offset + entries[kept].length - start <= READ_AHEAD_BYTES
-            ):
-                kept += 1
+        kept = max(min(count, len(entries)), len(within_span(entries, READ_AHEAD_BYTES)))
         entries = entries[:kept]
         return _Ahead(
             position, entries, read_lines(self.storage, batch_input_key(batch_id), entries)
