@@ -44,6 +44,7 @@ from redis.typing import EncodableT
 
 from batchsvc import lifecycle
 from batchsvc.errors import ProjectCapReached
+from batchsvc.key_scan import scan_once
 from batchsvc.keys import ACTIVE_INDEX as ACTIVE_INDEX
 from batchsvc.keys import (
     ENDED_BACKFILL,
@@ -348,7 +349,6 @@ ERR = "e"
 
 #: Keys the ended index's backfill reads per SCAN step.
 _BACKFILL_SCAN_COUNT = 1000
-_BACKFILL_DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -689,25 +689,24 @@ class BatchStore:
 
     def backfill_ended_index(self, max_steps: int = 20) -> bool:
         """Index the batches that ended before the ended index existed, a bounded part per
-        call (``max_steps`` SCAN steps); True once the whole keyspace has been seen, after
-        which every call returns at once. The SCAN cursor is kept in Redis between calls,
-        so any sweep carries on where the last one stopped; two at once only repeat work
-        (joining the index is NX)."""
-        state = self.r.get(ENDED_BACKFILL)
-        if state is not None and text(state) == _BACKFILL_DONE:
-            return True
-        cursor = int(state or 0)
-        for _ in range(max_steps):
-            cursor, keys = self.r.scan(cursor, match=batch_key("*"), count=_BACKFILL_SCAN_COUNT)
+        call (``max_steps`` SCAN steps, :func:`batchsvc.key_scan.scan_once`); True once the
+        whole keyspace has been seen. Joining the index is NX, so a step done twice is
+        harmless."""
+
+        def index(keys: builtins.list[str]) -> None:
             prefix = batch_key("")
-            ids = [k for k in (text(key).removeprefix(prefix) for key in keys) if ":" not in k]
+            ids = [k for k in (key.removeprefix(prefix) for key in keys) if ":" not in k]
             if ids:
                 self._index_ended(keys=[ENDED_INDEX], args=ids)
-            if cursor == 0:
-                self.r.set(ENDED_BACKFILL, _BACKFILL_DONE)
-                return True
-        self.r.set(ENDED_BACKFILL, cursor)
-        return False
+
+        return scan_once(
+            self.r,
+            ENDED_BACKFILL,
+            batch_key("*"),
+            index,
+            max_steps=max_steps,
+            count=_BACKFILL_SCAN_COUNT,
+        )
 
     # -- the run state (lifecycle.RunState) ----------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from batchsvc.ids import canonical_file_id
+from batchsvc.key_scan import scan_once
 from batchsvc.paging import SEQ_KEY, Page, page_ids
 from batchsvc.redis_types import HashMapping, members, text, text_fields
 
@@ -25,7 +26,8 @@ PURPOSES = ("batch", "batch_output")
 EXPIRY_INDEX = "bs:files:expiry"
 #: Deleted files (by a client or at the end of their retention) by when they were deleted.
 DELETED_INDEX = "bs:files:deleted"
-#: Present once the files deleted before :data:`DELETED_INDEX` existed have been indexed.
+#: The one-time indexing of files deleted before :data:`DELETED_INDEX` existed: its SCAN
+#: cursor while it runs, ``done`` after (:mod:`batchsvc.key_scan`).
 DELETED_BACKFILLED = "bs:files:deleted:backfilled"
 
 # KEYS: the file's hash, its project's index, its purpose's index, the expiry index, the
@@ -252,19 +254,15 @@ class FileStore:
         return len(file_ids)
 
     def index_deleted_once(self, chunk: int = 1000) -> int:
-        """Index the files deleted before :data:`DELETED_INDEX` existed, once per
-        installation (a marker key says it was done); returns how many.
-
-        A one-time ``SCAN`` of the file records: nothing else names them.
-        """
-        if not self.r.set(DELETED_BACKFILLED, self.now(), nx=True):
-            return 0
+        """Index the files deleted before :data:`DELETED_INDEX` existed: a one-time ``SCAN`` of
+        the file records (nothing else names them), carried on by each call until done
+        (:func:`batchsvc.key_scan.scan_once`); returns how many this call indexed."""
         indexed = 0
-        batch: builtins.list[str] = []
 
-        def flush() -> int:
+        def index(keys: builtins.list[str]) -> None:
+            nonlocal indexed
             pipe = self.r.pipeline(transaction=False)
-            for key in batch:
+            for key in keys:
                 pipe.hmget(key, ["id", "deleted_at"])
             found = {
                 text(file_id): int(deleted_at)
@@ -273,13 +271,7 @@ class FileStore:
             }
             if found:
                 self.r.zadd(DELETED_INDEX, found, nx=True)
-            batch.clear()
-            return len(found)
+            indexed += len(found)
 
-        for key in self.r.scan_iter(match=_file_key("*"), count=chunk):
-            batch.append(text(key))
-            if len(batch) >= chunk:
-                indexed += flush()
-        if batch:
-            indexed += flush()
+        scan_once(self.r, DELETED_BACKFILLED, _file_key("*"), index, count=chunk)
         return indexed

@@ -33,6 +33,7 @@ import redis
 from batchsvc import logs
 from batchsvc.errors import InvalidCredentials, InvalidRequest, NotFound
 from batchsvc.ids import new_api_key, new_project_id
+from batchsvc.key_scan import scan_once
 from batchsvc.redis_types import members, text, text_fields
 
 log = logs.get_logger("batchsvc.projects")
@@ -43,7 +44,8 @@ KEY_PREFIX_LEN = 12
 LAST_USED_RESOLUTION_S = 60
 _PROJECTS = "bs:projects"
 _SEQ = "bs:seq"
-#: Set once every key made before the per-project index existed has been added to it.
+#: The indexing of keys made before the per-project index existed: its SCAN cursor while it
+#: runs, ``done`` after (:mod:`batchsvc.key_scan`).
 _KEYS_INDEXED = "bs:apikeys-indexed"
 #: A key record's fields as ``keys list`` reads them (:func:`_parse_key`).
 _KEY_FIELDS = (
@@ -272,22 +274,22 @@ class ProjectStore:
 
     def _index_old_keys(self) -> None:
         """Add the keys made before the per-project index existed to it, once per Redis: a scan
-        of the key space, which is why it is done by the admin's listing and not by requests.
-        Safe to run twice at once (adding a key to the index is idempotent), and keys made
-        meanwhile index themselves."""
-        if self.r.exists(_KEYS_INDEXED):
-            return
-        found = [text(k) for k in self.r.scan_iter(match=_api_key_key("*"), count=1000)]
-        pipe = self.r.pipeline(transaction=False)
-        for name in found:
-            pipe.hmget(name, ["digest", "project_id", "created_at"])
-        indexing = self.r.pipeline(transaction=False)
-        for reply in pipe.execute():
-            digest, owner, created_at = (text(v) if v is not None else "" for v in reply)
-            if digest and owner:
-                indexing.zadd(_project_keys_key(owner), {digest: int(created_at or 0)}, nx=True)
-        indexing.set(_KEYS_INDEXED, 1)
-        indexing.execute()
+        of the key space (:func:`batchsvc.key_scan.scan_once`), which is why it is done by the
+        admin's listing and not by requests. Adding a key to the index is idempotent, and keys
+        made meanwhile index themselves."""
+
+        def index(names: list[str]) -> None:
+            pipe = self.r.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(name, ["digest", "project_id", "created_at"])
+            indexing = self.r.pipeline(transaction=False)
+            for reply in pipe.execute():
+                digest, owner, created_at = (text(v) if v is not None else "" for v in reply)
+                if digest and owner:
+                    indexing.zadd(_project_keys_key(owner), {digest: int(created_at or 0)}, nx=True)
+            indexing.execute()
+
+        scan_once(self.r, _KEYS_INDEXED, _api_key_key("*"), index)
 
     def revoke(self, prefix: str) -> int:
         """Deactivate every key starting with ``prefix`` (its first 12 characters) and record
