@@ -336,6 +336,36 @@ return {written, tonumber(counts[1] or '0') + tonumber(counts[2] or '0'),
 """
 )
 
+#: KEYS and ARGV of _FINISH_LINE: a step after it (:class:`AfterRecord`) gets the ones past these.
+_FINISH_KEYS = 6
+_FINISH_ARGS = 5
+
+
+def _finish_line_then(step: str) -> str:
+    """_FINISH_LINE followed by a caller's step in the same script: ``step`` is the body of a Lua
+    function of ``(KEYS, ARGV)``, given the keys and arguments past _FINISH_LINE's, whose value
+    is appended to _FINISH_LINE's reply. Both bodies run as functions whose parameters are named
+    KEYS and ARGV, so each reads its own as if it were a script of its own."""
+    return f"""
+local function finish(KEYS, ARGV)
+{_FINISH_LINE}
+end
+local function step(KEYS, ARGV)
+{step}
+end
+local fk, fa, sk, sa = {{}}, {{}}, {{}}, {{}}
+for i = 1, #KEYS do
+  if i <= {_FINISH_KEYS} then fk[i] = KEYS[i] else sk[i - {_FINISH_KEYS}] = KEYS[i] end
+end
+for i = 1, #ARGV do
+  if i <= {_FINISH_ARGS} then fa[i] = ARGV[i] else sa[i - {_FINISH_ARGS}] = ARGV[i] end
+end
+local reply = finish(fk, fa)
+reply[#reply + 1] = step(sk, sa)
+return reply
+"""
+
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -349,6 +379,22 @@ ERR = "e"
 
 #: Keys the ended index's backfill reads per SCAN step.
 _BACKFILL_SCAN_COUNT = 1000
+
+
+@dataclass
+class AfterRecord:
+    """A caller's own Redis step, run in the same script as a line's record (right after it,
+    whatever the record did), so that bookkeeping which belongs to the same moment costs no
+    round trip of its own. The inference worker acks the line's message and joins its chord
+    this way (:mod:`workers.line_settlement`).
+
+    ``lua`` is the body of a function of ``(KEYS, ARGV)`` over ``keys`` and ``args``; its value
+    lands in ``reply`` once the script has run (it stays ``None`` if the call failed)."""
+
+    lua: str
+    keys: list[str]
+    args: list[EncodableT]
+    reply: Any = None
 
 
 @dataclass(frozen=True)
@@ -506,6 +552,8 @@ class BatchStore:
         self._renew = client.register_script(_RENEW)
         self._begin_line = client.register_script(_BEGIN_LINE)
         self._finish_line = client.register_script(_FINISH_LINE)
+        #: _FINISH_LINE with a step after it, by the step's Lua (a caller has one or two).
+        self._finish_line_then: dict[str, Any] = {}
 
     def now(self) -> int:
         return int(self.clock())
@@ -820,28 +868,45 @@ class BatchStore:
         )
 
     def finish_line(
-        self, batch_id: str, index: int, ok: bool, line_json: str, token: str, model: str
+        self,
+        batch_id: str,
+        index: int,
+        ok: bool,
+        line_json: str,
+        token: str,
+        model: str,
+        then: AfterRecord | None = None,
     ) -> RecordOutcome:
         """Record line ``index``'s result (first record wins), release our lease and leave
-        ``model``'s in-flight set, in one round trip. ``status``/``expiring`` are the batch's
+        ``model``'s in-flight set, in one round trip; with ``then``, run that step in the same
+        script and put its value in ``then.reply``. ``status``/``expiring`` are the batch's
         right after."""
-        written, recorded, total, status, expiring, wake = self._finish_line(
-            keys=[
-                batch_key(batch_id),
-                lines_key(batch_id),
-                lease_prefix(batch_id) + str(index),
-                inflight_key(model),
-                window_key(model),
-                wake_key(model),
-            ],
-            args=[
-                index,
-                (OK if ok else ERR) + line_json,
-                "completed" if ok else "failed",
-                token,
-                inflight_member(batch_id, index),
-            ],
-        )
+        keys = [
+            batch_key(batch_id),
+            lines_key(batch_id),
+            lease_prefix(batch_id) + str(index),
+            inflight_key(model),
+            window_key(model),
+            wake_key(model),
+        ]
+        args: list[EncodableT] = [
+            index,
+            (OK if ok else ERR) + line_json,
+            "completed" if ok else "failed",
+            token,
+            inflight_member(batch_id, index),
+        ]
+        if then is None:
+            reply = self._finish_line(keys=keys, args=args)
+        else:
+            script = self._finish_line_then.get(then.lua)
+            if script is None:
+                script = self._finish_line_then[then.lua] = self.r.register_script(
+                    _finish_line_then(then.lua)
+                )
+            reply = script(keys=keys + then.keys, args=args + then.args)
+            then.reply = reply.pop()
+        written, recorded, total, status, expiring, wake = reply
         return RecordOutcome(
             written == 1,
             int(recorded),

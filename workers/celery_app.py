@@ -46,12 +46,22 @@ def worker_tuning(settings: Settings) -> dict[str, str]:
     return {**WORKER_TUNING, "broker_transport": SENTINEL_TRANSPORT}
 
 
+def line_result_backend(settings: Settings, redis_url: str) -> str:
+    """The workers' ``result_backend``: Celery's Redis backend (its Sentinel variant under
+    Sentinel) whose chord join takes the one a line's finish step already did
+    (:mod:`workers.line_settlement`). Celery reads ``<class>+<url>`` as that class over the
+    URL."""
+    backend = "LineSentinelBackend" if settings.redis_sentinel is not None else "LineRedisBackend"
+    return f"workers.line_settlement:{backend}+{redis_url}"
+
+
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     # The launcher serves what this process records (batchsvc.metrics.exposition).
     instruments.set_enabled(settings.metrics_enabled)
     app = Celery("batchsvc", include=TASK_MODULES)
     app.conf.update(celery_config(settings, redis_url))
     app.conf.update(worker_tuning(settings))
+    app.conf.result_backend = line_result_backend(settings, redis_url)
     # Sync queues first, then the batch queues round robin (see workers.queue_cycle). Only
     # consumers need it, and only workers import that module.
     app.conf.broker_transport_options = {

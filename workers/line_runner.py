@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchsvc import lifecycle, logs
-from batchsvc.batches import BatchStore
+from batchsvc.batches import AfterRecord, BatchStore
 from batchsvc.errors import LineError
 from batchsvc.metrics import instruments
 from batchsvc.models_config import ModelRegistry, ModelSpec
@@ -92,6 +92,7 @@ def run_batch_line(
     model: str,
     body: dict[str, Any],
     token: str | None = None,
+    then: AfterRecord | None = None,
 ) -> str:
     """Run line ``index`` of ``batch_id`` at most once and record its result.
 
@@ -102,7 +103,9 @@ def run_batch_line(
     raising chord header would stop the callback). Returns what happened, for logs and tests:
     ``done``, ``duplicate``, ``leased``, ``short_circuited`` or ``gone``. A caller that
     retries this call after a lost Redis reply passes the same ``token``, so the retry finds
-    the lease its first try took as its own.
+    the lease its first try took as its own. ``then`` runs in the recording step's script (the
+    worker's ack and chord join, :mod:`workers.line_settlement`); a line that is not recorded
+    here never runs it.
     """
     token = token or secrets.token_hex(8)
     started = time.perf_counter()
@@ -127,7 +130,7 @@ def run_batch_line(
             ok, line, code = _run(ctx, batch_id, index, custom_id, model, body)
         # The model's answer is not asked for twice because Redis blinked.
         outcome = retry_redis(
-            lambda: ctx.batches.finish_line(batch_id, index, ok, line, token, model),
+            lambda: ctx.batches.finish_line(batch_id, index, ok, line, token, model, then),
             ctx.redis_patience_s,
         )
     if outcome.written:

@@ -24,9 +24,56 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 #: What ``broker_transport`` names under Sentinel (:func:`workers.celery_app.worker_tuning`).
 SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
+
+
+#: Delivery tags whose message a line's finish step already acked in Redis
+#: (:mod:`workers.line_settlement`), until the worker's own ack for them arrives.
+_settled: set[str] = set()
+#: kombu's unacked hash and index in this process, once a :class:`SettlingQoS` exists.
+_ack_keys: tuple[str, str] | None = None
+
+
+def settling_ack_keys() -> tuple[str, str] | None:
+    """The ``unacked`` hash and ``unacked_index`` keys a line's finish step removes its
+    delivery tag from, or ``None`` when this process's consumer does not run
+    :class:`SettlingQoS` (its ack would not know the step had acked)."""
+    return _ack_keys
+
+
+def mark_settled(delivery_tag: str) -> None:
+    """The message of ``delivery_tag`` was acked in Redis by its line's finish step."""
+    _settled.add(delivery_tag)
+
+
+class SettlingQoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, told which messages a line's finish step already acked:
+    their ack (or reject) only updates the in-memory state, without a second round trip."""
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)  # type: ignore[no-untyped-call]
+        global _ack_keys
+        # The keys as kombu's own ack writes them (a global_keyprefix included).
+        prefix = getattr(channel, "global_keyprefix", "") or ""
+        _ack_keys = (prefix + channel.unacked_index_key, prefix + channel.unacked_key)
+
+    def ack(self, delivery_tag: str) -> None:
+        if delivery_tag in _settled:
+            _settled.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        # An acked message has nothing left to requeue: its line is recorded.
+        if delivery_tag in _settled:
+            _settled.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
 
 
 class SharedClient:
@@ -53,7 +100,7 @@ class SharedClient:
 
 
 class Channel(SharedClient, kombu_redis.Channel):
-    pass
+    QoS = SettlingQoS
 
 
 class Transport(kombu_redis.Transport):
@@ -63,6 +110,8 @@ class Transport(kombu_redis.Transport):
 class SentinelChannel(SharedClient, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel: its pool is redis-py's Sentinel-managed one, which finds the
     new primary after a failover; sharing one client over it changes nothing there."""
+
+    QoS = SettlingQoS
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

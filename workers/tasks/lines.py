@@ -11,6 +11,7 @@ from celery import shared_task
 from batchsvc import logs
 from batchsvc.metrics import instruments
 from batchsvc.queues import RUN_LINE, RUN_SYNC
+from workers import line_settlement
 from workers.context import context
 from workers.fanout import SENT_AT_HEADER
 from workers.line_runner import run_batch_line
@@ -24,11 +25,21 @@ def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[s
     instruments.line_received(model, sent_at(run_line.request), time.time())
     lines = context().lines
     token = secrets.token_hex(8)  # one run, however often Redis makes us retry it
-    with logs.scope(batch_id=batch_id, line=index, model=model):
-        retry_redis(
-            lambda: run_batch_line(lines, batch_id, index, custom_id, model, body, token),
-            lines.redis_patience_s,
-        )
+    # The message's ack and chord join ride on the line's finish step (one round trip less
+    # each); if the step never runs, Celery does both after the task as usual.
+    settle = line_settlement.after_record(run_line)
+    try:
+        with logs.scope(batch_id=batch_id, line=index, model=model):
+            retry_redis(
+                lambda: run_batch_line(
+                    lines, batch_id, index, custom_id, model, body, token, settle
+                ),
+                lines.redis_patience_s,
+            )
+    finally:
+        # Even when the task fails after its finish step: that step acked and joined.
+        if settle is not None:
+            line_settlement.settled(run_line, settle)
 
 
 def sent_at(request: Any) -> float | None:
