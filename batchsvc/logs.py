@@ -150,6 +150,18 @@ class QuietTasks(logging.Filter):
         return not (isinstance(data, Mapping) and data.get("name") in self.names)
 
 
+def skip_task_lines() -> None:
+    """In a worker that runs only :data:`QUIET_TASK_NAMES` (an inference worker), stop Celery
+    from building its per-task INFO records at all, rather than dropping each one
+    (:class:`QuietTasks`): Celery asks ``isEnabledFor(INFO)`` once per task type, and the
+    records it then skips cost about 11 us each, two per line. Failures still log at ERROR. At
+    DEBUG the lines stay, as :func:`configure` keeps them."""
+    if logging.getLogger(OUR_LOGGERS).getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name in CELERY_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 #: gunicorn's access-log atoms (see gunicorn.glogging.Logger.atoms) kept as JSON fields.
 _ACCESS_FIELDS: Final = {
     "m": "method",

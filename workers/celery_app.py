@@ -55,6 +55,16 @@ def line_result_backend(settings: Settings, redis_url: str) -> str:
     return f"workers.line_settlement:{backend}+{redis_url}"
 
 
+def skip_task_lines_on_line_workers(instance: Any, **_kwargs: Any) -> None:
+    """``celeryd_after_setup``: a worker that consumes neither the control nor the dispatch
+    queue runs only line and sync tasks, whose per-task lines are never shown
+    (:func:`batchsvc.logs.skip_task_lines`). Celery builds each task's tracer and strategy
+    after this signal, which is when it reads the level."""
+    queues = set(instance.app.amqp.queues.consume_from)
+    if queues and not queues & {CONTROL_QUEUE, DISPATCH_QUEUE}:
+        logs.skip_task_lines()
+
+
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     # The launcher serves what this process records (batchsvc.metrics.exposition).
     instruments.set_enabled(settings.metrics_enabled)
@@ -82,6 +92,7 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         logs.configure(settings)
 
     signals.setup_logging.connect(setup_logging, weak=False)
+    signals.celeryd_after_setup.connect(skip_task_lines_on_line_workers, weak=False)
     signals.worker_ready.connect(heartbeat.on_worker_ready, weak=False)
     signals.worker_shutdown.connect(heartbeat.on_worker_shutdown, weak=False)
     app.conf.beat_schedule = {

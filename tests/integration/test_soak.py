@@ -121,14 +121,18 @@ def _wait_all_terminal(jobs: list[dict[str, Any]], timeout: float) -> dict[str, 
 
 
 def _redelivered(stack: Stack, batch_ids: set[str]) -> int:
-    """How many line tasks of ``batch_ids`` some worker log shows received more than once."""
-    pattern = re.compile(r"Task \S+\[(batch_[^\].]+)\.(\d+)\] received")
+    """How many line tasks of ``batch_ids`` some worker log shows received more than once: at
+    INFO a worker logs only the copies kombu hands out again ("received again"), at DEBUG
+    Celery's "received" line of every copy stays too."""
+    pattern = re.compile(r"Task \S+\[(batch_[^\].]+)\.(\d+)\] received( again)?")
     seen: Counter[tuple[str, str]] = Counter()
     for proc in list(stack.procs):
         if proc.name == "worker":
             for match in pattern.finditer(proc.log.read_text(errors="replace")):
                 if match.group(1) in batch_ids:
-                    seen[(match.group(1), match.group(2))] += 1
+                    # A copy received again stands for its first delivery too, which INFO
+                    # does not log.
+                    seen[(match.group(1), match.group(2))] += 2 if match.group(3) else 1
     return sum(1 for n in seen.values() if n > 1)
 
 

@@ -148,6 +148,36 @@ def test_at_debug_celery_task_lines_stay_for_line_tasks_too(events: Events) -> N
     assert [e["data"]["name"] for e in events()] == [RUN_LINE]
 
 
+@pytest.fixture
+def task_logger_levels() -> Iterator[None]:
+    """Celery's task loggers' levels are put back afterwards."""
+    loggers = [logging.getLogger(name) for name in logs.CELERY_TASK_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("task_logger_levels")
+def test_a_line_worker_skips_celerys_task_lines_but_still_logs_failures(
+    configured: Callable[..., io.StringIO],
+) -> None:
+    stream = configured(log_format="json", log_level="INFO")
+    logs.skip_task_lines()
+    for name in logs.CELERY_TASK_LOGGERS:
+        # What Celery asks once per task type before it builds a record
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+        assert logging.getLogger(name).isEnabledFor(logging.ERROR)
+    _celery_task_line(RUN_LINE, logging.ERROR)
+    assert [json.loads(row)["level"] for row in stream.getvalue().splitlines()] == ["error"]
+
+
+@pytest.mark.usefixtures("task_logger_levels")
+def test_at_debug_a_line_worker_keeps_celerys_task_lines(events: Events) -> None:
+    logs.skip_task_lines()
+    assert logging.getLogger("celery.app.trace").isEnabledFor(logging.INFO)
+
+
 def test_the_quiet_filter_passes_records_without_task_data() -> None:
     record = logging.LogRecord("celery.app.trace", logging.INFO, "", 0, "plain", None, None)
     assert logs.QuietTasks().filter(record)

@@ -18,11 +18,17 @@ from workers.line_runner import run_batch_line
 from workers.redis_retry import retry_redis
 from workers.sync_runner import run_sync_request
 
+log = logs.get_logger("batchsvc.lines")
+
 
 @shared_task(name=RUN_LINE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
     # Returns nothing: the Redis chord join sends every header result to the callback at once.
     instruments.line_received(model, sent_at(run_line.request), time.time())
+    if redelivered(run_line.request):
+        # Celery's own "received" line is skipped for line tasks (batchsvc.logs); a copy the
+        # broker hands out again, after a worker died holding it, is still worth a line.
+        log.info(f"Task {RUN_LINE}[{run_line.request.id}] received again: redelivered")
     lines = context().lines
     token = secrets.token_hex(8)  # one run, however often Redis makes us retry it
     # The message's ack and chord join ride on the line's finish step (one round trip less
@@ -40,6 +46,11 @@ def run_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[s
         # Even when the task fails after its finish step: that step acked and joined.
         if settle is not None:
             line_settlement.settled(run_line, settle)
+
+
+def redelivered(request: Any) -> bool:
+    """Whether kombu restored this message from a worker that never acked it."""
+    return bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
 
 
 def sent_at(request: Any) -> float | None:

@@ -25,6 +25,7 @@ from tests.factories import FakeClock, fake_redis, make_batch, ok_result
 from workers import line_settlement, redis_transport
 from workers.line_settlement import LineRedisBackend
 from workers.redis_transport import SettlingQoS, Transport
+from workers.tasks.lines import redelivered
 
 MODEL = "demo-echo"
 URL = "redis://127.0.0.1:1/0"
@@ -302,3 +303,12 @@ def test_an_unsettled_message_is_acked_in_redis(
     qos.ack("t2")
     assert removed == ["t2"]
     assert "t2" in qos._dirty
+
+
+# -- a redelivered copy ------------------------------------------------------------------------
+
+
+def test_a_copy_kombu_restored_is_told_apart_from_a_first_delivery() -> None:
+    assert redelivered(Context(delivery_info={"redelivered": True}))
+    assert not redelivered(Context(delivery_info={"redelivered": False}))
+    assert not redelivered(Context(delivery_info=None))
