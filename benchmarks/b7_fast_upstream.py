@@ -24,6 +24,21 @@ reported here are what it would relay. The fake upstream and the benchmark proce
 but are not batchsvc, and are left out of the sum (the benchmark polls Redis at 20 Hz: a few
 hundred commands in all, within Redis's figure).
 
+Then the **stock Celery floor** (issue 17: "if the profile shows that Celery's own floor is
+above 1.5 ms with every promise kept, record that floor with its evidence"), on the same stack,
+machine and fake upstream, once batchsvc's processes are stopped (Redis is shared: their idle
+polling, heartbeats and beat's dispatch ticks would land in the floor's Redis row). Raw Celery
+workers (:mod:`benchmarks.raw_celery`, started as B1 starts its own: ``celery worker -P threads
+--prefetch-multiplier 1 -E``, batchsvc's Celery settings, not its worker tuning) in B7's layout
+(four processes of 16 threads), a raw control worker, and Flower on the raw app as the
+Procfile starts batchsvc's. The raw control worker publishes a chord of as many line tasks as
+the batch has lines; each posts its line's body to the same upstream over a keep-alive pool and
+reads the JSON answer; the callback marks the run done. Every process's CPU is measured from the
+start task's publish to the callback, as batchsvc's is from create to completed. The chord is
+published two ways (:data:`FLOOR_PUBLISHERS`): ``send_task`` per line, the floor, and Celery's
+canvas as B1 does, whose result barrier costs the publisher a SUBSCRIBE per line; then,
+informative, the send_task floor again with batchsvc's worker tuning.
+
 ``--profile`` records each Python process with py-spy during the batch (200 Hz, ``--gil``: the
 thread holding the GIL only) and splits each process's measured *user* CPU per line into the
 issue's buckets (:data:`benchmarks.profiling.BUCKETS`) by its samples; its *system* CPU (the
@@ -39,33 +54,44 @@ profiles stay in ``benchmarks/out/b7-*.pyspy.txt``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
+import redis
 import requests
 
 from batchsvc.queues import RUN_LINE
 from batchsvc.settings import Settings
+from benchmarks import publish, raw_celery
 from benchmarks.common import Options
 from benchmarks.harness import (
+    BIN,
+    HOST,
+    REPO,
     BatchSampler,
     BenchStack,
     CpuMeter,
+    Proc,
     StackProcess,
     create_batch,
     get_batch,
     run_warmup_batch,
     running,
     upload_file,
+    wait_until,
 )
 from benchmarks.inputs import write_jsonl
 from benchmarks.profiling import Breakdown, profiled_many, read_stacks
 from benchmarks.report import Section, fmt_rate, fmt_s, stolen_note
+from testsupport import launcher
 
 MODEL = "bench-fast"
 LATENCY_S = 0.005
@@ -75,6 +101,23 @@ TARGET_MS = 1.5
 PROFILE_RATE = 200
 #: Stack processes that are not batchsvc: measured, left out of the sum.
 NOT_BATCHSVC = ("upstream",)
+#: The model's ``upstream_model`` (:data:`benchmarks.common.UPSTREAM_MODEL_CONFIG`): what the
+#: openai backend puts in the body it posts, so the floor posts the same.
+UPSTREAM_MODEL = "bench-llm"
+#: ``batchsvc control``'s default thread count, for the raw control worker.
+CONTROL_CONCURRENCY = 4
+#: The floor's two ways to publish its chord from the raw control worker, each one run: the
+#: start task, by a label. ``send_task``: Celery's calls without its canvas, as batchsvc's
+#: publisher; ``canvas``: ``chord(group(...))(callback)`` as B1's raw floor, whose group
+#: result barrier also subscribes the publisher to every line's result channel.
+FLOOR_PUBLISHERS = {
+    "send_task": raw_celery.HTTP_SEND_START,
+    "canvas": raw_celery.HTTP_START,
+}
+#: The floor's stack processes, by name prefix (:func:`floor_group_of`).
+RAW_LINES = "raw-lines"
+RAW_CONTROL = "raw-control"
+RAW_FLOWER = "raw-flower"
 
 
 def group_of(label: str, proc: StackProcess) -> str | None:
@@ -97,6 +140,20 @@ def group_of(label: str, proc: StackProcess) -> str | None:
     if proc.service == "redis":
         return "Redis"
     return proc.service
+
+
+def floor_group_of(proc: StackProcess) -> str | None:
+    """The row a process of the floor phase is reported in, or ``None`` for one left out of
+    the floor's sum (the upstream; batchsvc's, stopped by then)."""
+    if proc.service.startswith(RAW_LINES):
+        return "raw line workers"
+    if proc.service == RAW_CONTROL:
+        return "raw control worker (publishes)"
+    if proc.service == RAW_FLOWER:
+        return "Flower (raw app)"
+    if proc.service == "redis":
+        return "Redis"
+    return None
 
 
 @dataclass
@@ -124,14 +181,14 @@ class Figures:
         return sum(self.group_s(g) for g in self.groups)
 
 
-def _flower_metrics(stack: BenchStack) -> tuple[float, int]:
-    """Flower's count of ``task-succeeded`` events of the line task, and its workers online."""
-    text = requests.get(stack.flower_url("/metrics"), timeout=30).text
+def _flower_metrics(base_url: str, task: str = RUN_LINE) -> tuple[float, int]:
+    """Flower's count of ``task-succeeded`` events of ``task``, and its workers online."""
+    text = requests.get(f"{base_url}/metrics", timeout=30).text
     succeeded = 0.0
     online = 0
     for line in text.splitlines():
         if line.startswith("flower_events_total{") and 'type="task-succeeded"' in line:
-            if f'task="{RUN_LINE}"' in line:
+            if f'task="{task}"' in line:
                 succeeded += float(line.rsplit(" ", 1)[1])
         elif line.startswith("flower_worker_online{") and float(line.rsplit(" ", 1)[1]) >= 1:
             online += 1
@@ -169,6 +226,197 @@ def _log_lines(stack: BenchStack, offsets: Mapping[str, int]) -> dict[str, tuple
     return out
 
 
+@dataclass
+class Floor:
+    """The stock Celery floor's run: its CPU figures (grouped by :func:`floor_group_of`),
+    its time from publish to callback, and what the upstream, Redis and Flower saw."""
+
+    #: How the raw control worker published the chord (:data:`FLOOR_PUBLISHERS`).
+    publisher: str
+    #: Run with batchsvc's worker tuning (not stock: informative).
+    tuned: bool
+    figures: Figures
+    meter: CpuMeter
+    #: Start task sent -> the raw control worker had published the chord (its own clock).
+    published_s: float | None
+    stats: dict[str, Any]
+    redis_calls: Counter[str]
+    flower_seen: float
+    flower_workers: int
+    workers: int
+
+
+def _floor_body(path: Path) -> dict[str, Any]:
+    """The batch's first line's body as the openai backend posts it (its upstream model)."""
+    with open(path, encoding="ascii") as handle:
+        body = dict(json.loads(handle.readline())["body"])
+    body["model"] = UPSTREAM_MODEL
+    return body
+
+
+def _start_raw_flower(stack: BenchStack) -> tuple[Proc, str]:
+    """Flower on the raw app, with the command line ``batchsvc flower`` execs for batchsvc's
+    (:func:`batchsvc.cli.cmd_flower`): it consumes the raw workers' task events the same way.
+    Returns it and its base URL."""
+    port = launcher.free_port()
+    # fmt: off
+    argv = [
+        str(BIN / "celery"), "-A", "benchmarks.raw_celery", "flower",
+        "--address=127.0.0.1", f"--port={port}", "--persistent=False",
+    ]
+    # fmt: on
+    proc = stack.spawn(
+        RAW_FLOWER,
+        argv,
+        REDIS_URL=stack.redis_url(),
+        PYTHONPATH=str(REPO),
+        FLOWER_UNAUTHENTICATED_API="true",
+    )
+    base = f"http://{HOST}:{port}"
+    wait_until(lambda: launcher.answers(f"{base}/healthcheck"), 60.0, "raw Flower")
+    assert isinstance(proc, Proc), proc
+    return proc, base
+
+
+def _floor_chord(
+    app: Any, client: redis.Redis, start: str, size: int, body: dict[str, Any], max_s: float
+) -> float | None:
+    """Send the raw control worker the ``start`` task for a chord of ``size`` HTTP line tasks
+    and wait for the callback. Returns how long the control worker took to publish the chord
+    (``None`` if the callback's mark came first)."""
+    run_id = "floor" + uuid.uuid4().hex[:12]
+    t0 = time.time()
+    app.send_task(start, args=[run_id, size, body], queue=raw_celery.CONTROL_QUEUE)
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        done, published = client.mget(raw_celery.done_key(run_id), raw_celery.published_key(run_id))
+        if done is not None:
+            return float(published) - t0 if published is not None else None
+        time.sleep(0.05)  # as batchsvc's run is polled, at 20 Hz
+    raise TimeoutError(f"the floor's chord of {size:,} did not finish within {max_s:.0f} s")
+
+
+def start_floor_workers(stack: BenchStack, layout: list[int], tuned: bool) -> list[Proc]:
+    """The floor's Celery processes: raw line workers in batchsvc's layout (a pool of as many
+    upstream connections as threads each) and the raw control worker; ``tuned``: both with
+    batchsvc's worker tuning (:data:`workers.celery_app.WORKER_TUNING`), as B1's tuned run."""
+    url = stack.upstream_url("/v1/chat/completions")
+    env = {raw_celery.TUNED_ENV: "1"} if tuned else {}
+    procs = [
+        stack.start_celery(
+            f"{RAW_LINES}-{i}",
+            "benchmarks.raw_celery",
+            [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
+            threads,
+            **{raw_celery.UPSTREAM_ENV: url, raw_celery.POOL_ENV: str(threads)},
+            **env,
+        )
+        for i, threads in enumerate(layout, 1)
+    ]
+    procs.append(
+        stack.start_celery(
+            RAW_CONTROL,
+            "benchmarks.raw_celery",
+            [raw_celery.CONTROL_QUEUE],
+            CONTROL_CONCURRENCY,
+            **env,
+        )
+    )
+    return [p for p in procs if isinstance(p, Proc)]
+
+
+def measure_floor(
+    stack: BenchStack,
+    publisher: str,
+    tuned: bool,
+    n: int,
+    body: dict[str, Any],
+    max_s: float,
+    flower_url: str,
+    workers: int,
+) -> Floor:
+    """One chord of ``n`` HTTP line tasks published the ``publisher`` way, after a warm-up,
+    with every process's CPU measured from the start task's publish to the callback."""
+    start = FLOOR_PUBLISHERS[publisher]
+    app = publish.producer_app(stack.redis_url())
+    try:
+        # Warm-up as batchsvc's: every thread's connection opened, every code path run once.
+        _floor_chord(app, stack.redis, start, 4 * CONCURRENCY, body, 120.0)
+        time.sleep(1.0)  # the warm-up's events reach Flower
+        requests.post(stack.upstream_url("/_fake/reset"), timeout=10).raise_for_status()
+        procs = stack.every_process()
+        pids = {label: p.pid for label, p in procs.items()}
+        pids["benchmark"] = os.getpid()
+        flower_before, _ = _flower_metrics(flower_url, raw_celery.HTTP_LINE)
+        cmd_before = _commandstats(stack)
+        split0 = _user_system(pids)
+        meter = CpuMeter(pids, alone=tuple(pids)).start()
+        published_s = _floor_chord(app, stack.redis, start, n, body, max_s)
+        meter.stop()
+        split1 = _user_system(pids)
+        cmd_after = _commandstats(stack)
+        stats = requests.get(stack.upstream_url("/_fake/stats"), timeout=10).json()
+        time.sleep(1.0)  # Flower gets the last events (the workers send them by 0.1 s)
+        flower_after, flower_workers = _flower_metrics(flower_url, raw_celery.HTTP_LINE)
+    finally:
+        app.close()
+
+    figures = Figures(n, meter.seconds, dict(meter.used))
+    figures.system = {
+        label: max(0.0, split1[label][1] - split0[label][1]) for label in split0 if label in split1
+    }
+    groups: dict[str, list[str]] = defaultdict(list)
+    for label, proc in procs.items():
+        group = floor_group_of(proc)
+        if group is not None:
+            groups[group].append(label)
+    figures.groups = dict(groups)
+    calls = Counter({k: cmd_after.get(k, 0) - cmd_before.get(k, 0) for k in cmd_after})
+    return Floor(
+        publisher,
+        tuned,
+        figures,
+        meter,
+        published_s,
+        stats,
+        calls,
+        flower_after - flower_before,
+        flower_workers,
+        workers,
+    )
+
+
+def _group_rows(section: Section, figures: Figures, prefix: str = "") -> None:
+    """One row per group: its CPU per line (and the kernel's share), cores, and each process
+    of a group of several."""
+    for group in sorted(figures.groups, key=lambda g: -figures.group_s(g)):
+        used = figures.group_s(group)
+        labels = figures.groups[group]
+        detail = ""
+        if len(labels) > 1:
+            detail = (
+                " ("
+                + ", ".join(
+                    f"{label.split('/', 1)[-1]} {figures.ms(figures.used.get(label, 0.0)):.2f}"
+                    for label in sorted(labels)
+                )
+                + ")"
+            )
+        section.info(
+            f"  {prefix}{group}",
+            f"{figures.ms(used):.3f} ms/line (of which system "
+            f"{figures.ms(figures.group_system_s(group)):.3f}) = "
+            f"{used / figures.seconds:.2f} cores{detail}",
+        )
+
+
+def _redis_calls_line(calls: Counter[str], n: int) -> str:
+    top_calls = [(k, v) for k, v in calls.most_common() if v >= 0.05 * n]
+    return f"{sum(calls.values()) / n:.1f} in all: " + ", ".join(
+        f"{k} {v / n:.2f}" for k, v in top_calls
+    )
+
+
 def run(opts: Options) -> list[Section]:
     n = opts.size(5_000, 1_000)
     max_s = 900.0 if not opts.quick else 300.0
@@ -194,7 +442,7 @@ def run(opts: Options) -> list[Section]:
         procs = stack.every_process()
         pids = {label: p.pid for label, p in procs.items()}
         pids["benchmark"] = os.getpid()
-        flower_before, _ = _flower_metrics(stack)
+        flower_before, _ = _flower_metrics(stack.flower_url(""))
         cmd_before = _commandstats(stack)
         log_offsets = stack.log_sizes()
         targets = {
@@ -225,12 +473,33 @@ def run(opts: Options) -> list[Section]:
         stats = requests.get(stack.upstream_url("/_fake/stats"), timeout=10).json()
         final = get_batch(stack, creds, batch["id"])
         time.sleep(1.0)  # Flower flushes the last events (the workers batch them by 0.1 s)
-        flower_after, flower_workers = _flower_metrics(stack)
+        flower_after, flower_workers = _flower_metrics(stack.flower_url(""))
         last_task = requests.get(
             stack.flower_url(f"/api/task/info/{batch['id']}.{n - 1}"), timeout=30
         )
         last_state = (
             last_task.json().get("state") if last_task.ok else f"HTTP {last_task.status_code}"
+        )
+
+        # -- the stock Celery floor, on the same Redis and upstream. batchsvc's processes are
+        # stopped first: Redis is shared, and their idle polling, heartbeats and beat's
+        # dispatch ticks (each an event Flower consumes) would land in the floor's window.
+        for stopped in (flower, beat, worker, control, web):
+            stack.stop(stopped)
+        raw_procs = start_floor_workers(stack, layout, tuned=False)
+        flower_raw = _start_raw_flower(stack)[1]
+        floor_body = _floor_body(path)
+        floors = [
+            measure_floor(stack, publisher, False, n, floor_body, max_s, flower_raw, len(layout))
+            for publisher in FLOOR_PUBLISHERS
+        ]
+        # The same floor with batchsvc's worker tuning (batched events, its consumer): what
+        # that tuning is worth on Celery's own share (informative, not the floor).
+        for stopped in raw_procs:
+            stack.stop(stopped)
+        start_floor_workers(stack, layout, tuned=True)
+        floors.append(
+            measure_floor(stack, "send_task", True, n, floor_body, max_s, flower_raw, len(layout))
         )
 
     # -- figures -------------------------------------------------------------------------------
@@ -291,25 +560,7 @@ def run(opts: Options) -> list[Section]:
         f"<= {TARGET_MS} ms",
         total_ms <= TARGET_MS and final["status"] == "completed",
     )
-    for group in sorted(figures.groups, key=lambda g: -figures.group_s(g)):
-        used = figures.group_s(group)
-        labels = figures.groups[group]
-        detail = ""
-        if len(labels) > 1:
-            detail = (
-                " ("
-                + ", ".join(
-                    f"{label.split('/', 1)[-1]} {figures.ms(figures.used.get(label, 0.0)):.2f}"
-                    for label in sorted(labels)
-                )
-                + ")"
-            )
-        section.info(
-            f"  {group}",
-            f"{figures.ms(used):.3f} ms/line (of which system "
-            f"{figures.ms(figures.group_system_s(group)):.3f}) = "
-            f"{used / figures.seconds:.2f} cores{detail}",
-        )
+    _group_rows(section, figures)
     for name in ("upstream", "benchmark"):
         used = sum(v for k, v in figures.used.items() if k == name or k.startswith(name + "/"))
         section.info(f"  (not batchsvc) {name}", f"{figures.ms(used):.3f} ms/line")
@@ -319,12 +570,7 @@ def run(opts: Options) -> list[Section]:
         f"(batchsvc: {figures.total_s() / figures.seconds:.2f})",
     )
     calls = Counter({k: cmd_after.get(k, 0) - cmd_before.get(k, 0) for k in cmd_after})
-    top_calls = [(k, v) for k, v in calls.most_common() if v >= 0.05 * n]
-    section.info(
-        "Redis commands per line (INFO commandstats)",
-        f"{sum(calls.values()) / n:.1f} in all: "
-        + ", ".join(f"{k} {v / n:.2f}" for k, v in top_calls),
-    )
+    section.info("Redis commands per line (INFO commandstats)", _redis_calls_line(calls, n))
     section.info(
         "log lines / bytes per line (what honcho relays under make run)",
         f"{sum(v[1] for v in logs.values()) / n:.2f} / {sum(v[0] for v in logs.values()) / n:.0f}"
@@ -339,6 +585,8 @@ def run(opts: Options) -> list[Section]:
         f"{n:,} / >= {len(layout) + 2}",
         seen >= n and flower_workers >= len(layout) + 2,
     )
+    for floor in floors:
+        floor_report(section, floor, figures, meter.machine_stolen)
     section.note(
         "honcho is not started by the benchmark (each process writes its own log file); under "
         "make run it relays the log lines counted above (the issue measured it at 0.15 ms/line)"
@@ -351,6 +599,90 @@ def run(opts: Options) -> list[Section]:
         for line in profile_lines(profiles, targets, procs, figures):
             section.note(line)
     return [section]
+
+
+#: What each floor publisher is, for its setup row.
+PUBLISHER_HOW = {
+    "send_task": "one send_task per line on a held producer (chord size set once), as "
+    "batchsvc's publisher does",
+    "canvas": "chord(group(...))(callback), as B1's raw floor: the group's result barrier "
+    "also SUBSCRIBEs the publisher to each line's result channel",
+}
+#: batchsvc's rows that publish and start (:func:`group_of`), and the floor's, set apart in
+#: the comparison of what the line workers, Redis and Flower spend.
+BATCHSVC_PUBLISHING = ("dispatcher", "control worker", "control supervisor")
+FLOOR_PUBLISHING = ("raw control worker (publishes)",)
+
+
+def floor_report(section: Section, floor: Floor, batchsvc: Figures, batchsvc_stolen: float) -> None:
+    """The stock Celery floor's rows, and batchsvc set against it."""
+    f = floor.figures
+    n = f.lines
+    tag = (
+        f"Celery floor with batchsvc's worker tuning ({floor.publisher} publish)"
+        if floor.tuned
+        else f"stock Celery floor ({floor.publisher} publish)"
+    )
+    floor_ms = f.ms(f.total_s())
+    batchsvc_ms = batchsvc.ms(batchsvc.total_s())
+    tuning = "with" if floor.tuned else "without"
+    section.info(
+        f"{tag}: setup",
+        f"a chord of {n:,} tasks, each one POST of a line's body to the same upstream "
+        f"(keep-alive pool per process) and its JSON read, acks late, events on; raw workers "
+        f"{floor.workers} x {CONCURRENCY // max(1, floor.workers)} threads (celery worker -P "
+        "threads --prefetch-multiplier 1 -E -l INFO, batchsvc's Celery settings "
+        f"{tuning} its worker tuning); a raw control worker x{CONTROL_CONCURRENCY} publishing "
+        "from a task: "
+        f"{PUBLISHER_HOW[floor.publisher]}; Flower on the raw app; batchsvc's processes stopped",
+    )
+    section.info(
+        f"{tag}: lines/s (start task sent -> callback ran)",
+        f"{fmt_rate(n / f.seconds)} ({fmt_s(f.seconds)}; the chord published after "
+        f"{fmt_s(floor.published_s)})",
+    )
+    section.info(
+        f"{tag}: upstream peak in flight / requests seen",
+        f"{floor.stats['peak_in_flight']} of {CONCURRENCY} threads / "
+        f"{floor.stats['requests_seen']:,}",
+    )
+    section.info(
+        f"{tag}: CPU per line, every process summed",
+        f"{floor_ms:.2f} ms{stolen_note(floor.meter.machine_stolen)}",
+    )
+    _group_rows(section, f, prefix="floor: ")
+    for name in ("upstream", "benchmark"):
+        used = sum(v for k, v in f.used.items() if k == name or k.startswith(name + "/"))
+        section.info(f"  floor: (not counted) {name}", f"{f.ms(used):.3f} ms/line")
+    section.info(
+        f"{tag}: machine busy / hypervisor steal",
+        f"{floor.meter.machine_busy:.2f} / {floor.meter.machine_stolen:.2f} of "
+        f"{os.cpu_count()} cores (floor processes: {f.total_s() / f.seconds:.2f}); during "
+        f"batchsvc's batch: steal {batchsvc_stolen:.2f}",
+    )
+    section.info(f"{tag}: Redis commands per line", _redis_calls_line(floor.redis_calls, n))
+    section.check(
+        f"{tag}: Flower saw every line / workers online",
+        f"{floor.flower_seen:,.0f} of {n:,} / {floor.flower_workers}",
+        f"{n:,} / >= {floor.workers + 1}",
+        floor.flower_seen >= n and floor.flower_workers >= floor.workers + 1,
+    )
+    if floor_ms:
+        section.info(
+            f"batchsvc / {tag} (CPU per line, every process summed)",
+            f"{batchsvc_ms / floor_ms:.2f}x: {batchsvc_ms:.2f} - {floor_ms:.2f} = "
+            f"{batchsvc_ms - floor_ms:+.2f} ms/line above the floor",
+        )
+    bs_rest = batchsvc.ms(
+        sum(batchsvc.group_s(g) for g in batchsvc.groups if g not in BATCHSVC_PUBLISHING)
+    )
+    floor_rest = f.ms(sum(f.group_s(g) for g in f.groups if g not in FLOOR_PUBLISHING))
+    section.info(
+        "  without the publishers (batchsvc's dispatcher and control; the raw control worker)",
+        f"batchsvc {bs_rest:.2f} vs floor {floor_rest:.2f} ms/line = "
+        f"{bs_rest / floor_rest if floor_rest else 0.0:.2f}x; publishing: batchsvc "
+        f"{batchsvc_ms - bs_rest:.2f} vs floor {floor_ms - floor_rest:.2f} ms/line",
+    )
 
 
 def profile_lines(
