@@ -8,9 +8,11 @@ line, so a Celery upgrade that changes the join's arguments fails here."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import celery.backends.redis
 import pytest
 import redis
 from celery import Celery, states
@@ -161,16 +163,31 @@ def test_the_finish_step_joins_the_chord_as_celery_does(
     assert published[0][1] == [None] * SIZE
 
 
-def test_the_finish_step_acks_the_message_and_the_worker_ack_then_stays_in_memory(
-    app: Celery, client: redis.Redis, published: list[tuple[str, Any]]
-) -> None:
-    # Given a line whose message a worker holds
+@dataclass
+class Chord:
+    """A batch of SIZE lines and its chord ``lines``, on the line backend."""
+
+    line: RedisBackend
+    store: BatchStore
+    batch_id: str
+
+    def run(self, app: Celery, index: int, tries: int = 1) -> Any:
+        return run_settled(app, self.line, self.store, self.batch_id, "lines", index, tries)
+
+
+@pytest.fixture
+def chord(app: Celery, client: redis.Redis) -> Chord:
     line = backend(LineRedisBackend, app, client)
     store = BatchStore(client, clock=FakeClock())
-    batch = make_batch(store, total=SIZE)
     line.set_chord_size("lines", SIZE)
-    # When it runs through its finish step
-    step = run_settled(app, line, store, batch.id, "lines", 0)
+    return Chord(line, store, make_batch(store, total=SIZE).id)
+
+
+def test_the_finish_step_acks_the_message_and_the_worker_ack_then_stays_in_memory(
+    app: Celery, client: redis.Redis, chord: Chord, published: list[tuple[str, Any]]
+) -> None:
+    # When a line whose message a worker holds runs through its finish step
+    step = chord.run(app, 0)
     # Then the step acked it: kombu's unacked hash and index no longer hold it
     tag = step.args[0]
     assert client.hget("unacked", tag) is None
@@ -181,57 +198,58 @@ def test_the_finish_step_acks_the_message_and_the_worker_ack_then_stays_in_memor
 
 
 def test_a_retried_finish_step_keeps_the_claim_and_the_callback_fires_once(
-    app: Celery, client: redis.Redis, published: list[tuple[str, Any]]
+    app: Celery, client: redis.Redis, chord: Chord, published: list[tuple[str, Any]]
 ) -> None:
     # Given a chord whose last line's finish step runs twice (its first reply lost)
-    line = backend(LineRedisBackend, app, client)
-    store = BatchStore(client, clock=FakeClock())
-    batch = make_batch(store, total=SIZE)
-    line.set_chord_size("lines", SIZE)
     for index in range(SIZE - 1):
-        run_settled(app, line, store, batch.id, "lines", index)
-    run_settled(app, line, store, batch.id, "lines", SIZE - 1, tries=2)
+        chord.run(app, index)
+    chord.run(app, SIZE - 1, tries=2)
     # Then the callback fired once and Celery cleaned its keys up (its done marker left)
     assert len(published) == 1
-    assert client.get(line.get_key_for_group("lines", ".c")) == b"done"
-    assert not client.exists(line.get_key_for_group("lines", ".j"))
+    assert client.get(chord.line.get_key_for_group("lines", ".c")) == b"done"
+    assert not client.exists(chord.line.get_key_for_group("lines", ".j"))
 
 
 def test_lines_joined_either_way_fire_one_callback(
-    app: Celery, client: redis.Redis, published: list[tuple[str, Any]]
+    app: Celery, chord: Chord, published: list[tuple[str, Any]]
 ) -> None:
     # Given a chord where one line never reached its finish step (a redelivered copy that
     # found it recorded): Celery joins that one after the task, as stock Celery does
-    line = backend(LineRedisBackend, app, client)
-    store = BatchStore(client, clock=FakeClock())
-    batch = make_batch(store, total=SIZE)
-    line.set_chord_size("lines", SIZE)
-    run_settled(app, line, store, batch.id, "lines", 0)
-    line.on_chord_part_return(request(app, "lines", 1), states.SUCCESS, None)
+    chord.run(app, 0)
+    chord.line.on_chord_part_return(request(app, "lines", 1), states.SUCCESS, None)
     assert published == []
     # When the last line finishes through its step
-    run_settled(app, line, store, batch.id, "lines", 2)
+    chord.run(app, 2)
     # Then the callback fired once
     assert len(published) == 1
     # and a late copy of a joined line changes nothing
-    line.on_chord_part_return(request(app, "lines", 0), states.SUCCESS, None)
+    chord.line.on_chord_part_return(request(app, "lines", 0), states.SUCCESS, None)
     assert len(published) == 1
 
 
+def test_a_line_that_does_not_complete_the_chord_costs_celery_nothing_more(
+    app: Celery, chord: Chord, published: list[tuple[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given Celery's own preparation of a join (its claim token first) made to fail
+    monkeypatch.setattr(celery.backends.redis, "uuid4", pytest.fail)
+    # When lines that leave the chord incomplete finish through their step
+    for index in range(SIZE - 1):
+        chord.run(app, index)
+    # Then Celery's join call returned before preparing anything, and nothing fired
+    assert published == []
+    assert line_settlement._joined.value is None
+
+
 def test_a_join_reply_held_for_another_task_is_not_used(
-    app: Celery, client: redis.Redis, published: list[tuple[str, Any]]
+    app: Celery, client: redis.Redis, chord: Chord, published: list[tuple[str, Any]]
 ) -> None:
     # Given a join reply held on this thread for task lines.0
-    line = backend(LineRedisBackend, app, client)
-    store = BatchStore(client, clock=FakeClock())
-    batch = make_batch(store, total=SIZE)
-    line.set_chord_size("lines", SIZE)
-    run_settled(app, line, store, batch.id, "lines", 0)
+    chord.run(app, 0)
     line_settlement._joined.value = ("lines.0", "token", [1, None, b"3", 0])
     # When Celery joins another task on the thread
-    line.on_chord_part_return(request(app, "lines", 1), states.SUCCESS, None)
+    chord.line.on_chord_part_return(request(app, "lines", 1), states.SUCCESS, None)
     # Then that task was joined by the script itself
-    assert client.zcard(line.get_key_for_group("lines", ".j")) == 2
+    assert client.zcard(chord.line.get_key_for_group("lines", ".j")) == 2
 
 
 def test_without_a_settling_consumer_there_is_no_step(
