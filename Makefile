@@ -23,12 +23,14 @@ help: ## list the targets
 CONSTRAINTS := constraints.txt
 LOCK_VENV := .venv-lock
 
-# --no-compile: pip byte-compiles every installed module, about 30 s of a fresh install (73.6 s
-# -> 44.0 s here); Python compiles a module and caches it the first time it is imported.
+# pip byte-compiles what it installs (about 30 s of a fresh install here). Keep it: with
+# PYTHONDONTWRITEBYTECODE set, as on this machine, nothing compiled later is cached, and every
+# process the integration tests start would compile its imports again (--no-compile made the
+# integration phase 542 s -> 751 s).
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install batchsvc with its test tools
