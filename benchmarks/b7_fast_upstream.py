@@ -668,11 +668,17 @@ def floor_report(section: Section, floor: Floor, batchsvc: Figures, batchsvc_sto
         floor.flower_seen >= n and floor.flower_workers >= floor.workers + 1,
     )
     if floor_ms:
-        section.info(
-            f"batchsvc / {tag} (CPU per line, every process summed)",
+        ratio = f"batchsvc / {tag} (CPU per line, every process summed)"
+        value = (
             f"{batchsvc_ms / floor_ms:.2f}x: {batchsvc_ms:.2f} - {floor_ms:.2f} = "
-            f"{batchsvc_ms - floor_ms:+.2f} ms/line above the floor",
+            f"{batchsvc_ms - floor_ms:+.2f} ms/line above the floor"
         )
+        if floor.tuned or floor.publisher != "send_task":
+            section.info(ratio, value)
+        else:
+            # Issue 17: with 1.5 ms below what stock Celery itself costs with every promise
+            # kept, the floor measured in the same run is what batchsvc is held to.
+            section.check(ratio, value, "<= 1.00x", batchsvc_ms <= floor_ms)
     bs_rest = batchsvc.ms(
         sum(batchsvc.group_s(g) for g in batchsvc.groups if g not in BATCHSVC_PUBLISHING)
     )
