@@ -15,7 +15,7 @@ from batchsvc.queues import CONTROL_QUEUE, DISPATCH_QUEUE
 from batchsvc.settings import Settings
 from tests.unit.test_redis_connect import sentinel_settings
 from workers.celery_app import line_result_backend, make_celery, skip_task_lines_on_line_workers
-from workers.line_settlement import LineRedisBackend, LineSentinelBackend
+from workers.line_settlement import LineChordJoin, LineRedisBackend, LineSentinelBackend
 
 URL = "redis://127.0.0.1:1/0"
 
@@ -31,7 +31,7 @@ def test_under_sentinel_it_is_the_sentinel_backend_over_the_sentinels_url() -> N
     assert line_result_backend(sentinel_settings(), url) == (
         f"workers.line_settlement:LineSentinelBackend+{url}"
     )
-    assert issubclass(LineSentinelBackend, LineRedisBackend.__mro__[1])
+    assert issubclass(LineSentinelBackend, LineChordJoin)
 
 
 @pytest.fixture
