@@ -233,17 +233,12 @@ def run(opts: Options) -> list[Section]:
         ):
             batch = create_batch(stack, creds, file_id)
             t_c1 = time.monotonic()
-            sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
             memory = RedisMemorySampler(stack.redis, batch["id"], MODEL, interval=1.0, max_s=max_s)
-            sampler.start()
             memory.start()
-            sampler.join(timeout=max_s + 30)
-            sampler.stop()
+            sampler = BatchSampler.follow(stack.redis, batch["id"], MODEL, max_s)
             memory.stop()
         meter.stop()
         rss.stop()
-        if sampler.error is not None:
-            raise sampler.error
         if memory.error is not None:
             raise memory.error
         final = get_batch(stack, creds, batch["id"])

@@ -70,13 +70,8 @@ def run(opts: Options) -> list[Section]:
                 with profiled(opts.profile, workers[0].service_pid, prof_out, max_s) as prof:
                     batch = create_batch(stack, creds, file_id)
                     t1 = time.monotonic()
-                    sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
-                    sampler.start()
-                    sampler.join(timeout=max_s + 30)
-                    sampler.stop()
+                    sampler = BatchSampler.follow(stack.redis, batch["id"], MODEL, max_s)
                 meter.stop()
-                if sampler.error is not None:
-                    raise sampler.error
                 stats = requests.get(stack.upstream_url("/_fake/stats"), timeout=10).json()
                 final = get_batch(stack, creds, batch["id"])
             finally:

@@ -73,13 +73,8 @@ def _run(opts: Options, kind: str) -> Section:
             opts.profile, control.service_pid, opts.profile_dir / "b4-control.pyspy.txt", max_s
         ) as prof:
             batch = create_batch(stack, creds, file_id)
-            sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
-            sampler.start()
-            sampler.join(timeout=max_s + 30)
-            sampler.stop()
+            sampler = BatchSampler.follow(stack.redis, batch["id"], MODEL, max_s)
         rss.stop()
-        if sampler.error is not None:
-            raise sampler.error
         final = get_batch(stack, creds, batch["id"])
         out_bytes, out_lines = download(stack, creds, final["output_file_id"])
 

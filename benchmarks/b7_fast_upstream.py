@@ -460,14 +460,9 @@ def run(opts: Options) -> list[Section]:
         ) as profiles:
             batch = create_batch(stack, creds, file_id)
             t1 = time.monotonic()
-            sampler = BatchSampler(stack.redis, batch["id"], MODEL, hz=20, max_s=max_s)
-            sampler.start()
-            sampler.join(timeout=max_s + 30)
-            sampler.stop()
+            sampler = BatchSampler.follow(stack.redis, batch["id"], MODEL, max_s)
             meter.stop()
             split1 = _user_system(pids)
-        if sampler.error is not None:
-            raise sampler.error
         cmd_after = _commandstats(stack)
         logs = _log_lines(stack, log_offsets)
         stats = requests.get(stack.upstream_url("/_fake/stats"), timeout=10).json()

@@ -117,14 +117,9 @@ def _one_run(fleet: netns.Fleet, creds: dict[str, str], n: int, lines: int, max_
         t0 = time.monotonic()
         batch = create_batch(api, creds, file_id)
         # Started from this thread, which is on the control host: so is the sampler's thread.
-        sampler = BatchSampler(client, batch["id"], MODEL, hz=20, max_s=max_s)
-        sampler.start()
-        sampler.join(timeout=max_s + 30)
-        sampler.stop()
+        sampler = BatchSampler.follow(client, batch["id"], MODEL, max_s)
         meter.stop()
         client.close()
-        if sampler.error is not None:
-            raise sampler.error
         upstreams = {gpu.host.name: fleet.upstream(gpu, "stats") for gpu in gpus}
         final = get_batch(api, creds, batch["id"])
     finally:

@@ -671,6 +671,20 @@ class BatchSampler(threading.Thread):
         self._stop_event.set()
         self.join(timeout=10)
 
+    @classmethod
+    def follow(
+        cls, client: redis.Redis, batch_id: str, model: str, max_s: float, hz: float = 20
+    ) -> BatchSampler:
+        """Sample the batch from now until it ends (or ``max_s``), then return the sampler;
+        raises what stopped the sampling early."""
+        sampler = cls(client, batch_id, model, hz=hz, max_s=max_s)
+        sampler.start()
+        sampler.join(timeout=max_s + 30)
+        sampler.stop()
+        if sampler.error is not None:
+            raise sampler.error
+        return sampler
+
     def first(self, predicate: Callable[[BatchSample], bool]) -> BatchSample | None:
         return next((s for s in self.samples if predicate(s)), None)
 

@@ -1,8 +1,10 @@
-"""benchmarks.harness: finding each Celery child of a supervisor, and Redis memory by part."""
+"""benchmarks.harness: finding each Celery child of a supervisor, Redis memory by part, and
+what stops following a batch."""
 
 from __future__ import annotations
 
 import pytest
+import redis
 
 from batchsvc.keys import inflight_key, lines_key
 from batchsvc.queues import model_queue
@@ -10,6 +12,7 @@ from benchmarks.harness import (
     BOOKKEEPING,
     QUEUED,
     RECORDS,
+    BatchSampler,
     match_nodes,
     memory_part,
     node_of,
@@ -87,3 +90,9 @@ def test_memory_part_sorts_a_batchs_keys_into_the_three_parts() -> None:
     # Another model's queue, another batch, Celery's own keys: not the batch's
     for key in (model_queue("other"), "bs:batch:batch_xyz:lines", "_kombu.binding.x"):
         assert memory_part(key, batch, model) is None, key
+
+
+def test_follow_raises_what_stopped_the_sampling() -> None:
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.1)
+    with pytest.raises(redis.ConnectionError):
+        BatchSampler.follow(unreachable, "batch_1", "demo-echo", max_s=5)
