@@ -59,7 +59,7 @@ import os
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,32 @@ class Figures:
     def total_s(self) -> float:
         return sum(self.group_s(g) for g in self.groups)
 
+    @classmethod
+    def measured(
+        cls,
+        lines: int,
+        meter: CpuMeter,
+        before: Mapping[str, tuple[float, float]],
+        after: Mapping[str, tuple[float, float]],
+        procs: Mapping[str, StackProcess],
+        group_of: Callable[[str, StackProcess], str | None],
+    ) -> Figures:
+        """The figures of a window: ``meter``'s CPU, the system CPU between ``before`` and
+        ``after`` (:func:`_user_system`), each process in the row ``group_of`` gives it."""
+        figures = cls(lines, meter.seconds, dict(meter.used))
+        figures.system = {
+            label: max(0.0, after[label][1] - before[label][1])
+            for label in before
+            if label in after
+        }
+        groups: dict[str, list[str]] = defaultdict(list)
+        for label, proc in procs.items():
+            group = group_of(label, proc)
+            if group is not None:
+                groups[group].append(label)
+        figures.groups = dict(groups)
+        return figures
+
 
 def _flower_metrics(base_url: str, task: str = RUN_LINE) -> tuple[float, int]:
     """Flower's count of ``task-succeeded`` events of ``task``, and its workers online."""
@@ -209,6 +235,11 @@ def _commandstats(stack: BenchStack) -> dict[str, int]:
         name.removeprefix("cmdstat_"): int(stats["calls"])
         for name, stats in stack.redis.info("commandstats").items()
     }
+
+
+def _calls_since(before: Mapping[str, int], after: Mapping[str, int]) -> Counter[str]:
+    """Redis commands run between two ``INFO commandstats`` readings, by command."""
+    return Counter({k: after.get(k, 0) - before.get(k, 0) for k in after})
 
 
 def _log_lines(stack: BenchStack, offsets: Mapping[str, int]) -> dict[str, tuple[int, int]]:
@@ -361,17 +392,9 @@ def measure_floor(
     finally:
         app.close()
 
-    figures = Figures(n, meter.seconds, dict(meter.used))
-    figures.system = {
-        label: max(0.0, split1[label][1] - split0[label][1]) for label in split0 if label in split1
-    }
-    groups: dict[str, list[str]] = defaultdict(list)
-    for label, proc in procs.items():
-        group = floor_group_of(proc)
-        if group is not None:
-            groups[group].append(label)
-    figures.groups = dict(groups)
-    calls = Counter({k: cmd_after.get(k, 0) - cmd_before.get(k, 0) for k in cmd_after})
+    figures = Figures.measured(
+        n, meter, split0, split1, procs, lambda _label, proc: floor_group_of(proc)
+    )
     return Floor(
         publisher,
         tuned,
@@ -379,7 +402,7 @@ def measure_floor(
         meter,
         published_s,
         stats,
-        calls,
+        _calls_since(cmd_before, cmd_after),
         flower_after - flower_before,
         flower_workers,
         workers,
@@ -510,16 +533,7 @@ def run(opts: Options) -> list[Section]:
         steady = (hi.recorded - lo.recorded) / (hi.t - lo.t)
     ideal = CONCURRENCY / LATENCY_S
 
-    figures = Figures(n, meter.seconds, dict(meter.used))
-    figures.system = {
-        label: max(0.0, split1[label][1] - split0[label][1]) for label in split0 if label in split1
-    }
-    groups: dict[str, list[str]] = defaultdict(list)
-    for label, proc in procs.items():
-        group = group_of(label, proc)
-        if group is not None:
-            groups[group].append(label)
-    figures.groups = dict(groups)
+    figures = Figures.measured(n, meter, split0, split1, procs, group_of)
     total_ms = figures.ms(figures.total_s())
 
     section.info(
@@ -564,7 +578,7 @@ def run(opts: Options) -> list[Section]:
         f"{meter.machine_busy:.2f} / {meter.machine_stolen:.2f} of {os.cpu_count()} cores "
         f"(batchsvc: {figures.total_s() / figures.seconds:.2f})",
     )
-    calls = Counter({k: cmd_after.get(k, 0) - cmd_before.get(k, 0) for k in cmd_after})
+    calls = _calls_since(cmd_before, cmd_after)
     section.info("Redis commands per line (INFO commandstats)", _redis_calls_line(calls, n))
     section.info(
         "log lines / bytes per line (what honcho relays under make run)",
