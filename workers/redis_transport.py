@@ -61,19 +61,22 @@ class SettlingQoS(kombu_redis.QoS):
         _ack_keys = (prefix + channel.unacked_index_key, prefix + channel.unacked_key)
 
     def ack(self, delivery_tag: str) -> None:
-        if delivery_tag in _settled:
-            _settled.discard(delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
-            return
-        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+        if not self._settled_in_memory(delivery_tag):
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         # An acked message has nothing left to requeue: its line is recorded.
-        if delivery_tag in _settled:
-            _settled.discard(delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
-            return
-        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        if not self._settled_in_memory(delivery_tag):
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+
+    def _settled_in_memory(self, delivery_tag: str) -> bool:
+        """For a message its finish step acked: let kombu's in-memory state go of it and say
+        so; any other message is left to kombu's own ack or reject."""
+        if delivery_tag not in _settled:
+            return False
+        _settled.discard(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+        return True
 
 
 class SharedClient:
