@@ -60,7 +60,9 @@ CONCURRENCY = 8
 #: ``batchsvc control``'s default thread count.
 CONTROL_CONCURRENCY = 4
 ERROR_EVERY = 1000
-TARGET_RATIO = 0.8
+#: Issue 17 (lighter lines): batchsvc at least 1.3x the raw stock chord it sits on, in the same
+#: run (the earlier target, from the first issues, was 0.8x: no slower than a fifth below it).
+TARGET_RATIO = 1.3
 #: Issue 12: the queued messages' share of Redis's peak falls from ~40 MiB (the old fan-out
 #: queued all 50,000 messages at once) to at most this.
 QUEUED_TARGET = 2 << 20
