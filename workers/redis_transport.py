@@ -55,8 +55,9 @@ _ack_keys: tuple[str, str] | None = None
 #: its consumer is appended and requeued by whichever channel comes first.
 _recorded: set[str] = set()
 
-#: Messages one fetch takes at most when the consumer has no prefetch limit: bounds the time
-#: the script holds Redis (each message is a JSON decode there).
+#: Messages one fetch takes at most beyond the popped one, whatever the consumer's prefetch room
+#: (or with no prefetch limit): bounds the time the script holds Redis (each message is a JSON
+#: decode there).
 TAKE_AT_MOST = 64
 
 #: Records the message the BRPOP popped (as kombu's ``QoS.append`` does), then moves up to
