@@ -164,7 +164,7 @@ def test_a_message_the_script_cannot_read_ends_the_take_and_stays_next_in_line(
 
 
 def test_a_first_message_without_delivery_fields_is_left_to_kombu(
-    channel: Any, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    channel: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     handed: list[Any] = []
     monkeypatch.setattr(
