@@ -22,7 +22,8 @@ Two more savings ride on the same channel:
 - **batch fetch** (:class:`BatchFetch`): kombu pops one message per ``BRPOP`` and records it in
   its unacked hash with a second round trip. When the BRPOP answers, one script records that
   message and moves as many more as the consumer has free prefetch slots from the same list
-  into the unacked hash, atomically. In B7 (issue 17) the line queue holds most of the dispatch
+  into the unacked hash, atomically, and stops as soon as a list the BRPOP would have served
+  first (a sync queue) has a message. In B7 (issue 17) the line queue holds most of the dispatch
   window while each worker's consumer has 9-14 of its 16 slots free at every read, so two round
   trips fetch many lines instead of one.
 """
@@ -62,14 +63,20 @@ TAKE_AT_MOST = 64
 
 #: Records the message the BRPOP popped (as kombu's ``QoS.append`` does), then moves up to
 #: ARGV[4] more from the list it came from into the unacked hash and index, the entry of each
-#: exactly what ``QoS.append`` writes: ``[message, exchange, routing_key]``. A message it cannot
-#: read is pushed back where it was and ends the take: kombu's own read then deals with it.
-#: KEYS: unacked_index, unacked, the list. ARGV: now, the first message's tag, its entry, limit.
+#: exactly what ``QoS.append`` writes: ``[message, exchange, routing_key]``. The take stops as
+#: soon as a list the BRPOP would have served first has a message (a sync request behind a
+#: batch line's pop), which the worker's next BRPOP then takes. A message it cannot read is
+#: pushed back where it was and ends the take: kombu's own read then deals with it.
+#: KEYS: unacked_index, unacked, the list, then the lists ahead of it.
+#: ARGV: now, the first message's tag, its entry, limit.
 TAKE_MORE_LUA = """
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 local taken = {}
 for i = 1, tonumber(ARGV[4]) do
+  for ahead = 4, #KEYS do
+    if redis.call('LLEN', KEYS[ahead]) > 0 then return taken end
+  end
   local item = redis.call('RPOP', KEYS[3])
   if not item then break end
   local ok, message = pcall(cjson.decode, item)
@@ -131,11 +138,13 @@ class SettlingQoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
 
-    def record_taking_more(self, key: str, first: dict[str, Any], limit: int) -> list[Any]:
+    def record_taking_more(
+        self, key: str, first: dict[str, Any], limit: int, ahead: list[str]
+    ) -> list[Any]:
         """Record ``first`` (the message BRPOP popped from list ``key``) in the unacked hash and
-        move up to ``limit`` more messages from ``key`` there, in one script; returns those,
-        decoded, in the order they were popped. Every message it recorded is appended in
-        memory only when it is delivered (:meth:`append`)."""
+        move up to ``limit`` more messages from ``key`` there, in one script, while every list
+        in ``ahead`` stays empty; returns those, decoded, in the order they were popped. Every
+        message it recorded is appended in memory only when it is delivered (:meth:`append`)."""
         properties = first["properties"]
         info = properties["delivery_info"]
         tag = properties["delivery_tag"]
@@ -145,7 +154,7 @@ class SettlingQoS(kombu_redis.QoS):
             if self._take_more is None:
                 self._take_more = client.register_script(TAKE_MORE_LUA)
             taken = self._take_more(
-                keys=[index_key, unacked_key, key],
+                keys=[index_key, unacked_key, key, *ahead],
                 args=[repr(time.time()), tag, entry, limit],
                 client=client,
             )
@@ -205,11 +214,15 @@ class BatchFetch:
         connection_errors: tuple[type[BaseException], ...]
         qos: SettlingQoS
         sep: str
+        active_queues: set[str]
+        priority_steps: list[int]
         global_keyprefix: str
         _in_poll: Any
         _queue_cycle: Any
 
         def _flush_brpop_reauth(self) -> None: ...
+
+        def _q_for_pri(self, queue: str, pri: int) -> str: ...
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu's own read (``kombu.transport.redis.Channel._brpop_read``), up to the delivery:
@@ -235,6 +248,7 @@ class BatchFetch:
         """Deliver ``first``, popped from list ``key``, and as many more from that list as the
         prefetch limit lets this consumer take now."""
         queue = key.rsplit(self.sep, 1)[0]
+        ahead = self._lists_ahead_of(key)
         self._queue_cycle.rotate(queue)
         room = self.qos.can_consume_max_estimate()  # type: ignore[no-untyped-call]
         limit = TAKE_AT_MOST if room is None else min(TAKE_AT_MOST, room - 1)
@@ -243,7 +257,7 @@ class BatchFetch:
         if self.global_keyprefix or limit <= 0 or not _recordable(first):
             self.connection._deliver(first, queue)
             return
-        fetched = [first, *self.qos.record_taking_more(key, first, limit)]
+        fetched = [first, *self.qos.record_taking_more(key, first, limit, ahead)]
         for delivered, message in enumerate(fetched):
             try:
                 self.connection._deliver(message, queue)
@@ -252,6 +266,17 @@ class BatchFetch:
                 # rather than in the unacked hash until the visibility timeout.
                 self.qos.give_back(fetched[delivered + 1 :])
                 raise
+
+    def _lists_ahead_of(self, key: str) -> list[str]:
+        """The lists this consumer's BRPOP names before ``key`` (kombu's key order: each
+        priority step, then the queue cycle, which puts sync queues first; see
+        :mod:`workers.queue_cycle`). Read before the cycle rotates: it is the order of the
+        BRPOP that answered."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        if key not in keys:  # the consumer changed its queues since: every other list
+            return [other for other in keys if other != key]
+        return keys[: keys.index(key)]
 
 
 def _decode(item: bytes | str) -> Any:

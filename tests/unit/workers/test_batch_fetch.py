@@ -24,6 +24,10 @@ from workers.redis_transport import BatchFetch, SentinelChannel, Transport, _dec
 
 URL = "redis://127.0.0.1:1/0"
 QUEUE = "lines"
+#: Queues a BRPOP names before and after :data:`QUEUE` (kombu's cycle keeps the order they were
+#: consumed in, until a read rotates it).
+SYNC = "sync"
+LATER = "later"
 
 
 @pytest.fixture
@@ -108,6 +112,37 @@ def test_one_script_call_fetches_them_all(
     monkeypatch.setattr(kombu_redis.QoS, "append", pytest.fail)
     channel._deliver_fetched(QUEUE, pop(client))
     assert bodies(delivered) == list(range(8))
+
+
+def test_a_message_in_a_list_served_first_stops_the_take(channel: Any, client: redis.Redis) -> None:
+    # Given a consumer of a queue served before the lines (a sync queue: its BRPOP names it
+    # first), with room for 4 and 4 lines queued
+    received: list[Any] = []
+    channel.basic_consume(SYNC, False, received.append, "sync-consumer")
+    channel.basic_consume(QUEUE, False, received.append, "consumer")
+    channel.basic_qos(prefetch_count=4)
+    assert channel._lists_ahead_of(QUEUE) == [SYNC]
+    publish(channel, 4)
+    # When the BRPOP answers with a line, and a sync request arrives before the script runs
+    first = pop(client)
+    Producer(channel).publish({"n": 99}, routing_key=SYNC, exchange="")
+    channel._deliver_fetched(QUEUE, first)
+    # Then the take stops at once: the request is the next BRPOP's, ahead of the lines
+    assert bodies(received) == [0]
+    assert (client.llen(SYNC), client.llen(QUEUE)) == (1, 3)
+
+
+def test_lists_served_after_the_line_queue_do_not_stop_the_take(
+    channel: Any, client: redis.Redis, delivered: list[Any]
+) -> None:
+    channel.basic_consume(LATER, False, delivered.append, "later-consumer")
+    channel.basic_qos(prefetch_count=4)
+    assert LATER not in channel._lists_ahead_of(QUEUE)
+    publish(channel, 4)
+    Producer(channel).publish({"n": 99}, routing_key=LATER, exchange="")
+    channel._deliver_fetched(QUEUE, pop(client))
+    assert bodies(delivered) == [0, 1, 2, 3]
+    assert client.llen(LATER) == 1
 
 
 def test_with_room_for_one_the_message_is_recorded_the_kombu_way(
