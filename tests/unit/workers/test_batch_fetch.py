@@ -81,14 +81,19 @@ def tags(messages: list[Any]) -> set[str]:
     return {message.delivery_tag for message in messages}
 
 
+def fetch(channel: Any, client: redis.Redis, *, room: int, queued: int) -> None:
+    """Given a consumer with ``room`` free prefetch slots and ``queued`` lines, a BRPOP answers
+    with the first line."""
+    channel.basic_qos(prefetch_count=room)
+    publish(channel, queued)
+    channel._deliver_fetched(QUEUE, pop(client))
+
+
 def test_a_read_takes_as_many_messages_as_the_consumer_has_room_for(
     channel: Any, client: redis.Redis, delivered: list[Any]
 ) -> None:
-    # Given a consumer with room for 4 and 10 messages queued
-    channel.basic_qos(prefetch_count=4)
-    publish(channel, 10)
-    # When a BRPOP answers with the first
-    channel._deliver_fetched(QUEUE, pop(client))
+    # Given a consumer with room for 4 and 10 messages queued, when a BRPOP answers
+    fetch(channel, client, room=4, queued=10)
     # Then the consumer gets the first 4, in order, and 6 stay queued
     assert bodies(delivered) == [0, 1, 2, 3]
     assert client.llen(QUEUE) == 6
@@ -106,11 +111,9 @@ def test_a_read_takes_as_many_messages_as_the_consumer_has_room_for(
 def test_one_script_call_fetches_them_all(
     channel: Any, client: redis.Redis, delivered: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    channel.basic_qos(prefetch_count=8)
-    publish(channel, 8)
     # kombu's own per-message bookkeeping (MULTI ZADD HSET EXEC) is never used
     monkeypatch.setattr(kombu_redis.QoS, "append", pytest.fail)
-    channel._deliver_fetched(QUEUE, pop(client))
+    fetch(channel, client, room=8, queued=8)
     assert bodies(delivered) == list(range(8))
 
 
@@ -148,10 +151,8 @@ def test_lists_served_after_the_line_queue_do_not_stop_the_take(
 def test_with_room_for_one_the_message_is_recorded_the_kombu_way(
     channel: Any, client: redis.Redis, delivered: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    channel.basic_qos(prefetch_count=1)
-    publish(channel, 3)
     monkeypatch.setattr(channel.qos, "record_taking_more", pytest.fail)
-    channel._deliver_fetched(QUEUE, pop(client))
+    fetch(channel, client, room=1, queued=3)
     assert bodies(delivered) == [0]
     assert client.llen(QUEUE) == 2
     assert set(unacked(client, channel)) == tags(delivered)
@@ -161,9 +162,7 @@ def test_kombu_acks_and_restores_fetched_messages_unchanged(
     channel: Any, client: redis.Redis, delivered: list[Any]
 ) -> None:
     # Given three fetched messages
-    channel.basic_qos(prefetch_count=3)
-    publish(channel, 3)
-    channel._deliver_fetched(QUEUE, pop(client))
+    fetch(channel, client, room=3, queued=3)
     first, second, third = delivered
     # When one is acked, the consumer's room comes back and its entries go
     first.ack()
