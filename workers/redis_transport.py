@@ -248,13 +248,15 @@ class BatchFetch:
         """Deliver ``first``, popped from list ``key``, and as many more from that list as the
         prefetch limit lets this consumer take now."""
         queue = key.rsplit(self.sep, 1)[0]
-        ahead = self._lists_ahead_of(key)
-        self._queue_cycle.rotate(queue)
         room = self.qos.can_consume_max_estimate()  # type: ignore[no-untyped-call]
         limit = TAKE_AT_MOST if room is None else min(TAKE_AT_MOST, room - 1)
         # kombu's prefixing client would prefix only the first key of the script: with a
         # global key prefix the messages are recorded one at a time, as kombu does.
-        if self.global_keyprefix or limit <= 0 or not _recordable(first):
+        take_more = limit > 0 and not self.global_keyprefix and _recordable(first)
+        # Read before the rotation (the answering BRPOP's order), and only for a take.
+        ahead = self._lists_ahead_of(key) if take_more else []
+        self._queue_cycle.rotate(queue)
+        if not take_more:
             self.connection._deliver(first, queue)
             return
         fetched = [first, *self.qos.record_taking_more(key, first, limit, ahead)]
