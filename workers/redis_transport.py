@@ -241,7 +241,7 @@ class BatchFetch:
             self._in_poll = None
             self._flush_brpop_reauth()
         key, item = reply
-        self._deliver_fetched(key.decode() if isinstance(key, bytes) else key, _decode(item))
+        self._deliver_fetched(bytes_to_str(key), _decode(item))  # type: ignore[no-untyped-call]
         return True
 
     def _deliver_fetched(self, key: str, first: dict[str, Any]) -> None:
