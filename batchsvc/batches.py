@@ -64,6 +64,7 @@ from batchsvc.keys import (
 )
 from batchsvc.keys import ENDED_INDEX as ENDED_INDEX
 from batchsvc.paging import SEQ_KEY
+from batchsvc.redis_scripts import Arg, LeanScript
 from batchsvc.redis_types import HashMapping, members, text, text_fields
 
 #: A finish step asks for a dispatch at most this often per model (the dispatcher clears the
@@ -393,7 +394,7 @@ class AfterRecord:
 
     lua: str
     keys: list[str]
-    args: list[EncodableT]
+    args: list[Arg]
     reply: Any = None
 
 
@@ -550,10 +551,11 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._short_circuit = client.register_script(_SHORT_CIRCUIT)
         self._renew = client.register_script(_RENEW)
-        self._begin_line = client.register_script(_BEGIN_LINE)
-        self._finish_line = client.register_script(_FINISH_LINE)
+        # A line's two scripts: the lean call (:mod:`batchsvc.redis_scripts`), every line.
+        self._begin_line = LeanScript(client, _BEGIN_LINE)
+        self._finish_line = LeanScript(client, _FINISH_LINE)
         #: _FINISH_LINE with a step after it, by the step's Lua (a caller has one or two).
-        self._finish_line_then: dict[str, Any] = {}
+        self._finish_line_then: dict[str, LeanScript] = {}
 
     def now(self) -> int:
         return int(self.clock())
@@ -889,7 +891,7 @@ class BatchStore:
             window_key(model),
             wake_key(model),
         ]
-        args: list[EncodableT] = [
+        args: list[Arg] = [
             index,
             (OK if ok else ERR) + line_json,
             "completed" if ok else "failed",
@@ -901,8 +903,8 @@ class BatchStore:
         else:
             script = self._finish_line_then.get(then.lua)
             if script is None:
-                script = self._finish_line_then[then.lua] = self.r.register_script(
-                    _finish_line_then(then.lua)
+                script = self._finish_line_then[then.lua] = LeanScript(
+                    self.r, _finish_line_then(then.lua)
                 )
             reply = script(keys=keys + then.keys, args=args + then.args)
             then.reply = reply.pop()
