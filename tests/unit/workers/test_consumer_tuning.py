@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
+from celery.worker.consumer.events import Events
 from kombu import Connection
 
 from workers import consumer as consumer_module
@@ -111,3 +113,21 @@ def test_without_an_event_loop_nothing_is_scheduled() -> None:
     c, flushes = bare_consumer(None)
     c.on_send_event_buffered()
     assert flushes == []
+
+
+def test_every_event_dispatcher_celery_builds_takes_the_larger_buffer() -> None:
+    app = Celery("t", broker="memory://", set_as_current=False)
+    c, _ = bare_consumer(FakeHub())
+    c.app, c.hostname, c.amqheartbeat = app, "inference@host", 0
+    c.connection_for_write = lambda heartbeat=None: app.connection_for_write()
+    step = Events(c)
+    assert c.event_dispatcher is None
+    for _ in range(2):  # the first start, then the one after a reconnect
+        step.start(c)
+        dispatcher = c.event_dispatcher
+        assert dispatcher.buffer_limit == consumer_module.EVENT_BUFFER_LIMIT
+        for _ in range(consumer_module.EVENT_BUFFER_LIMIT - 1):
+            dispatcher.send("task-succeeded", uuid="b.1", result="None", runtime=0.01)
+        # Still buffered: the consumer's own flush sends them, not the line thread's send.
+        assert len(dispatcher._group_buffer["task"]) == consumer_module.EVENT_BUFFER_LIMIT - 1
+    step.shutdown(c)
