@@ -42,6 +42,8 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from batchsvc.redis_scripts import LeanScript
+
 #: What ``broker_transport`` names under Sentinel (:func:`workers.celery_app.worker_tuning`).
 SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
@@ -119,7 +121,7 @@ class SettlingQoS(kombu_redis.QoS):
         # The keys as kombu's own ack writes them (a global_keyprefix included).
         prefix = getattr(channel, "global_keyprefix", "") or ""
         _ack_keys = (prefix + channel.unacked_index_key, prefix + channel.unacked_key)
-        self._take_more: Any = None
+        self._take_more: LeanScript | None = None
 
     def ack(self, delivery_tag: str) -> None:
         if not self._settled_in_memory(delivery_tag):
@@ -151,12 +153,13 @@ class SettlingQoS(kombu_redis.QoS):
         index_key, unacked_key = self.unacked_index_key, self.unacked_key
         entry = dumps([first, info["exchange"], info["routing_key"]])  # type: ignore[no-untyped-call]
         with self.channel.conn_or_acquire() as client:
-            if self._take_more is None:
-                self._take_more = client.register_script(TAKE_MORE_LUA)
+            # The lean call (batchsvc.redis_scripts): one fetch every few lines. A client kombu
+            # replaced (a new pool after a reset) gets its own.
+            if self._take_more is None or self._take_more.client is not client:
+                self._take_more = LeanScript(client, TAKE_MORE_LUA)
             taken = self._take_more(
                 keys=[index_key, unacked_key, key, *ahead],
                 args=[repr(time.time()), tag, entry, limit],
-                client=client,
             )
         _recorded.add(tag)
         more = [_decode(item) for item in taken]

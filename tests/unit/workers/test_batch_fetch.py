@@ -252,3 +252,20 @@ def test_with_a_global_key_prefix_messages_are_recorded_one_at_a_time(
 
 def test_the_sentinel_channel_fetches_in_batches_too() -> None:
     assert issubclass(SentinelChannel, BatchFetch)
+
+
+def test_a_client_kombu_replaced_runs_the_next_fetch(
+    channel: Any, client: redis.Redis, delivered: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetch(channel, client, room=2, queued=2)
+    # kombu builds a new pool and client after a connection reset (here, another server): the
+    # fetch script must run on the new one, not the client it first ran on
+    replaced = fake_redis()
+    monkeypatch.setattr(channel, "_create_client", lambda asynchronous=False: replaced)
+    channel._disconnect_pools()
+    for message in delivered:
+        message.ack()
+    delivered.clear()
+    fetch(channel, replaced, room=3, queued=3)
+    assert bodies(delivered) == [0, 1, 2]
+    assert set(unacked(replaced, channel)) == tags(delivered)
