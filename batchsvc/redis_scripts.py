@@ -12,9 +12,15 @@ line, 6 % of B1's (issue 17).
 What stays redis-py's: the connection pool (so Sentinel's pool still finds the primary at each
 checkout, and a connection is health-checked as configured), the connection, its reply
 parser, error replies as exceptions, and loading the script on ``NOSCRIPT``. What is left out
-is the client's own retry: a dropped connection is closed and the error raised at once. The
-callers of these scripts retry them as a whole (:func:`workers.redis_retry.retry_redis`); the
-scripts are written to be run twice.
+is the client's own retry: a dropped connection is closed and the error raised at once.
+
+- A line's two scripts are retried as a whole by their caller
+  (:func:`workers.redis_retry.retry_redis`), with the same lease token; they are written to
+  be run twice.
+- Batch fetch's script (:mod:`workers.redis_transport`) raises into kombu's consumer, which
+  reconnects. Messages the script took before its reply was lost stay in kombu's unacked hash,
+  and come back as any unacked message does. redis-py's own retry of the script would have
+  left them there too, and taken more.
 """
 
 from __future__ import annotations
