@@ -6,8 +6,8 @@ command layer: the deprecation wrapper, the client's retry object, the observabi
 and an argument encoder written in Python that encodes each key and argument one by one
 before hiredis packs them. Timed alone on this VM (``EVALSHA`` of a seven-key script, embedded
 Redis), that layer is a third of the call's CPU: 186-208 µs a call through ``Script``, 118-120 µs
-through :class:`LeanScript`. At two calls a line that is about 0.15 ms of a worker's CPU per
-line, 6 % of B1's (issue 17).
+through :class:`LeanScript`. In a profile of B1's worker (issue 17; RESULTS.md, session 11)
+the line's two scripts went from 0.53 to 0.23 ms of CPU per line.
 
 What stays redis-py's: the connection pool (so Sentinel's pool still finds the primary at each
 checkout, and a connection is health-checked as configured), the connection, its reply
