@@ -26,6 +26,7 @@ from batchsvc.redis_connect import connect
 from batchsvc.settings import Settings
 from batchsvc.storage import Storage, open_storage
 from workers.backends import ChatBackend, make_backend
+from workers.dispatch_request import DispatchRequests
 from workers.dispatcher import Dispatcher, queued_task_ids
 from workers.fanout import CeleryPublisher
 from workers.leases import LeaseKeeper
@@ -122,6 +123,10 @@ class WorkerContext:
             return backend
 
     @functools.cached_property
+    def dispatch_requests(self) -> DispatchRequests:
+        return DispatchRequests(current_app, self.redis)
+
+    @functools.cached_property
     def lines(self) -> LineContext:
         return LineContext(
             batches=self.batches,
@@ -129,7 +134,7 @@ class WorkerContext:
             leases=self.leases,
             backend_for=self.backend_for,
             request_finalize=request_finalize,
-            request_dispatch=request_dispatch,
+            request_dispatch=self.dispatch_requests,
             max_deliveries=self.settings.max_deliveries,
         )
 

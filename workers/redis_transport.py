@@ -19,6 +19,9 @@ Two more savings ride on the same channel:
 
 - **settled acks** (:class:`SettlingQoS`): a line's finish step acks its message in Redis, and the
   worker's own ack then stays in memory (:mod:`workers.line_settlement`);
+- **recorded puts** (:func:`recording_puts`): a publish made inside it reaches a recorder on
+  the publishing thread instead of Redis, so a message kombu built can be pushed again later
+  (:mod:`workers.dispatch_request`);
 - **batch fetch** (:class:`BatchFetch`): kombu pops one message per ``BRPOP`` and records it in
   its unacked hash with a second round trip. When the BRPOP answers, one script records that
   message and moves as many more as the consumer has free prefetch slots from the same list
@@ -30,6 +33,7 @@ Two more savings ride on the same channel:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,6 +101,37 @@ for i = 1, tonumber(ARGV[4]) do
 end
 return taken
 """
+
+
+#: Per thread: the :class:`PutRecorder` that :func:`recording_puts` set, if any.
+_recording = threading.local()
+
+
+class PutRecorder:
+    """Stands in for a channel's client while :func:`recording_puts` is on, keeping what
+    kombu's put would have pushed. It has ``lpush`` only: a put that needs any other command
+    (a queue with an expiry, which also sets one) fails instead of half recording."""
+
+    def __init__(self) -> None:
+        #: (list key, pushed value), in the order kombu pushed them.
+        self.pushed: list[tuple[str, Any]] = []
+
+    def lpush(self, key: str, *values: Any) -> int:
+        self.pushed.extend((key, value) for value in values)
+        return len(self.pushed)
+
+
+@contextmanager
+def recording_puts() -> Iterator[PutRecorder]:
+    """Within it, whatever this thread publishes through a channel of this transport is kept
+    by the recorder it yields, and not sent: the list kombu's put would push to (unprefixed:
+    see ``global_keyprefix``) and the exact payload. Other threads publish as usual."""
+    recorder = PutRecorder()
+    _recording.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _recording.recorder = None
 
 
 def settling_ack_keys() -> tuple[str, str] | None:
@@ -198,6 +233,10 @@ class SharedClient:
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
         if client:
             yield client
+            return
+        recorder = getattr(_recording, "recorder", None)
+        if recorder is not None:
+            yield recorder
             return
         shared = self._shared_client
         # kombu replaces its pool after a fork or a connection reset: follow it. Two threads
