@@ -93,20 +93,27 @@ class DispatchRequests:
             ignore_result=True,
             reply_to=self.app.thread_oid,
         )
+        recorder: redis_transport.PutRecorder | None = None
         with self.app.producer_or_acquire() as producer:
-            if getattr(producer.channel, "global_keyprefix", None):
-                self._send_task(model)
-                return None
-            with redis_transport.recording_puts() as recorder:
-                producer.publish(
-                    body,
-                    exchange="",
-                    routing_key=DISPATCH_QUEUE,
-                    headers=headers,
-                    serializer="json",
-                    retry=False,
-                    **properties,
-                )
+            # kombu's prefixing client would add the prefix; the later pushes would not.
+            if not getattr(producer.channel, "global_keyprefix", None):
+                try:
+                    with redis_transport.recording_puts() as recorder:
+                        producer.publish(
+                            body,
+                            exchange="",
+                            routing_key=DISPATCH_QUEUE,
+                            headers=headers,
+                            serializer="json",
+                            retry=False,
+                            **properties,
+                        )
+                except AttributeError:  # the put needed more than the recorder's LPUSH
+                    log.warning("dispatch requests go through send_task: the put is not an LPUSH")
+                    recorder = None
+        if recorder is None:
+            self._send_task(model)
+            return None
         if not recorder.pushed:
             return None  # not this transport's channel: the publish went to Redis
         for key, payload in recorder.pushed:

@@ -15,7 +15,7 @@ worker processes use it.
 Under Sentinel (``REDIS_SENTINELS``) the same override sits on kombu's ``SentinelChannel``, whose
 pool asks the sentinels for the primary (:class:`SentinelTransport`).
 
-Two more savings ride on the same channel:
+More rides on the same channel:
 
 - **settled acks** (:class:`SettlingQoS`): a line's finish step acks its message in Redis, and the
   worker's own ack then stays in memory (:mod:`workers.line_settlement`);

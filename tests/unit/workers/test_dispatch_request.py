@@ -129,6 +129,18 @@ def test_a_channel_of_another_transport_sends_the_first_request_and_then_send_ta
     assert sent == [["m1"]]
 
 
+def test_a_put_that_is_more_than_one_lpush_leaves_requests_to_send_task(
+    app: Celery, client: redis.Redis, sent: list[list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recorder has LPUSH only: a put that needs another command fails there, unsent.
+    monkeypatch.delattr(redis_transport.PutRecorder, "lpush")
+    requests = DispatchRequests(app, client)
+    requests("m1")
+    requests("m1")
+    assert sent == [["m1"], ["m1"]]
+    assert client.keys("*") == []
+
+
 @pytest.mark.parametrize(
     "pushed",
     [
