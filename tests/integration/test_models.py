@@ -190,8 +190,9 @@ def test_a_worker_with_concurrency_32_keeps_32_requests_in_flight(stack: Stack) 
     worker = stack.start_worker(models="up-wide", concurrency=32)
     client = stack.client(stack.create_project("wide"))
     # Each request takes 2 s upstream, so even a slow publisher feeds 32 threads in time, and a
-    # thread's own work between requests (more under a stalled vCPU) is small beside it.
-    lines = [line(f"w{i}", model="up-wide", **fake(latency_s=2.0)) for i in range(160)]
+    # thread's own work between requests (more under a stalled vCPU) is small beside it. Three
+    # rounds: the first window (64 lines) fills every thread, and the rest refill it.
+    lines = [line(f"w{i}", model="up-wide", **fake(latency_s=2.0)) for i in range(96)]
     file_id = upload(client, jsonl(lines)).id
     stack.upstream("reset", {})
     try:
