@@ -124,7 +124,7 @@ class WorkerContext:
 
     @functools.cached_property
     def dispatch_requests(self) -> DispatchRequests:
-        return DispatchRequests(current_app, self.redis)
+        return DispatchRequests(current_app, self.redis, send_task=request_dispatch)
 
     @functools.cached_property
     def lines(self) -> LineContext:

@@ -14,7 +14,8 @@ that payload with a fresh id and tag: one LPUSH onto the list kombu's put would 
 a fifth of the CPU. B1's batch alone, back to back: the worker's CPU went from 2.11-2.35 ms a
 line to 1.71-1.83 ms, more than the profile had shown (RESULTS.md, session 12).
 
-Where the payload cannot be reused, every request goes through ``send_task`` as before:
+Where the payload cannot be reused, every request goes through the caller's ``send_task`` path
+(``workers.context.request_dispatch``) as before:
 - the broker has a global key prefix (kombu's prefixing client adds it; this client would not);
 - the channel is not this transport's (nothing is recorded: that first publish went to Redis);
 - the payload does not hold its id and tag as expected (another kombu or Celery version).
@@ -23,6 +24,7 @@ Where the payload cannot be reused, every request goes through ``send_task`` as 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +55,13 @@ class _Recorded:
 
 
 class DispatchRequests:
-    """``request_dispatch`` for the line threads of one worker process."""
+    """``request_dispatch`` for the line threads of one worker process. ``send_task`` is the
+    request sent the usual way, for where the recorded message cannot serve."""
 
-    def __init__(self, app: Celery, client: redis.Redis) -> None:
+    def __init__(self, app: Celery, client: redis.Redis, send_task: Callable[[str], None]) -> None:
         self.app = app
         self.client = client
+        self._send_task = send_task
         #: Per model: its recorded message, or ``None`` where requests go through send_task.
         self._recorded: dict[str, _Recorded | None] = {}
         self._lock = threading.Lock()
@@ -76,10 +80,6 @@ class DispatchRequests:
             self._send_task(model)
         else:
             self.client.lpush(recorded.key, recorded.renewed())
-
-    def _send_task(self, model: str) -> None:
-        # send_task does not know the task ignores its result: see workers.context.send_control.
-        self.app.send_task(DISPATCH, args=[model], queue=DISPATCH_QUEUE, ignore_result=True)
 
     def _publish_recording(self, model: str) -> _Recorded | None:
         """Send this request, recording its message when it can be pushed again."""

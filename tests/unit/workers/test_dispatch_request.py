@@ -46,11 +46,13 @@ def app(client: redis.Redis) -> Iterator[Celery]:
 
 
 @pytest.fixture
-def sent(app: Celery, monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
-    """The args of every send_task call."""
-    calls: list[list[Any]] = []
-    monkeypatch.setattr(app, "send_task", lambda name, args, **options: calls.append(args))
-    return calls
+def sent() -> list[list[Any]]:
+    """The args of every request sent the usual way (``send_task``)."""
+    return []
+
+
+def make_requests(app: Celery, client: redis.Redis, sent: list[list[Any]]) -> DispatchRequests:
+    return DispatchRequests(app, client, send_task=lambda model: sent.append([model]))
 
 
 def queued(client: redis.Redis) -> list[dict[str, Any]]:
@@ -66,7 +68,7 @@ def task_args(message: dict[str, Any]) -> Any:
 def test_each_request_is_its_models_dispatch_task_with_its_own_id_and_tag(
     app: Celery, client: redis.Redis, sent: list[list[Any]]
 ) -> None:
-    requests = DispatchRequests(app, client)
+    requests = make_requests(app, client, sent)
     for model in ("m1", "m1", "m2", "m1"):
         requests(model)
 
@@ -101,7 +103,7 @@ def test_under_a_global_key_prefix_every_request_goes_through_send_task(
         **app.conf.broker_transport_options,
         "global_keyprefix": "tenant:",
     }
-    requests = DispatchRequests(app, client)
+    requests = make_requests(app, client, sent)
     requests("m1")
     requests("m1")
     assert sent == [["m1"], ["m1"]]
@@ -122,7 +124,7 @@ def test_a_channel_of_another_transport_sends_the_first_request_and_then_send_ta
         "_create_client",
         lambda self, asynchronous=False: client,
     )
-    requests = DispatchRequests(app, client)
+    requests = make_requests(app, client, sent)
     requests("m1")
     requests("m1")
     assert [task_args(m) for m in queued(client)] == [["m1"]]
@@ -134,7 +136,7 @@ def test_a_put_that_is_more_than_one_lpush_leaves_requests_to_send_task(
 ) -> None:
     # The recorder has LPUSH only: a put that needs another command fails there, unsent.
     monkeypatch.delattr(redis_transport.PutRecorder, "lpush")
-    requests = DispatchRequests(app, client)
+    requests = make_requests(app, client, sent)
     requests("m1")
     requests("m1")
     assert sent == [["m1"], ["m1"]]
