@@ -4,6 +4,10 @@ with ``CONCURRENCY=64``, its threads in one Celery process (``WORKER_PROCESSES=1
 32 (``WORKER_PROCESSES=2``) and as ``WORKER_PROCESSES=auto`` splits them (four of 16 on two
 cores). A 5,000-line batch each: achieved lines/s against the ideal 64 / 0.25 s = 256 lines/s,
 and the peak in-flight count the upstream saw.
+
+The target (issue 6): at least 90 % of the ideal with the 64 threads in one process, or in two
+of 32 where one interpreter is the limit; both are reported, and the better of the two is
+checked. The default layout (``auto``) is checked on its own.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ MODEL = "bench-upstream"
 LATENCY_S = 0.25
 THREADS = 64
 TARGET_SHARE = 0.9
-#: WORKER_PROCESSES of each run: one interpreter, two (what the issue asks for), and the
+#: WORKER_PROCESSES of each run: one interpreter, two (where one interpreter is the limit), and the
 #: product's default (``auto``: one per 16 threads, at most two per core).
 LAYOUTS: tuple[int | None, ...] = (1, 2, None)
 
@@ -43,6 +47,8 @@ def run(opts: Options) -> list[Section]:
     ideal = THREADS / LATENCY_S
     section = Section("B2", "upstream saturation")
     curves = []
+    #: lines/s of the layouts with an explicit WORKER_PROCESSES (1 and 2).
+    explicit: dict[int, float] = {}
     stack = BenchStack("b2", config_toml="", keep=opts.keep)
     with running(stack):
         stack.serve_upstream_model(MODEL, LATENCY_S)
@@ -89,13 +95,22 @@ def run(opts: Options) -> list[Section]:
                 hi = sampler.first(lambda s: s.recorded >= 0.9 * n)
                 if lo and hi and hi.t > lo.t:
                     steady = (hi.recorded - lo.recorded) / (hi.t - lo.t)
-            section.check(
-                f"{label}: lines/s (create -> all recorded)",
-                f"{fmt_rate(rate)} = {rate / ideal:.0%} of ideal {ideal:.0f}"
-                f"{stolen_note(meter.machine_stolen)}",
-                f">= {TARGET_SHARE:.0%} of {ideal:.0f}",
-                rate >= TARGET_SHARE * ideal,
+            achieved = (
+                f"{fmt_rate(rate)} = {rate / ideal:.1%} of ideal {ideal:.0f}"
+                f"{stolen_note(meter.machine_stolen)}"
             )
+            if processes is None:
+                section.check(
+                    f"{label}: lines/s (create -> all recorded)",
+                    achieved,
+                    f">= {TARGET_SHARE:.0%} of {ideal:.0f}",
+                    rate >= TARGET_SHARE * ideal,
+                )
+            else:
+                # Judged below, as a pair: issue 6 asks for one process, or two of 32 where one
+                # interpreter is the limit.
+                explicit[processes] = rate
+                section.info(f"{label}: lines/s (create -> all recorded)", achieved)
             section.info(f"{label}: steady-state lines/s (10 % -> 90 % recorded)", fmt_rate(steady))
             section.info(
                 f"{label}: upstream peak in flight / requests seen",
@@ -118,6 +133,14 @@ def run(opts: Options) -> list[Section]:
                     [s.recorded for s in sampler.samples],
                 )
             )
+    best = max(explicit, key=lambda processes: explicit[processes])
+    section.check(
+        "64 threads in one process, or two of 32 where one interpreter is the limit: "
+        "the better lines/s",
+        f"{explicit[best] / ideal:.1%} of ideal ({best} x {THREADS // best} threads)",
+        f">= {TARGET_SHARE:.0%} of {ideal:.0f}",
+        explicit[best] >= TARGET_SHARE * ideal,
+    )
     section.info(
         "setup",
         f"{n:,} lines on an openai-backend model; fake upstream in its own "
