@@ -514,7 +514,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "-l",
             settings.log_level,
         ]
-        # CONCURRENCY sizes the process's HTTP connection pool: its own threads.
+        # Each process's settings name its own thread count, not the worker's total.
         children.append((argv, {"CONCURRENCY": str(threads)}))
     return _supervise_all(
         children, url, nice=settings.batch_nice, metrics=_start_metrics(settings, "worker")

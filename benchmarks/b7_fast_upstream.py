@@ -339,7 +339,7 @@ def start_floor_workers(stack: BenchStack, layout: list[int], tuned: bool) -> li
             "benchmarks.raw_celery",
             [raw_celery.SYNC_QUEUE, raw_celery.LINES_QUEUE],
             threads,
-            **{raw_celery.UPSTREAM_ENV: url, raw_celery.POOL_ENV: str(threads)},
+            **{raw_celery.UPSTREAM_ENV: url},
             **env,
         )
         for i, threads in enumerate(layout, 1)

@@ -283,7 +283,9 @@ BUCKETS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ),
     (
         "HTTP to the upstream",
-        lambda f: any(m in f for m in ("urllib3/", "http/client.py", "workers/backends/")),
+        lambda f: any(
+            m in f for m in ("pycurl", "urllib3/", "http/client.py", "workers/backends/")
+        ),
     ),
     (
         "dispatch (windows, publishing lines)",

@@ -14,7 +14,8 @@ B7's "stock Celery floor" (issue 17) runs :data:`HTTP_SEND_START` and :data:`HTT
 instead: a chord (published two ways) whose line task does the least a batch line must do with
 every promise kept (one task per line, acks late, the chord's callback, task events on): one
 POST of the line's body to the upstream's chat-completions URL (:data:`UPSTREAM_ENV`, set on
-the line workers) over a keep-alive connection pool of the process, its JSON answer read.
+the line workers) through the HTTP client batchsvc's lines use (:mod:`workers.backends.transport`:
+a kept-alive libcurl handle per thread), its JSON answer read.
 Nothing is recorded: what batchsvc does beyond that (leases, records, files, tokens, metrics,
 logs) is what B7 sets against it.
 """
@@ -23,18 +24,16 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
-import urllib3
 from celery import Celery, chord, group
 
 from batchsvc.celery_config import celery_config
 from batchsvc.embedded_redis import resolve_url
 from batchsvc.settings import Settings
+from workers.backends import transport
 from workers.celery_app import WORKER_TUNING
 
 #: Set to 1 in the raw workers' environment: run them with batchsvc's WORKER_TUNING.
@@ -54,11 +53,8 @@ HTTP_SEND_START = "bench.raw.http_send_start"
 
 #: The chat-completions URL :data:`HTTP_LINE` posts to, set on the raw line workers.
 UPSTREAM_ENV = "RAW_CELERY_UPSTREAM_URL"
-#: Connections each line worker keeps to the upstream: its thread count, as ``batchsvc
-#: worker`` sizes each process's pool by its own threads (its ``CONCURRENCY``).
-POOL_ENV = "RAW_CELERY_HTTP_POOL"
 #: The openai backend's per-attempt timeout in B7's model (``timeout_s``).
-HTTP_TIMEOUT = urllib3.Timeout(connect=10.0, read=30.0)
+HTTP_TIMEOUT = transport.timeout_for(30.0)
 HTTP_HEADERS = {
     "User-Agent": "bench-raw",
     "Content-Type": "application/json",
@@ -109,8 +105,7 @@ _settings = Settings.from_env()
 _url = resolve_url(_settings) if _settings.redis_url else "redis://127.0.0.1:6379/0"
 app = make_app(_settings, _url, tuned=os.environ.get(TUNED_ENV) == "1")
 _client: redis.Redis | None = None
-_pool: urllib3.HTTPConnectionPool | None = None
-_pool_lock = threading.Lock()
+_route: transport.Route | None = None
 
 
 def _redis() -> redis.Redis:
@@ -120,18 +115,13 @@ def _redis() -> redis.Redis:
     return _client
 
 
-def _upstream() -> tuple[urllib3.HTTPConnectionPool, str]:
-    """The process's one keep-alive pool to the upstream, and the path to post to. Built on
-    first use, like batchsvc's shared pool manager (``block``: a thread waits for a free
-    connection rather than opening one to throw away; sized to the threads, none waits)."""
-    global _pool
-    url = os.environ[UPSTREAM_ENV]
-    with _pool_lock:
-        if _pool is None:
-            _pool = urllib3.connection_from_url(
-                url, maxsize=int(os.environ.get(POOL_ENV, "16")), block=True, retries=False
-            )
-    return _pool, urlsplit(url).path
+def _upstream() -> transport.Route:
+    """The route to the upstream, direct (the environment's proxies are not read)."""
+    global _route
+    if _route is None:
+        url = os.environ[UPSTREAM_ENV].removesuffix("/chat/completions")
+        _route = transport.route_for("raw", url, {}, use_proxy=False)
+    return _route
 
 
 @app.task(name=LINE, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
@@ -148,16 +138,8 @@ def done(run_id: str) -> None:
 def http_line(batch_id: str, index: int, custom_id: str, model: str, body: dict[str, Any]) -> None:
     """One chat completion: POST the body, read the whole JSON answer. A failed request fails
     the task (a line must know it failed); the floor's run counts on none failing."""
-    pool, path = _upstream()
-    response = pool.urlopen(
-        "POST",
-        path,
-        body=json.dumps(body, separators=(",", ":")).encode(),
-        headers=HTTP_HEADERS,
-        timeout=HTTP_TIMEOUT,
-        retries=False,
-        redirect=False,
-        preload_content=True,
+    response = transport.default_client().post(
+        _upstream(), json.dumps(body, separators=(",", ":")).encode(), HTTP_HEADERS, HTTP_TIMEOUT
     )
     if response.status != 200:
         raise RuntimeError(f"{custom_id}: upstream answered HTTP {response.status}")

@@ -275,6 +275,11 @@ class FakeUpstream:
                 "faults_pending": len(self._faults),
             }
 
+    def drop_connections(self) -> None:
+        """Close every accepted connection, as a server's idle timeout closes kept-alive ones."""
+        if self._server is not None:
+            self._server.drop_connections()
+
     def reset_stats(self) -> None:
         """Zero the counters and forget recent requests and ``fail_times`` keys (not the plan)."""
         with self._lock:

@@ -115,10 +115,6 @@ class WorkerContext:
         with self._lock:
             backend = self._backends.get(spec.id)
             if backend is None:
-                if spec.backend == "openai":
-                    from workers.backends.openai import configure_pool
-
-                    configure_pool(self.settings.worker_concurrency)
                 backend = self._backends[spec.id] = make_backend(spec)
             return backend
 

@@ -6,19 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import urllib3
 
 from testsupport.fake_upstream import FakeUpstream
 from workers.backends import transport
 
 
 @pytest.fixture
-def http() -> Iterator[urllib3.PoolManager]:
-    """A connection pool configured like a worker's, owned by the test (room for 32 calls at
-    once, for the concurrency tests)."""
-    manager = transport.new_pool_manager(32)
-    yield manager
-    manager.clear()
+def client() -> transport.Client:
+    """A transport client of the test's own, going direct (the environment's proxy settings
+    are not read)."""
+    return transport.Client()
 
 
 @pytest.fixture

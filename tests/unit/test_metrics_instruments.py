@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib3
 from celery import Celery
 from prometheus_client import REGISTRY
 
@@ -33,7 +32,7 @@ from tests.unit.api.helpers import (
 )
 from tests.unit.workers.test_dispatcher import make_world
 from testsupport.fake_upstream import FakeUpstream
-from workers.backends import BackendResponse
+from workers.backends import BackendResponse, transport
 from workers.backends.echo import EchoBackend
 from workers.backends.openai import OpenAIBackend
 from workers.fanout import SENT_AT_HEADER, CeleryPublisher
@@ -218,13 +217,13 @@ def openai_spec(base_url: str, **overrides: Any) -> ModelSpec:
 
 
 def test_upstream_attempts_and_retries_are_counted_by_status(
-    fake: FakeUpstream, http: urllib3.PoolManager
+    fake: FakeUpstream, client: transport.Client
 ) -> None:
     labels = [("200",), ("503",), ("400",)]
     names = ["batchsvc_upstream_attempts_total", "batchsvc_upstream_retries_total"]
     before = Deltas(*((n, {"model": "metrics-up", "status": s}) for n in names for (s,) in labels))
     spec = openai_spec(fake.base_url)
-    backend = OpenAIBackend(spec, http=http, sleep=lambda _s: None, environ={})
+    backend = OpenAIBackend(spec, client=client, sleep=lambda _s: None, environ={})
     # When a line fails once with 503 then succeeds, and another gets a final 400
     flaky = {**chat(), "metadata": {"fake": {"status": 503, "fail_times": 1, "key": "m"}}}
     backend.complete(spec, flaky, 7)
@@ -247,14 +246,10 @@ def test_an_upstream_that_refuses_connections_counts_connection_errors() -> None
     before = Deltas(
         ("batchsvc_upstream_attempts_total", labels), ("batchsvc_upstream_retries_total", labels)
     )
-    http = urllib3.PoolManager(retries=False)
-    try:
-        with pytest.raises(LineError):
-            OpenAIBackend(spec, http=http, sleep=lambda _s: None, environ={}).complete(
-                spec, chat(), 7
-            )
-    finally:
-        http.clear()
+    with pytest.raises(LineError):
+        OpenAIBackend(spec, client=transport.Client(), sleep=lambda _s: None, environ={}).complete(
+            spec, chat(), 7
+        )
     assert before.moved("batchsvc_upstream_attempts_total", **labels) == 2
     assert before.moved("batchsvc_upstream_retries_total", **labels) == 1
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import urllib3
 
 from batchsvc.models_config import ModelRegistry, ModelSpec
 from testsupport.fake_upstream import FakeUpstream
-from workers.backends import ChatBackend
+from workers.backends import ChatBackend, transport
 from workers.backends.echo import EchoBackend
 from workers.backends.openai import OpenAIBackend
 from workers.sync_runner import run_sync_request
@@ -34,7 +33,7 @@ def upstream_api_key() -> str:
 
 def run(
     fake: FakeUpstream,
-    http: urllib3.PoolManager,
+    client: transport.Client,
     environ: dict[str, str],
     body: dict[str, Any] | None = None,
     **spec_fields: Any,
@@ -49,7 +48,7 @@ def run(
             **spec_fields,
         }
     )
-    backend = OpenAIBackend(spec, http=http, sleep=lambda s: None, environ=environ)
+    backend = OpenAIBackend(spec, client=client, sleep=lambda s: None, environ=environ)
 
     def backend_for(requested: ModelSpec) -> ChatBackend:
         assert requested is spec
@@ -59,8 +58,8 @@ def run(
     return run_sync_request(registry, backend_for, MODEL, body or {"messages": MESSAGES})
 
 
-def test_a_working_upstream_answers_ok(fake: FakeUpstream, http: urllib3.PoolManager) -> None:
-    outcome = run(fake, http, RIGHT_KEY)
+def test_a_working_upstream_answers_ok(fake: FakeUpstream, client: transport.Client) -> None:
+    outcome = run(fake, client, RIGHT_KEY)
     assert outcome["ok"] is True
     assert outcome["body"]["choices"][0]["message"]["content"] == "hello there"
 
@@ -135,7 +134,7 @@ def credentials_refused(status: int) -> dict[str, Any]:
 )
 def test_a_model_server_failure_retrying_will_not_fix_is_a_5xx_not_to_retry(
     fake: FakeUpstream,
-    http: urllib3.PoolManager,
+    client: transport.Client,
     environ: dict[str, str],
     faults: list[dict[str, Any]],
     spec_fields: dict[str, Any],
@@ -146,7 +145,7 @@ def test_a_model_server_failure_retrying_will_not_fix_is_a_5xx_not_to_retry(
     fake.set_faults(faults)
 
     # When a sync request runs
-    outcome = run(fake, http, environ, **spec_fields)
+    outcome = run(fake, client, environ, **spec_fields)
 
     # Then the client is told it is a server-side problem that retrying will not fix
     assert outcome["ok"] is False
@@ -155,19 +154,19 @@ def test_a_model_server_failure_retrying_will_not_fix_is_a_5xx_not_to_retry(
 
 
 def test_an_upstream_5xx_on_every_attempt_stays_a_500_the_client_may_retry(
-    fake: FakeUpstream, http: urllib3.PoolManager
+    fake: FakeUpstream, client: transport.Client
 ) -> None:
     fake.set_faults([{"status": 503, "repeat": None}])
-    error = run(fake, http, RIGHT_KEY, max_attempts=2)["error"]
+    error = run(fake, client, RIGHT_KEY, max_attempts=2)["error"]
     assert (error["status"], error["code"]) == (500, "internal_error")
     assert "retry" not in error
 
 
 def test_a_client_error_keeps_its_status_and_the_upstream_text(
-    fake: FakeUpstream, http: urllib3.PoolManager
+    fake: FakeUpstream, client: transport.Client
 ) -> None:
     fake.set_faults([{"status": 400, "message": "messages: bad role", "param": "messages"}])
-    error = run(fake, http, RIGHT_KEY)["error"]
+    error = run(fake, client, RIGHT_KEY)["error"]
     assert error == {
         "status": 400,
         "type": "invalid_request_error",

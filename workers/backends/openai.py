@@ -6,7 +6,7 @@ body to ``{base_url}/chat/completions`` and retries transient failures inside th
 Celery task around it never needs to retry and a line's ``batch_req_`` id stays the same across
 attempts (spec 9.3). The work is split three ways, and this module only joins them:
 
-- :mod:`workers.backends.transport`: pooled connections, proxies, the CA bundle, one POST;
+- :mod:`workers.backends.transport`: kept-alive connections, proxies, the CA bundle, one POST;
 - :mod:`workers.backends.outcomes`: an answer (or a transport error) classified as a completion,
   a retryable failure or a final spec 9.3 error;
 - :mod:`batchsvc.retry`: the one retry policy, here :data:`UPSTREAM_RETRY` with the model's
@@ -23,9 +23,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import urllib3
-from urllib3.exceptions import HTTPError
-
 from batchsvc import logs
 from batchsvc.errors import BackendUnavailable, ConfigError, UpstreamCredentialsRejected
 from batchsvc.metrics import instruments
@@ -35,10 +32,7 @@ from workers.backends import BackendResponse, transport
 from workers.backends.completions import compact_json
 from workers.backends.outcomes import classify, exhausted, failure_of
 
-# The worker sizes the shared pool through this module (workers.context), so it stays here.
-from workers.backends.transport import configure_pool
-
-__all__ = ["UPSTREAM_RETRY", "OpenAIBackend", "attempt_status", "configure_pool"]
+__all__ = ["UPSTREAM_RETRY", "OpenAIBackend", "attempt_status"]
 
 log = logs.get_logger("batchsvc.upstream")
 
@@ -51,10 +45,9 @@ class OpenAIBackend:
 
     Args:
         spec: the model this backend serves (its ``base_url`` must be set).
-        http: the pool manager every request goes through, as given (a
-            :class:`urllib3.ProxyManager` proxies; the environment's proxy settings are then not
-            read). Default: the process's shared one, or the shared proxy manager of the proxy
-            the environment names for ``base_url`` (see :func:`transport.post`).
+        client: the transport client every request goes through, as given (its own proxy, or
+            none: the environment's proxy settings are then not read). Default: the process's
+            shared client, through the proxy the environment names for ``base_url``.
         sleep: how to wait between attempts (tests pass a recorder).
         rand: a uniform ``[0, 1)`` source for the jitter.
         environ: where ``spec.api_key_env`` is read, at each call (so a rotated key applies),
@@ -68,13 +61,14 @@ class OpenAIBackend:
         self,
         spec: ModelSpec,
         *,
-        http: urllib3.PoolManager | None = None,
+        client: transport.Client | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.spec = spec
-        self._http = http
+        self._use_env_proxy = client is None
+        self._client = client if client is not None else transport.default_client()
         self._sleep = sleep
         self._rand = rand
         self._environ = environ
@@ -91,7 +85,7 @@ class OpenAIBackend:
         if not spec.base_url:
             raise ConfigError(f'model "{spec.id}": the openai backend needs a base_url')
         return transport.route_for(
-            spec.id, spec.base_url, self._environ, use_proxy=self._http is None
+            spec.id, spec.base_url, self._environ, use_proxy=self._use_env_proxy
         )
 
     def complete(
@@ -115,8 +109,8 @@ class OpenAIBackend:
 
         def attempt() -> BackendResponse:
             try:
-                response = transport.post(route, data, headers, timeout, http=self._http)
-            except HTTPError as exc:
+                response = self._client.post(route, data, headers, timeout)
+            except transport.TransportError as exc:
                 failure = failure_of(exc, timeout)
                 instruments.upstream_attempt(spec.id, attempt_status(failure))
                 raise failure from exc

@@ -46,9 +46,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
-
 from batchsvc.errors import (
     BackendUnavailable,
     LineError,
@@ -58,6 +55,7 @@ from batchsvc.errors import (
 from batchsvc.models_config import ModelSpec
 from workers.backends import BackendResponse
 from workers.backends.completions import compact_json, completion_problem, present
+from workers.backends.transport import Response, Timeout, TransportError
 
 #: Longest upstream text folded into an error line.
 DETAIL_LIMIT = 2000
@@ -170,7 +168,7 @@ class UpstreamError:
         )
 
 
-def classify(spec: ModelSpec, response: urllib3.BaseHTTPResponse) -> BackendResponse:
+def classify(spec: ModelSpec, response: Response) -> BackendResponse:
     """The completion in ``response``, presented for ``spec`` (see the module docstring).
 
     Raises:
@@ -214,7 +212,7 @@ def classify(spec: ModelSpec, response: urllib3.BaseHTTPResponse) -> BackendResp
     raise LineError(code, legacy, error.message, param=error.param, status=http_status, type_=type_)
 
 
-def _success(spec: ModelSpec, response: urllib3.BaseHTTPResponse) -> BackendResponse:
+def _success(spec: ModelSpec, response: Response) -> BackendResponse:
     try:
         data: Any = json.loads(response.data)
     except ValueError as exc:
@@ -232,24 +230,19 @@ def _success(spec: ModelSpec, response: urllib3.BaseHTTPResponse) -> BackendResp
     )
 
 
-def failure_of(exc: HTTPError, timeout: urllib3.Timeout) -> BackendUnavailable:
+def failure_of(exc: TransportError, timeout: Timeout) -> BackendUnavailable:
     """The retryable failure a transport error is, described for the error line."""
-    # NewConnectionError (refused, unreachable, unknown host) subclasses ConnectTimeoutError for
-    # history's sake: it is no timeout.
-    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
+    if exc.timed_out == "connect":
         return BackendUnavailable(
-            f"could not connect to upstream within {timeout.connect_timeout} s", timed_out=True
+            f"could not connect to upstream within {timeout.connect_s} s", timed_out=True
         )
-    # Waiting for the status line, or for more of the body (preloaded inside urlopen).
-    if isinstance(exc, ReadTimeoutError):
-        return BackendUnavailable(
-            f"upstream timed out after {timeout.read_timeout} s", timed_out=True
-        )
+    if exc.timed_out is not None:
+        return BackendUnavailable(f"upstream timed out after {timeout.total_s} s", timed_out=True)
     return BackendUnavailable(f"connection error: {exception_text(exc)}")
 
 
 def exception_text(exc: BaseException) -> str:
-    # urllib3 reprs may name objects by address ("<...HTTPConnection object at 0x7f...>: ",
+    # Python reprs may name objects by address ("<...HTTPConnection object at 0x7f...>: ",
     # "<HTTPConnection(host=..., port=...) at 0x7f...>"): noise in an error line.
     text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>:?\s*", "", str(exc))
     return truncate(text or type(exc).__name__)

@@ -1,150 +1,57 @@
-"""How the ``openai`` backend reaches a model server: pooled urllib3 connections, the proxy and
-the CA bundle the environment names, and one POST with no retries of its own.
+"""How the ``openai`` backend reaches a model server: libcurl (through pycurl), one handle per
+worker thread kept alive between requests, the proxy and the CA bundle the environment names,
+and one POST with no retries of its own.
 
-Connections: one :class:`urllib3.PoolManager` per process, shared by every model and thread of
-the worker, with a pool per upstream host as large as the worker's concurrency
-(:func:`configure_pool`), so every worker thread has a kept-alive connection and no thread ever
-opens a throwaway one. urllib3 is used directly rather than through ``requests``: requests'
-per-call machinery (preparing the request, merging settings, hooks, cookies, adapters) cost
-about as much CPU as the HTTP exchange itself, and the worker is a GIL-bound process with dozens
-of threads. urllib3's own retries and redirects are off: :mod:`batchsvc.retry` is the only retry
-policy, and a 3xx is an answer like any other.
+Why libcurl rather than urllib3: the worker is a GIL-bound process with dozens of threads, and
+the HTTP exchange was the largest single cost of a line in it (issue 17's profiles). Timed alone
+against the same fake upstream, one thread, keep-alive, a chat request and its answer cost
+456-518 µs of CPU through urllib3's connection pool, 261-269 µs through ``http.client`` alone,
+and 140 µs through pycurl, which runs the whole exchange in C with the GIL released once. In
+B2's two processes of 32 threads (five runs of each, interleaved) the worker went from 0.71-0.82
+to 0.60-0.69 cores and the batch from 210-232 to 230-236 lines/s (RESULTS.md, session 13).
 
-Environment, read once per backend, never per request:
+Connections: a libcurl handle is not thread-safe, so each thread of the process has its own
+(:class:`Client`), and the handle keeps its connection to each upstream alive between requests:
+a worker thread never opens a throwaway connection, and no lock is taken on the way. A forked
+child builds its own handles, never using its parent's sockets. libcurl checks a kept-alive
+connection before reusing it, and sends a request again on a fresh one when the reused
+connection turns out closed before any answer came, so a server's idle timeout is never an
+attempt's failure. Redirects are not followed (:mod:`batchsvc.retry` is the only retry policy,
+and a 3xx is an answer like any other), HTTP/1.1 is spoken, and no cookies are ever kept (the
+handles have no cookie engine), so lines of different projects, which share the handles, can
+never carry a cookie from one to another.
+
+Environment, read once per backend, never per request (:func:`route_for`):
 
 - ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` and ``NO_PROXY`` (the stdlib's reading of them,
-  plus ``NO_PROXY`` CIDR ranges such as ``10.0.0.0/8``): a model whose host is proxied goes
-  through a shared :class:`urllib3.ProxyManager` for that proxy (CONNECT tunnel for https).
+  plus ``NO_PROXY`` CIDR ranges such as ``10.0.0.0/8``), as requests read them: a proxied model
+  is sent to its proxy as an absolute URL (http) or through a CONNECT tunnel (https), with the
+  credentials in the proxy's URL as basic auth. libcurl is always told the proxy, an empty one
+  for a direct route, so its own reading of the environment never applies.
 - ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``, then ``SSL_CERT_FILE``: the CA bundle (a file, or a
-  directory of certificates) that verifies an https upstream; without them certifi's bundle, as
-  requests used, else the system's default store.
-
-No cookies are ever kept: urllib3 has no cookie jar, so lines of different projects, which share
-the connections, can never carry a cookie from one to another.
+  directory of certificates) that verifies an https upstream (and an https proxy); without them
+  certifi's bundle, as requests used, else the system's default store.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+import pycurl
 import urllib3
 from urllib3.exceptions import HTTPError
-from urllib3.util.proxy import connection_requires_http_tunnel
 
 from batchsvc.errors import ConfigError
 
 #: The connect timeout is the model's ``timeout_s`` but never more than this.
 CONNECT_TIMEOUT_CAP_S = 10.0
-#: Pool size when the worker never called :func:`configure_pool`.
-DEFAULT_POOL_SIZE = 16
-#: How many upstream hosts keep a connection pool in the shared pool manager.
-HOST_POOLS = 32
-
-
-# ---- the shared pool manager ---------------------------------------------------------------
-
-_http_lock = threading.Lock()
-_pool_size = DEFAULT_POOL_SIZE
-_http: urllib3.PoolManager | None = None
-_http_pool_size = 0
-_http_pid = 0
-#: One ProxyManager per proxy URL, built with the same pool size as ``_http`` (and dropped
-#: with it on a resize or in a forked child).
-_proxy_managers: dict[str, urllib3.ProxyManager] = {}
-
-
-def _manager_kwargs(pool_size: int) -> dict[str, Any]:
-    # block: a thread waits for a free connection instead of opening one that is thrown away
-    # afterwards; with the pool sized to the worker's concurrency no thread ever waits.
-    # retries=False is also passed on every call; here it guards any other use of the manager.
-    return {"num_pools": HOST_POOLS, "maxsize": pool_size, "block": True, "retries": False}
-
-
-def new_pool_manager(pool_size: int) -> urllib3.PoolManager:
-    """A pool manager configured like the shared one, owned by the caller (tests, tools)."""
-    return urllib3.PoolManager(**_manager_kwargs(pool_size))
-
-
-def _current_locked(pool_size: int) -> urllib3.PoolManager:
-    """The shared manager, (re)built when missing, in a forked child, or for another size."""
-    global _http, _http_pool_size, _http_pid
-    if _http is None or _http_pid != os.getpid() or _http_pool_size != pool_size:
-        # A replaced manager is dropped, not cleared: requests in flight on it finish normally.
-        _http = new_pool_manager(pool_size)
-        _http_pool_size = pool_size
-        _http_pid = os.getpid()
-        _proxy_managers.clear()
-    return _http
-
-
-def pool_for(pool_size: int) -> urllib3.PoolManager:
-    """The process's one shared pool manager, created on first use with ``pool_size``
-    connections per host.
-
-    Thread-safe. Later calls return the same manager whatever ``pool_size`` they pass (use
-    :func:`configure_pool` to resize). A forked child gets its own manager, never its parent's
-    sockets.
-    """
-    if pool_size < 1:
-        raise ValueError("pool_size must be >= 1")
-    with _http_lock:
-        if _http is not None and _http_pid == os.getpid():
-            return _http
-        return _current_locked(pool_size)
-
-
-def proxy_manager_for(proxy_url: str) -> urllib3.ProxyManager:
-    """The process's shared :class:`urllib3.ProxyManager` for ``proxy_url``, sized like
-    :func:`pool_for`'s manager (and replaced with it)."""
-    with _http_lock:
-        if _http is None or _http_pid != os.getpid():
-            _current_locked(_pool_size)
-        manager = _proxy_managers.get(proxy_url)
-        if manager is None:
-            manager = _proxy_managers[proxy_url] = urllib3.ProxyManager(
-                proxy_url,
-                proxy_headers=_proxy_auth_headers(proxy_url),
-                **_manager_kwargs(_http_pool_size),
-            )
-        return manager
-
-
-def _proxy_auth_headers(proxy_url: str) -> dict[str, str] | None:
-    """Basic auth for the credentials in a proxy URL, as requests sent it: urllib3 itself
-    ignores them."""
-    parts = urllib.parse.urlsplit(proxy_url)
-    if not parts.username:
-        return None
-    user = urllib.parse.unquote(parts.username)
-    password = urllib.parse.unquote(parts.password or "")
-    return urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
-
-
-def configure_pool(pool_size: int) -> urllib3.PoolManager:
-    """Size the shared pool manager's pools; the worker calls it at start with its
-    ``CONCURRENCY``.
-
-    A manager that already exists with another size is replaced (requests in flight on the old
-    one finish normally), and so are the shared proxy managers. Returns the manager.
-    """
-    global _pool_size
-    if pool_size < 1:
-        raise ValueError("pool_size must be >= 1")
-    with _http_lock:
-        _pool_size = pool_size
-        return _current_locked(pool_size)
-
-
-def configured_pool_size() -> int:
-    with _http_lock:
-        return _pool_size
 
 
 # ---- where requests go ---------------------------------------------------------------------
@@ -155,13 +62,12 @@ class Route:
     """Where one model's requests go, decided once per backend from the environment."""
 
     base_url: str
-    scheme: str
-    host: str
-    port: int | None
-    path: str  #: the request target on a direct connection or through a CONNECT tunnel
-    url: str  #: the request target for a forwarding proxy (plain http through a proxy)
+    url: str  #: ``{base_url}/chat/completions``
     proxy_url: str | None
-    pool_kwargs: dict[str, Any] | None  #: the CA bundle of an https upstream
+    #: What verifies an https upstream (and an https proxy): a CA file, a directory of
+    #: certificates, or neither (plain http).
+    ca_file: str | None = None
+    ca_dir: str | None = None
 
 
 def route_for(
@@ -190,15 +96,10 @@ def route_for(
                 f"{_without_credentials(proxy_url)!r}, but only http and https proxies are "
                 "supported"
             )
+    https = scheme == "https" or (proxy_url or "").lower().startswith("https:")
+    ca_file, ca_dir = ca_bundle(environ) if https else (None, None)
     return Route(
-        base_url=base_url,
-        scheme=scheme,
-        host=parsed.host,
-        port=parsed.port,
-        path=parsed.request_uri,
-        url=parsed.url,
-        proxy_url=proxy_url,
-        pool_kwargs=_ca_pool_kwargs(environ) if scheme == "https" else None,
+        base_url=base_url, url=parsed.url, proxy_url=proxy_url, ca_file=ca_file, ca_dir=ca_dir
     )
 
 
@@ -249,9 +150,9 @@ def _without_credentials(proxy_url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
-def _ca_pool_kwargs(environ: Mapping[str, str]) -> dict[str, Any] | None:
-    """Connection-pool settings for the CA bundle the environment names, else certifi's (what
-    requests verified with), else ``None``: the system's default store."""
+def ca_bundle(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The CA file or directory the environment names, else certifi's bundle (what requests
+    verified with), else the system's default store: ``(file, directory)``."""
     bundle = (
         environ.get("REQUESTS_CA_BUNDLE")
         or environ.get("CURL_CA_BUNDLE")
@@ -261,65 +162,173 @@ def _ca_pool_kwargs(environ: Mapping[str, str]) -> dict[str, Any] | None:
         try:
             import certifi
         except ImportError:
-            return None
+            # Python's idea of the system store: the libcurl bundled with pycurl's wheel may
+            # look elsewhere.
+            paths = ssl.get_default_verify_paths()
+            return paths.cafile, paths.capath
         bundle = certifi.where()
     # A directory of hashed certificates is a CA path, not a file (as requests treated it).
-    return {"ca_cert_dir": bundle} if os.path.isdir(bundle) else {"ca_certs": bundle}
+    return (None, bundle) if os.path.isdir(bundle) else (bundle, None)
 
 
 # ---- one request ---------------------------------------------------------------------------
 
 
-def timeout_for(timeout_s: float) -> urllib3.Timeout:
-    """A model's per-attempt timeout: ``timeout_s`` to read, at most
-    :data:`CONNECT_TIMEOUT_CAP_S` to connect (a host that does not answer a SYN within seconds
-    will not answer it within minutes)."""
-    return urllib3.Timeout(connect=min(CONNECT_TIMEOUT_CAP_S, timeout_s), read=timeout_s)
+@dataclass(frozen=True)
+class Timeout:
+    """One attempt's limits: to connect, and for the whole exchange."""
+
+    connect_s: float
+    total_s: float
 
 
-def post(
-    route: Route,
-    data: bytes,
-    headers: Mapping[str, str],
-    timeout: urllib3.Timeout,
-    *,
-    http: urllib3.PoolManager | None = None,
-) -> urllib3.BaseHTTPResponse:
-    """One POST to ``route``, its body read in full; no retries, no redirects.
+def timeout_for(timeout_s: float) -> Timeout:
+    """A model's per-attempt timeout: ``timeout_s`` for the whole attempt, at most
+    :data:`CONNECT_TIMEOUT_CAP_S` of it to connect (a host that does not answer a SYN within
+    seconds will not answer it within minutes)."""
+    return Timeout(connect_s=min(CONNECT_TIMEOUT_CAP_S, timeout_s), total_s=timeout_s)
 
-    ``http`` is the manager to use as given (a :class:`urllib3.ProxyManager` proxies); by default
-    the shared one, or the shared proxy manager of ``route``'s proxy, looked up at each call so
-    :func:`configure_pool` applies to existing backends. It goes straight to the host's
-    connection pool: what :meth:`urllib3.PoolManager.urlopen` does without re-parsing the URL on
-    every call, and with the CA bundle in the pool's key.
 
-    Raises:
-        urllib3.exceptions.HTTPError: the underlying failure (``ConnectTimeoutError``,
-            ``ReadTimeoutError``, ``NewConnectionError``, ``ProtocolError``, ...).
+@dataclass(frozen=True)
+class Response:
+    """An upstream's answer, its body read in full."""
+
+    status: int
+    data: bytes
+    headers: urllib3.HTTPHeaderDict  #: any case
+
+
+class TransportError(Exception):
+    """No answer: the connection failed or timed out. ``timed_out`` says which limit ran out
+    (``"connect"`` or ``"total"``), else ``None``."""
+
+    def __init__(self, message: str, timed_out: str | None = None) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+#: Handles a forked child found on its threads: its parent's (see :meth:`Client._handle`).
+_inherited_handles: list[pycurl.Curl] = []
+
+
+class Client:
+    """POSTs through one libcurl handle per thread (see the module docstring).
+
+    Args:
+        proxy_url: send every request through this proxy, whatever its route says (tests and
+            tools); by default the route's own proxy, or none.
     """
-    if http is None:
-        if route.proxy_url is None:
-            http = pool_for(configured_pool_size())
-        else:
-            http = proxy_manager_for(route.proxy_url)
-    pool = http.connection_from_host(
-        route.host, route.port, route.scheme, pool_kwargs=route.pool_kwargs
-    )
-    # A forwarding proxy (plain http) is sent the absolute URL, and http.client derives the
-    # Host header from it; a tunnel or a direct connection gets the path.
-    forwarded = http.proxy is not None and not connection_requires_http_tunnel(
-        http.proxy, http.proxy_config, route.scheme
-    )
-    # preload_content: the body is read in full, so the connection goes back to the pool before
-    # we return, and a body cut short fails here as a ProtocolError.
-    return pool.urlopen(
-        "POST",
-        route.url if forwarded else route.path,
-        body=data,
-        headers=dict(headers),
-        timeout=timeout,
-        retries=False,
-        redirect=False,
-        assert_same_host=False,
-        preload_content=True,
-    )
+
+    def __init__(self, proxy_url: str | None = None) -> None:
+        self.proxy_url = proxy_url
+        self._local = threading.local()
+        self._count_lock = threading.Lock()
+        #: Connections the handles opened, for tests and diagnostics.
+        self.connections_opened = 0
+
+    def _handle(self) -> pycurl.Curl:
+        handle = getattr(self._local, "handle", None)
+        if handle is None or self._local.pid != os.getpid():
+            if handle is not None:
+                # The parent's, in a forked child: kept, never cleaned up here, since cleaning
+                # up would close its connections (a TLS one with a close_notify on the wire
+                # the parent still uses).
+                _inherited_handles.append(handle)
+            handle = pycurl.Curl()
+            # No signals for timeouts (a must with threads), HTTP/1.1 only, redirects answered
+            # as they are (libcurl's default), no cookie engine (never enabled).
+            handle.setopt(pycurl.NOSIGNAL, 1)
+            handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+            self._local.handle, self._local.pid = handle, os.getpid()
+        return handle
+
+    def post(
+        self, route: Route, data: bytes, headers: Mapping[str, str], timeout: Timeout
+    ) -> Response:
+        """One POST to ``route``, its body read in full; no retries, no redirects.
+
+        Raises:
+            TransportError: no answer (refused, reset, closed, timed out, a proxy that refused
+                the tunnel).
+        """
+        handle = self._handle()
+        chunks: list[bytes] = []
+        header_lines: list[bytes] = []
+        connected: list[bool] = []
+
+        def on_connected(*_addresses: object) -> int:
+            # Called once a connection is up (new or reused), right before the request goes:
+            # a timeout after it is the exchange's, before it the connect's.
+            connected.append(True)
+            return int(pycurl.PREREQFUNC_OK)
+
+        def on_header(line: bytes) -> None:
+            if line.startswith(b"HTTP/"):
+                header_lines.clear()  # a proxy's CONNECT answer, or an interim 1xx, came first
+            header_lines.append(line)
+
+        handle.setopt(pycurl.URL, route.url)
+        handle.setopt(pycurl.PROXY, self.proxy_url or route.proxy_url or "")
+        # An empty list here keeps libcurl from reading NO_PROXY from the environment itself.
+        handle.setopt(pycurl.NOPROXY, "")
+        if route.ca_file or route.ca_dir:
+            for file_option, dir_option in (
+                (pycurl.CAINFO, pycurl.CAPATH),
+                (pycurl.PROXY_CAINFO, pycurl.PROXY_CAPATH),
+            ):
+                # One or the other: a handle that served another route may hold either.
+                if route.ca_file:
+                    handle.setopt(file_option, route.ca_file)
+                    handle.unsetopt(dir_option)
+                else:
+                    handle.unsetopt(file_option)
+                    handle.setopt(dir_option, route.ca_dir)
+        # "Expect:" drops libcurl's 100-continue round trip for larger bodies.
+        handle.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()] + ["Expect:"])
+        handle.setopt(pycurl.POSTFIELDS, data)
+        handle.setopt(pycurl.WRITEFUNCTION, chunks.append)
+        handle.setopt(pycurl.HEADERFUNCTION, on_header)
+        handle.setopt(pycurl.PREREQFUNCTION, on_connected)
+        handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(timeout.connect_s * 1000)))
+        handle.setopt(pycurl.TIMEOUT_MS, max(1, round(timeout.total_s * 1000)))
+        try:
+            handle.perform()
+        except pycurl.error as exc:
+            raise _transport_error(handle, exc, connected=bool(connected)) from None
+        finally:
+            if handle.getinfo(pycurl.NUM_CONNECTS):
+                with self._count_lock:
+                    self.connections_opened += 1
+        response_headers = urllib3.HTTPHeaderDict()
+        for raw in header_lines[1:]:
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if sep:
+                response_headers.add(name.strip(), value.strip())
+        return Response(handle.getinfo(pycurl.RESPONSE_CODE), b"".join(chunks), response_headers)
+
+
+def _transport_error(handle: pycurl.Curl, exc: pycurl.error, *, connected: bool) -> TransportError:
+    # pycurl raises its error with (libcurl's code, libcurl's message).
+    args: tuple[object, ...] = exc.args
+    code = args[0] if args else None
+    message = str(args[1]) if len(args) > 1 else str(exc)
+    errno = handle.getinfo(pycurl.OS_ERRNO)
+    if errno and os.strerror(errno) not in message:
+        # libcurl says "Couldn't connect to server"; the system's word says why.
+        message = f"{message} ({os.strerror(errno)})"
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        return TransportError(message, timed_out="total" if connected else "connect")
+    return TransportError(message)
+
+
+_default_client: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process's shared client: every model's requests, each thread on its own handle."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            _default_client = Client()
+        return _default_client

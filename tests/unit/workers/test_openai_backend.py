@@ -7,15 +7,19 @@ attempt chose can be checked exactly.
 from __future__ import annotations
 
 import base64
+import datetime
 import email.utils
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import certifi
@@ -64,9 +68,9 @@ def make_spec(base_url: str, **overrides: Any) -> ModelSpec:
 class Harness:
     """A fake upstream, a pool manager of our own and a backend whose sleeps are recorded."""
 
-    def __init__(self, fake: FakeUpstream, http: urllib3.PoolManager) -> None:
+    def __init__(self, fake: FakeUpstream, client: transport.Client) -> None:
         self.fake = fake
-        self.http = http
+        self.client = client
         self.sleeps: list[float] = []
 
     def backend(
@@ -79,7 +83,7 @@ class Harness:
         spec = spec or make_spec(self.fake.base_url)
         backend = OpenAIBackend(
             spec,
-            http=self.http,
+            client=self.client,
             sleep=self.sleeps.append,
             rand=rand,
             environ=environ if environ is not None else {},
@@ -103,8 +107,8 @@ class Harness:
 
 
 @pytest.fixture
-def h(fake: FakeUpstream, http: urllib3.PoolManager) -> Harness:
-    return Harness(fake, http)
+def h(fake: FakeUpstream, client: transport.Client) -> Harness:
+    return Harness(fake, client)
 
 
 # ---- success -------------------------------------------------------------------------------
@@ -516,7 +520,7 @@ def test_a_body_cut_short_is_a_connection_error_and_retried(h: Harness) -> None:
     assert info.value.line_message.startswith(
         "[legacy:retries_exhausted] Line failed after 2 attempts: connection error: "
     )
-    assert "IncompleteRead" in info.value.line_message
+    assert "bytes missing" in info.value.line_message  # libcurl: "end of response with ..."
     assert server.connections == 2
     assert len(h.sleeps) == 1
 
@@ -776,9 +780,9 @@ def test_classification_content_always_parses_as_json(content: Any, expected: st
 # ---- the API key ---------------------------------------------------------------------------
 
 
-def test_the_api_key_is_sent_from_the_environment(http: urllib3.PoolManager) -> None:
+def test_the_api_key_is_sent_from_the_environment(client: transport.Client) -> None:
     with FakeUpstream(api_key="sk-upstream") as fake:
-        h = Harness(fake, http)
+        h = Harness(fake, client)
         spec = make_spec(fake.base_url, api_key_env="UPSTREAM_KEY")
         backend, _ = h.backend(spec, environ={"UPSTREAM_KEY": "sk-upstream"})
         backend.complete(spec, chat_body(), 1)
@@ -998,15 +1002,14 @@ def test_an_https_model_is_tunnelled_through_its_proxy(
     assert "502" in info.value.line_message
 
 
-def test_an_injected_proxy_manager_is_used_and_the_environment_not_read(
+def test_an_injected_client_proxy_is_used_and_the_environment_not_read(
     proxy_env: Callable[..., None], proxy: RecordingProxy
 ) -> None:
     proxy_env(HTTP_PROXY="http://127.0.0.1:9")  # would fail: nothing listens there
     spec = make_spec("http://model.invalid:9/v1")
-    with urllib3.ProxyManager(proxy.url) as manager:
-        backend = OpenAIBackend(spec, http=manager, environ={})
-        assert backend.proxy_url is None
-        backend.complete(spec, chat_body(), 1)
+    backend = OpenAIBackend(spec, client=transport.Client(proxy_url=proxy.url), environ={})
+    assert backend.proxy_url is None
+    backend.complete(spec, chat_body(), 1)
     [(request_line, _)] = proxy.seen
     assert request_line == "POST http://model.invalid:9/v1/chat/completions HTTP/1.1"
 
@@ -1036,7 +1039,7 @@ def test_a_base_url_that_is_not_http_is_a_config_error(base_url: str) -> None:
     ],
 )
 def test_https_upstreams_are_verified_with_the_ca_bundle_the_environment_names(
-    http: urllib3.PoolManager, tmp_path: Any, variable: str | None, kind: str
+    client: transport.Client, tmp_path: Any, variable: str | None, kind: str
 ) -> None:
     # Given a CA bundle named by the environment (or none)
     bundle = tmp_path / "certs"
@@ -1047,76 +1050,164 @@ def test_https_upstreams_are_verified_with_the_ca_bundle_the_environment_names(
     environ = {variable: str(bundle)} if variable else {}
     spec = make_spec(f"https://127.0.0.1:{closed_port()}/v1", max_attempts=1)
 
-    # When a request is made (here, refused)
-    backend = OpenAIBackend(spec, http=http, environ=environ)
-    with pytest.raises(LineError):
-        backend.complete(spec, chat_body(), 1)
-
-    # Then the https pool verifies with that bundle
-    [pool] = [http.pools[key] for key in http.pools.keys()]
-    assert isinstance(pool, urllib3.HTTPSConnectionPool)
+    # Then the https route verifies with that bundle
+    route = transport.route_for(spec.id, spec.base_url or "", environ, use_proxy=False)
     if kind == "file":
-        assert (pool.ca_certs, pool.ca_cert_dir) == (str(bundle), None)
+        assert (route.ca_file, route.ca_dir) == (str(bundle), None)
     elif kind == "dir":
-        assert (pool.ca_certs, pool.ca_cert_dir) == (None, str(bundle))
+        assert (route.ca_file, route.ca_dir) == (None, str(bundle))
     else:
-        assert pool.ca_certs == certifi.where()
+        assert (route.ca_file, route.ca_dir) == (certifi.where(), None)
+    # and a request made with it (here, refused) fails as a connection error, the bundle taken
+    backend = OpenAIBackend(spec, client=client, environ=environ)
+    with pytest.raises(LineError) as info:
+        backend.complete(spec, chat_body(), 1)
+    assert "connection error" in info.value.line_message
 
 
-# ---- the shared pool manager ---------------------------------------------------------------
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1, signed by its own key (its own CA), and that key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batchsvc test upstream")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "upstream.pem", directory / "upstream.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
-def test_one_shared_pool_manager_per_process_sized_by_configure_pool() -> None:
-    try:
-        first = transport.configure_pool(3)
-        assert transport.pool_for(99) is first
-        assert first.connection_pool_kw["maxsize"] == 3
-        assert first.connection_pool_kw["block"] is True
-        assert first.pools._maxsize == transport.HOST_POOLS
-        pool = first.connection_from_url("http://x/")
-        assert pool.pool is not None and pool.pool.maxsize == 3 and pool.block
-        assert transport.configure_pool(3) is first
-        resized = transport.configure_pool(5)
-        assert resized is not first
-        assert transport.pool_for(1) is resized
-        pool = resized.connection_from_url("https://x/")
-        assert pool.pool is not None and pool.pool.maxsize == 5 and pool.block
-    finally:
-        transport.configure_pool(transport.DEFAULT_POOL_SIZE)
+def tls_completion(context: ssl.SSLContext) -> Callable[[socket.socket, threading.Event], None]:
+    """A behaviour for :class:`RawServer`: TLS, then one chat.completion."""
+
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            read_request(tls)
+            body = json.dumps(
+                {
+                    "id": "chatcmpl-tls",
+                    "object": "chat.completion",
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "over TLS"}}
+                    ],
+                }
+            ).encode()
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+            )
+            tls.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+    return answer
 
 
-def test_the_default_pool_manager_is_used_and_created_once_across_threads(
-    fake: FakeUpstream,
+def test_an_https_upstream_is_reached_with_the_bundle_named_and_refused_without_it(
+    client: transport.Client, tmp_path: Path
 ) -> None:
-    spec = make_spec(fake.base_url)
-    backend = OpenAIBackend(spec, sleep=lambda s: None)
-    managers: list[urllib3.PoolManager] = []
+    # Given an https upstream whose certificate only its own bundle vouches for
+    cert, key = self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with RawServer(tls_completion(context)) as server:
+        spec = make_spec(f"https://127.0.0.1:{server.port}/v1", max_attempts=1)
+
+        # When the environment names that bundle, the request goes through, verified
+        named = OpenAIBackend(spec, client=client, environ={"REQUESTS_CA_BUNDLE": str(cert)})
+        result = named.complete(spec, chat_body(), 1)
+        assert result.body["choices"][0]["message"]["content"] == "over TLS"
+
+        # and without it (certifi's bundle), the certificate is refused
+        default = OpenAIBackend(spec, client=client, environ={})
+        with pytest.raises(LineError) as info:
+            default.complete(spec, chat_body(), 1)
+    assert "connection error" in info.value.line_message
+    assert "certificate" in info.value.line_message
+
+
+def test_a_plain_http_upstream_needs_no_ca_bundle() -> None:
+    route = transport.route_for("m", "http://model.internal/v1", {}, use_proxy=False)
+    assert (route.ca_file, route.ca_dir) == (None, None)
+
+
+# ---- the transport client ------------------------------------------------------------------
+
+
+def test_the_default_client_is_one_per_process_whatever_the_thread(fake: FakeUpstream) -> None:
+    clients: list[transport.Client] = []
     barrier = threading.Barrier(8)
 
     def grab() -> None:
         barrier.wait()
-        managers.append(transport.pool_for(8))
+        clients.append(transport.default_client())
 
     threads = [threading.Thread(target=grab) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len({id(m) for m in managers}) == 1
-    assert backend.complete(spec, chat_body(), 1).request_id == "req_up_1"
-    # the request went through the shared manager's pool for the fake
-    assert managers[0].connection_from_url(fake.base_url).num_requests == 1
+    assert len({id(c) for c in clients}) == 1
+    spec = make_spec(fake.base_url)
+    before = clients[0].connections_opened
+    assert OpenAIBackend(spec, sleep=lambda s: None).complete(spec, chat_body(), 1)
+    assert fake.requests_seen == 1
+    assert clients[0].connections_opened <= before + 1
 
 
-def test_a_forked_child_gets_its_own_pool_manager() -> None:
-    parent = transport.pool_for(4)
+def test_each_thread_keeps_its_own_connection_alive(
+    fake: FakeUpstream, client: transport.Client
+) -> None:
+    # Given a backend shared by four threads, each making three calls in turn
+    backend = OpenAIBackend(make_spec(fake.base_url), client=client, environ={})
+    barrier = threading.Barrier(4)
+
+    def three_calls() -> None:
+        barrier.wait()
+        for _ in range(3):
+            backend.complete(backend.spec, chat_body(), 1)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: three_calls(), range(4)))
+
+    # Then each thread opened one connection and kept it for its three exchanges
+    assert fake.requests_seen == 12
+    assert client.connections_opened == 4
+
+
+def test_a_forked_child_uses_a_handle_of_its_own(
+    fake: FakeUpstream, client: transport.Client
+) -> None:
+    backend = OpenAIBackend(make_spec(fake.base_url), client=client, environ={})
+    backend.complete(backend.spec, chat_body(), 1)  # the parent's handle, connected
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, and leave without running pytest's teardown
         try:
-            child = transport.pool_for(4)
-            stable = transport.pool_for(4) is child
-            verdict = b"new" if child is not parent and stable else b"same"
+            result = backend.complete(backend.spec, chat_body(), 1)
+            verdict = b"ok" if client.connections_opened == 2 and result.body else b"shared"
         except BaseException:
             verdict = b"error"
         os.write(write_end, verdict)
@@ -1127,8 +1218,11 @@ def test_a_forked_child_gets_its_own_pool_manager() -> None:
     finally:
         os.close(read_end)
         os.waitpid(pid, 0)
-    assert verdict == b"new"
-    assert transport.pool_for(4) is parent
+    # The child connected anew (its parent's socket untouched), and the parent still reuses its
+    assert verdict == b"ok"
+    backend.complete(backend.spec, chat_body(), 1)
+    assert client.connections_opened == 1
+    assert fake.requests_seen == 3
 
 
 def test_sequential_calls_reuse_one_kept_alive_connection(h: Harness) -> None:
@@ -1141,18 +1235,33 @@ def test_sequential_calls_reuse_one_kept_alive_connection(h: Harness) -> None:
     backend.complete(spec, chat_body(), 1)
 
     # Then every body was read to the end, so one connection carried all four exchanges
-    pool = h.http.connection_from_url(h.fake.base_url)
-    assert pool.num_requests == 4
-    assert pool.num_connections == 1
+    assert h.fake.requests_seen == 4
+    assert h.client.connections_opened == 1
     assert h.fake.peak_open == 1
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_failed_attempt(
+    h: Harness,
+) -> None:
+    # Given a kept-alive connection that the server then closes (an idle timeout)
+    backend, spec = h.backend()
+    backend.complete(spec, chat_body(), 1)
+    h.fake.drop_connections()
+    time.sleep(0.05)
+
+    # When the next line runs, it goes out on a new connection, at its first attempt
+    result = backend.complete(spec, chat_body(), 1)
+    assert result.request_id == "req_up_2"
+    assert h.sleeps == []
+    assert h.client.connections_opened == 2
 
 
 # ---- the fake upstream's concurrency accounting --------------------------------------------
 
 
-def test_fake_serves_requests_beyond_its_cap_in_waves(http: urllib3.PoolManager) -> None:
+def test_fake_serves_requests_beyond_its_cap_in_waves(client: transport.Client) -> None:
     with FakeUpstream(latency_s=0.2, max_concurrency=4) as fake:
-        backend, spec = Harness(fake, http).backend()
+        backend, spec = Harness(fake, client).backend()
         started = time.monotonic()
         with ThreadPoolExecutor(10) as pool:
             results = list(pool.map(lambda i: backend.complete(spec, chat_body(), 1), range(10)))
