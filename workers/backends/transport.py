@@ -299,12 +299,26 @@ class Client:
             if handle.getinfo(pycurl.NUM_CONNECTS):
                 with self._count_lock:
                     self.connections_opened += 1
+            # The handle outlives the request: let go of its body and of the callbacks holding
+            # the answer, or every idle thread would keep its last line's prompt and reply.
+            handle.setopt(pycurl.POSTFIELDS, b"")
+            for option in (pycurl.WRITEFUNCTION, pycurl.HEADERFUNCTION):
+                handle.setopt(option, _ignore)
+            handle.setopt(pycurl.PREREQFUNCTION, _proceed)
         response_headers = urllib3.HTTPHeaderDict()
         for raw in header_lines[1:]:
             name, sep, value = raw.decode("latin-1").partition(":")
             if sep:
                 response_headers.add(name.strip(), value.strip())
         return Response(handle.getinfo(pycurl.RESPONSE_CODE), b"".join(chunks), response_headers)
+
+
+def _ignore(_data: bytes) -> None:
+    """A callback that keeps nothing: what an idle handle's callbacks are."""
+
+
+def _proceed(*_addresses: object) -> int:
+    return int(pycurl.PREREQFUNC_OK)
 
 
 def _transport_error(handle: pycurl.Curl, exc: pycurl.error, *, connected: bool) -> TransportError:

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1223,6 +1224,23 @@ def test_a_forked_child_uses_a_handle_of_its_own(
     backend.complete(backend.spec, chat_body(), 1)
     assert client.connections_opened == 1
     assert fake.requests_seen == 3
+
+
+def test_an_idle_handle_keeps_neither_the_request_nor_the_answer(
+    fake: FakeUpstream, client: transport.Client
+) -> None:
+    route = transport.route_for("m", fake.base_url, {}, use_proxy=False)
+    headers = {"Content-Type": "application/json"}
+    # A large request: once answered, only this test's own name holds its body
+    body = json.dumps(chat_body("x" * 100_000)).encode()
+    baseline = sys.getrefcount(body)
+    assert client.post(route, body, headers, transport.timeout_for(5)).status == 200
+    assert sys.getrefcount(body) == baseline
+    # A small answer, read in one piece (the joined body is that piece): nothing else holds it
+    answer = client.post(route, json.dumps(chat_body()).encode(), headers, transport.timeout_for(5))
+    data = answer.data
+    del answer
+    assert sys.getrefcount(data) == 2  # the local, and getrefcount's argument
 
 
 def test_sequential_calls_reuse_one_kept_alive_connection(h: Harness) -> None:
