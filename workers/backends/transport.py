@@ -328,7 +328,7 @@ def _transport_error(handle: pycurl.Curl, exc: pycurl.error, *, connected: bool)
     message = str(args[1]) if len(args) > 1 else str(exc)
     errno = handle.getinfo(pycurl.OS_ERRNO)
     if errno and os.strerror(errno) not in message:
-        # libcurl says "Couldn't connect to server"; the system's word says why.
+        # libcurl says "Could not connect to server"; the system's word says why.
         message = f"{message} ({os.strerror(errno)})"
     if code == pycurl.E_OPERATION_TIMEDOUT:
         return TransportError(message, timed_out="total" if connected else "connect")
