@@ -335,14 +335,11 @@ def _transport_error(handle: pycurl.Curl, exc: pycurl.error, *, connected: bool)
     return TransportError(message)
 
 
-_default_client: Client | None = None
-_default_lock = threading.Lock()
+#: Built at import: a client is a per-thread slot, a lock and a counter, and makes its handles on
+#: first use, per thread and per process.
+_default_client = Client()
 
 
 def default_client() -> Client:
     """The process's shared client: every model's requests, each thread on its own handle."""
-    global _default_client
-    with _default_lock:
-        if _default_client is None:
-            _default_client = Client()
-        return _default_client
+    return _default_client
