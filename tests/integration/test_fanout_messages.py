@@ -72,3 +72,28 @@ def test_the_published_line_is_the_message_send_task_queues(stack: Stack) -> Non
         client.delete(QUEUE)
         client.close()
         app.close()
+
+
+def test_a_round_reaches_the_queue_while_it_is_being_built(stack: Stack) -> None:
+    app = Celery("fanout-chunks", set_as_current=False)
+    app.conf.update(celery_config(Settings(), stack.redis_url()))
+    client = redis.Redis.from_url(stack.redis_url())
+    client.delete(QUEUE)
+    body = {"model": "fanout-message-check", "messages": [{"role": "user", "content": "hi"}]}
+    publisher = CeleryPublisher(app)
+    try:
+        # When the publisher has built 17 lines of a round and not flushed yet
+        for index in range(17):
+            publisher.publish("batch_chunks", index, f"req-{index}", "fanout-message-check", body)
+        # Then the first 16 are queued already, in order, for the workers waiting on them
+        assert client.llen(QUEUE) == 16
+        assert json.loads(client.lindex(QUEUE, -1) or b"{}")["headers"]["id"] == line_task_id(
+            "batch_chunks", 0
+        )
+        publisher.flush()
+        assert client.llen(QUEUE) == 17
+    finally:
+        publisher.flush()
+        client.delete(QUEUE)
+        client.close()
+        app.close()
