@@ -332,8 +332,9 @@ ACCESS_LOG_FORMAT = (
 #: gunicorn's logger in ``batchsvc web``: its logs and the app's, rendered by batchsvc.logs.
 GUNICORN_LOGGER = "batchsvc.api.gunicorn_logger.GunicornLogger"
 
-#: The gunicorn configuration of ``batchsvc web``: its hooks serve the metrics from the master.
-GUNICORN_CONFIG = "python:batchsvc.metrics.gunicorn_hooks"
+#: The gunicorn configuration of ``batchsvc web``: its hooks serve the metrics from the master and
+#: keep what a worker loaded out of the garbage collector's full collections.
+GUNICORN_CONFIG = "python:batchsvc.api.gunicorn_config"
 
 
 def _start_metrics(settings: Settings, kind: str) -> GroupExport | None:

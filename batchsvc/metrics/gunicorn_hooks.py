@@ -1,5 +1,5 @@
-"""gunicorn's configuration for ``batchsvc web`` (``-c python:batchsvc.metrics.gunicorn_hooks``):
-hooks that serve the API's metrics from gunicorn's master.
+"""gunicorn's hooks that serve the API's metrics from gunicorn's master (``batchsvc web`` hands
+them to gunicorn through :mod:`batchsvc.api.gunicorn_config`).
 
 ``batchsvc web`` prepares the metrics directory (:func:`exposition.prepare_group_dir`, named
 after its pid, which the master keeps: it execs gunicorn) and hands it to every gunicorn worker
