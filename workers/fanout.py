@@ -44,7 +44,8 @@ log = logs.get_logger("batchsvc.fanout")
 #: has drained (the in-flight set at half the window, the window at twice the threads), and
 #: threads that free up meanwhile wait for its first lines. In B2 (issue 17) a round of 64
 #: lines took 20-100 ms, all sent at its end; sent 16 at a time, the 90th percentile of a
-#: thread's idle time between two lines fell from 26-40 ms to 18-21 ms.
+#: thread's idle time between two lines fell from 44-46 ms to 13-16 ms (2 x 32 threads,
+#: RESULTS.md, session 14).
 PIPELINE = 16
 
 #: The message header carrying the time a line was published (epoch seconds), from which the
