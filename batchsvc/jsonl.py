@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
@@ -32,6 +32,10 @@ BATCH_ENDPOINTS = ("/v1/chat/completions",)
 # all realistic ones) are compared exactly; a str key never equals a bytes key, so the two kinds
 # cannot collide with each other.
 _VERBATIM_ID_CHARS = 64
+
+#: How many bytes of the file :func:`validate_jsonl` checks between two calls of its ``pause``
+#: hook: about 2 ms of validation (a 50,000-line file of 14.7 MB takes 0.25-0.27 s).
+PAUSE_EVERY_BYTES = 131_072
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,9 @@ def _check_request(
     return custom_id, url, body
 
 
-def validate_jsonl(stream: BinaryIO, size: int, endpoint: str) -> JsonlSummary:
+def validate_jsonl(
+    stream: BinaryIO, size: int, endpoint: str, pause: Callable[[], None] | None = None
+) -> JsonlSummary:
     """Stream-validate a stored batch input file against spec 7.1, stopping at the first failure.
 
     Order (open point 7): rule 2 from ``size`` before reading anything; then the lines in order,
@@ -198,6 +204,8 @@ def validate_jsonl(stream: BinaryIO, size: int, endpoint: str) -> JsonlSummary:
         size: the stored size in bytes. Should it understate the bytes actually read, the scan
             still stops with rule 2 once more than ``MAX_FILE_BYTES`` have been read.
         endpoint: the ``endpoint`` field of the create call.
+        pause: called each time another ``PAUSE_EVERY_BYTES`` of the file have been checked:
+            where a caller sharing its process with other work lets that work run.
 
     Returns:
         The number of request lines and the url they all use.
@@ -212,7 +220,11 @@ def validate_jsonl(stream: BinaryIO, size: int, endpoint: str) -> JsonlSummary:
     total = 0
     first_url: str | None = None
     seen_ids: set[str | bytes] = set()
+    next_pause = PAUSE_EVERY_BYTES
     for line_no, line, bytes_read in _physical_lines(stream):
+        if pause is not None and bytes_read >= next_pause:
+            pause()
+            next_pause = bytes_read + PAUSE_EVERY_BYTES
         if bytes_read > MAX_FILE_BYTES:
             raise JsonlInvalid(f"Input file exceeds maximum size of {MAX_FILE_BYTES} bytes")
         if line is not None and _is_blank(line):

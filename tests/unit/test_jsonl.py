@@ -474,3 +474,39 @@ def test_module_imports_neither_flask_nor_celery() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the pause hook ---------------------------------------------------------------------------
+
+
+def test_pause_runs_once_per_pause_every_bytes_checked() -> None:
+    # Given a file of a little over three PAUSE_EVERY_BYTES
+    line = enc(req("x"))
+    count = 3 * jsonl.PAUSE_EVERY_BYTES // (len(line) + 1) + 5
+    data = jsonl_file(*(req(f"req-{i}") for i in range(count)))
+    assert 3 * jsonl.PAUSE_EVERY_BYTES < len(data) < 4 * jsonl.PAUSE_EVERY_BYTES
+    pauses: list[int] = []
+    # When it is validated with a pause hook
+    summary = validate_jsonl(io.BytesIO(data), len(data), URL, pause=lambda: pauses.append(1))
+    # Then the hook ran once per PAUSE_EVERY_BYTES, and the file still validates
+    assert len(pauses) == 3
+    assert summary == JsonlSummary(total=count, url=URL)
+
+
+def test_a_small_file_never_pauses() -> None:
+    pauses: list[int] = []
+    data = jsonl_file(req("a"), req("b"))
+    validate_jsonl(io.BytesIO(data), len(data), URL, pause=lambda: pauses.append(1))
+    assert pauses == []
+
+
+def test_a_failing_line_after_a_pause_still_fails_with_its_number() -> None:
+    line = enc(req("x"))
+    count = jsonl.PAUSE_EVERY_BYTES // (len(line) + 1) + 10
+    lines: list[dict[str, Any] | bytes] = [req(f"req-{i}") for i in range(count)]
+    data = jsonl_file(*lines, b"{broken")
+    pauses: list[int] = []
+    with pytest.raises(JsonlInvalid) as info:
+        validate_jsonl(io.BytesIO(data), len(data), URL, pause=lambda: pauses.append(1))
+    assert info.value.line == count + 1
+    assert len(pauses) == 1

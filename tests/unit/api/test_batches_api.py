@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from batchsvc.api import batches as batches_api
 from batchsvc.dispatch_store import DispatchStore
 from batchsvc.finalize import Finalizer
 from batchsvc.ids import new_file_id
+from batchsvc.jsonl import PAUSE_EVERY_BYTES
 from batchsvc.storage import batch_input_key, upload_key
 from tests.factories import SPEC_BATCH_FIELDS
 from tests.unit.api.helpers import (
@@ -828,3 +830,23 @@ def test_a_bad_file_at_a_full_line_cap_still_leaves_its_failed_batch(tmp_path: P
     assert response.status_code == 400
     statuses = [b["status"] for b in list_batches(env)["data"]]
     assert statuses == ["failed", "in_progress"]
+
+
+def test_a_create_validating_a_large_file_lets_the_workers_other_threads_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file of a little over two PAUSE_EVERY_BYTES
+    env = make_env(tmp_path)
+    lines = 2 * PAUSE_EVERY_BYTES // len(good_jsonl(1)) + 50
+    data = good_jsonl(lines)
+    assert 2 * PAUSE_EVERY_BYTES < len(data) < 3 * PAUSE_EVERY_BYTES
+    file_id = upload_id(env, data)
+    handed: list[float] = []
+    monkeypatch.setattr(batches_api.time, "sleep", handed.append)
+    # When a batch is created from it
+    response = create_batch(env, file_id)
+    # Then the validation stepped aside twice, sleeping (so another thread takes the GIL)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["request_counts"]["total"] == lines
+    assert handed == [batches_api.GIL_HANDOFF_S] * 2
+    assert batches_api.GIL_HANDOFF_S > 0
