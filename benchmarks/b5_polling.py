@@ -2,13 +2,16 @@
 20 s (loopback, one keep-alive connection each, a minimal asyncio HTTP/1.1 client so the client
 itself adds next to nothing), while a batch runs. Requests/s and p50/p99 latency.
 
-Three loads, in turn:
+Four loads, in turn:
 
 - none (a finished batch is polled): the API's own baseline;
 - an echo batch (CPU-bound: the dispatcher and the line tasks compete with the API for the two
   cores), the worst case on this machine;
 - a batch on an upstream with 250 ms latency and 64 worker threads (the workers mostly wait, as
-  they do in front of a real GPU server).
+  they do in front of a real GPU server);
+- another project creating 50,000-line echo batches, one every 2 s, while the pollers' own
+  finished batch is polled: each create call validates its file inside the API, in a thread
+  beside the polls, and each batch then runs.
 
 Each batch is cancelled after its polling window, and its queue drained, before the next.
 Also reports B1's Redis memory when B1 ran in the same invocation.
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +50,8 @@ ECHO = "demo-echo"
 UPSTREAM = "bench-upstream"
 LATENCY_S = 0.25
 TARGET_P99_MS = 50.0
+#: The creating project's pace: a create call every this many seconds of the polling window.
+CREATE_EVERY_S = 2.0
 
 CONFIG = """
 [models."demo-echo"]
@@ -192,6 +198,61 @@ def poll(
     return asyncio.run(_poll(port, path, headers, clients, duration))
 
 
+@dataclass
+class Creates:
+    """Create calls another project makes during a polling window: the batches and how long
+    each call took."""
+
+    batch_ids: list[str] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def _create_every(
+    stack: BenchStack,
+    creds: dict[str, str],
+    file_id: str,
+    count: int,
+    stop: threading.Event,
+    out: Creates,
+) -> None:
+    """``count`` create calls from ``file_id``, the first after 1 s, then every
+    ``CREATE_EVERY_S`` from the first one's start, until ``stop`` is set."""
+    start = time.monotonic() + 1.0
+    for k in range(count):
+        if stop.wait(max(0.0, start + k * CREATE_EVERY_S - time.monotonic())):
+            return
+        began = time.perf_counter()
+        batch = create_batch(stack, creds, file_id)
+        out.seconds.append(time.perf_counter() - began)
+        out.batch_ids.append(batch["id"])
+
+
+def _cancel_and_drain(
+    stack: BenchStack, creds: dict[str, str], batch_ids: list[str], model: str
+) -> None:
+    """Cancel the batches, wait for each to end, then for the model's queue to drain."""
+    for batch_id in batch_ids:
+        cancel_batch(stack, creds, batch_id)
+    for batch_id in batch_ids:
+        wait_until(
+            lambda b=batch_id: (
+                (stack.redis.hget(f"bs:batch:{b}", "status") or b"").decode()
+                in BatchSampler.TERMINAL
+            ),
+            600,
+            "the cancelled batch",
+            0.5,
+        )
+    wait_until(lambda: stack.redis.llen(model_queue(model)) == 0, 600, "the queue to drain", 0.5)
+
+
+def fmt_seconds(seconds: list[float]) -> str:
+    """How long the calls took: mean and slowest, in seconds."""
+    if not seconds:
+        return "none"
+    return f"{sum(seconds) / len(seconds):.2f} s mean, {max(seconds):.2f} s slowest"
+
+
 def _progress(stack: BenchStack, batch_id: str) -> tuple[int, int]:
     completed, failed, total = stack.redis.hmget(
         f"bs:batch:{batch_id}", "completed", "failed", "total"
@@ -202,13 +263,22 @@ def _progress(stack: BenchStack, batch_id: str) -> tuple[int, int]:
 def run(opts: Options) -> list[Section]:
     clients = opts.size(200, 50)
     duration = float(opts.size(20, 5))
+    echo_lines = opts.size(50_000, 3_000)
+    # (model of the polled batch's load, its lines, label, create calls by another project)
     loads = (
-        (None, 0, "no batch running (baseline)"),
-        (ECHO, opts.size(50_000, 3_000), "echo batch (CPU-bound)"),
+        (None, 0, "no batch running (baseline)", 0),
+        (ECHO, echo_lines, "echo batch (CPU-bound)", 0),
         (
             UPSTREAM,
             opts.size(20_000, 2_000),
             f"upstream batch ({LATENCY_S * 1000:.0f} ms latency, 64 worker threads)",
+            0,
+        ),
+        (
+            None,
+            0,
+            f"another project creating {echo_lines:,}-line echo batches",
+            int((duration - 2) // CREATE_EVERY_S),
         ),
     )
     section = Section("B5", "polling under load")
@@ -228,9 +298,13 @@ def run(opts: Options) -> list[Section]:
         stack.start_worker(concurrency=64, models=UPSTREAM)
         stack.start_beat()
         creds = stack.create_project("bench-b5")
+        creator = stack.create_project("bench-b5-creator")
         idle_batch = run_warmup_batch(stack, creds, ECHO)
         run_warmup_batch(stack, creds, UPSTREAM, lines=256)
-        for model, lines, label in loads:
+        big_file = stack.root / "b5-creator.jsonl"
+        write_jsonl(big_file, echo_lines, ECHO, prefix="b5c")
+        big_file_id = upload_file(stack, creator, big_file)["id"]
+        for model, lines, label, create_count in loads:
             if model is None:
                 batch = {"id": idle_batch}
             else:
@@ -241,32 +315,31 @@ def run(opts: Options) -> list[Section]:
             prof_out = opts.profile_dir / f"b5-api-{model or 'idle'}.pyspy.txt"
             polled = f"/v1/batches/{batch['id']}"
             log_offset = api.log.stat().st_size
+            creates = Creates()
+            stop = threading.Event()
+            creating = threading.Thread(
+                target=_create_every,
+                args=(stack, creator, big_file_id, create_count, stop, creates),
+                daemon=True,
+            )
             meter = stack.cpu_meter().start()
             with profiled(
                 opts.profile, api.pid, prof_out, duration + 30, subprocesses=True
             ) as prof:
-                result = poll(stack.port, polled, auth_headers(creds), clients, duration)
+                creating.start()
+                try:
+                    result = poll(stack.port, polled, auth_headers(creds), clients, duration)
+                finally:
+                    stop.set()
+                    creating.join()
             meter.stop()
             served = server_times(api.log, log_offset, polled)
             after, _ = _progress(stack, batch["id"])
             status = stack.redis.hget(f"bs:batch:{batch['id']}", "status")
             if model is not None:
-                cancel_batch(stack, creds, batch["id"])
-                wait_until(
-                    lambda b=batch["id"]: (
-                        (stack.redis.hget(f"bs:batch:{b}", "status") or b"").decode()
-                        in BatchSampler.TERMINAL
-                    ),
-                    600,
-                    "the cancelled batch",
-                    0.5,
-                )
-                wait_until(
-                    lambda m=model: stack.redis.llen(model_queue(m)) == 0,
-                    600,
-                    "the queue to drain",
-                    0.5,
-                )
+                _cancel_and_drain(stack, creds, [batch["id"]], model)
+            if creates.batch_ids:
+                _cancel_and_drain(stack, creator, creates.batch_ids, ECHO)
 
             ok = result.statuses.get(200, 0)
             others = {k: v for k, v in result.statuses.items() if k != 200}
@@ -294,6 +367,12 @@ def run(opts: Options) -> list[Section]:
                 f"{percentile_ms(served, 0.5):.1f} / {percentile_ms(served, 0.99):.1f}"
                 f" ms ({len(served):,} requests logged)",
             )
+            if create_count:
+                section.info(
+                    f"{label}: create calls in the window",
+                    f"{len(creates.seconds)} of {create_count} made, each "
+                    f"{echo_lines:,} lines: {fmt_seconds(creates.seconds)}",
+                )
             if model is not None:
                 section.info(
                     f"{label}: batch during the window",

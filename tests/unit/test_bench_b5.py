@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchsvc.cli import ACCESS_LOG_FORMAT
-from benchmarks.b5_polling import percentile_ms, server_times
+from benchmarks.b5_polling import fmt_seconds, percentile_ms, server_times
 
 
 def _logged(path: str, status: int, micros: int, request_id: str) -> str:
@@ -48,3 +48,8 @@ def test_server_times_reads_the_polled_path_after_the_offset(tmp_path: Path) -> 
     assert times == [0.0015, 0.0025]
     assert percentile_ms(times, 0.5) == 1.5 and percentile_ms(times, 0.99) == 2.5
     assert server_times(log, len(before), "/v1/batches/batch_c") == []
+
+
+def test_fmt_seconds_gives_the_mean_and_the_slowest_call() -> None:
+    assert fmt_seconds([0.2, 0.4, 0.3]) == "0.30 s mean, 0.40 s slowest"
+    assert fmt_seconds([]) == "none"
