@@ -35,6 +35,7 @@ from benchmarks.harness import (
     BatchSampler,
     BenchStack,
     auth_headers,
+    batch_status,
     cancel_batch,
     create_batch,
     run_warmup_batch,
@@ -44,7 +45,7 @@ from benchmarks.harness import (
 )
 from benchmarks.inputs import write_jsonl
 from benchmarks.profiling import profiled, summarize
-from benchmarks.report import Section, fmt_mib, stolen_note
+from benchmarks.report import Section, fmt_mib, fmt_s, stolen_note
 
 ECHO = "demo-echo"
 UPSTREAM = "bench-upstream"
@@ -230,19 +231,15 @@ def _create_every(
 def _cancel_and_drain(
     stack: BenchStack, creds: dict[str, str], batch_ids: list[str], model: str
 ) -> None:
-    """Cancel the batches, wait for each to end, then for the model's queue to drain."""
+    """Cancel the batches, wait for all of them to end, then for the model's queue to drain."""
     for batch_id in batch_ids:
         cancel_batch(stack, creds, batch_id)
-    for batch_id in batch_ids:
-        wait_until(
-            lambda b=batch_id: (
-                (stack.redis.hget(f"bs:batch:{b}", "status") or b"").decode()
-                in BatchSampler.TERMINAL
-            ),
-            600,
-            "the cancelled batch",
-            0.5,
-        )
+    wait_until(
+        lambda: all(batch_status(stack, b) in BatchSampler.TERMINAL for b in batch_ids),
+        600,
+        "the cancelled batches",
+        0.5,
+    )
     wait_until(lambda: stack.redis.llen(model_queue(model)) == 0, 600, "the queue to drain", 0.5)
 
 
@@ -250,7 +247,7 @@ def fmt_seconds(seconds: list[float]) -> str:
     """How long the calls took: mean and slowest, in seconds."""
     if not seconds:
         return "none"
-    return f"{sum(seconds) / len(seconds):.2f} s mean, {max(seconds):.2f} s slowest"
+    return f"{fmt_s(sum(seconds) / len(seconds))} mean, {fmt_s(max(seconds))} slowest"
 
 
 def _progress(stack: BenchStack, batch_id: str) -> tuple[int, int]:
@@ -335,7 +332,7 @@ def run(opts: Options) -> list[Section]:
             meter.stop()
             served = server_times(api.log, log_offset, polled)
             after, _ = _progress(stack, batch["id"])
-            status = stack.redis.hget(f"bs:batch:{batch['id']}", "status")
+            status = batch_status(stack, batch["id"])
             if model is not None:
                 _cancel_and_drain(stack, creds, [batch["id"]], model)
             if creates.batch_ids:
@@ -377,7 +374,7 @@ def run(opts: Options) -> list[Section]:
                 section.info(
                     f"{label}: batch during the window",
                     f"{before:,} -> {after:,} of {total:,} lines recorded, status "
-                    f"{(status or b'').decode()} at the end (then cancelled)",
+                    f"{status} at the end (then cancelled)",
                 )
             section.info(f"{label}: CPU in the window", meter.summary())
             for line in summarize(prof):

@@ -43,6 +43,7 @@ from benchmarks.harness import (
     Counts,
     CountsSample,
     CountsSampler,
+    batch_status,
     cancel_batch,
     create_batch,
     create_project_weighted,
@@ -221,11 +222,6 @@ def fmt_window_shares(windows: Sequence[Window], labels: Sequence[str]) -> str:
 # -- running it -------------------------------------------------------------------------------
 
 
-def _status(stack: BenchStack, batch_id: str) -> str:
-    value = stack.redis.hget(f"bs:batch:{batch_id}", "status")
-    return value.decode() if value is not None else ""
-
-
 def _upstream_stats(stack: BenchStack) -> dict[str, Any]:
     resp = requests.get(stack.upstream_url("/_fake/stats"), timeout=10)
     resp.raise_for_status()
@@ -240,10 +236,10 @@ def _settle(stack: BenchStack, started: list[tuple[dict[str, str], str]]) -> Non
     """Cancel what still runs, wait for every batch to end and the model to be idle (its queue
     empty and nothing at the upstream, twice half a second apart)."""
     for creds, batch_id in started:
-        if _status(stack, batch_id) not in BatchSampler.TERMINAL:
+        if batch_status(stack, batch_id) not in BatchSampler.TERMINAL:
             cancel_batch(stack, creds, batch_id)
     wait_until(
-        lambda: all(_status(stack, b) in BatchSampler.TERMINAL for _, b in started),
+        lambda: all(batch_status(stack, b) in BatchSampler.TERMINAL for _, b in started),
         300,
         "the scenario's batches to end",
         0.2,

@@ -469,6 +469,13 @@ def get_batch(stack: BenchStack, creds: dict[str, str], batch_id: str) -> dict[s
     return dict(resp.json())
 
 
+def batch_status(stack: BenchStack, batch_id: str) -> str:
+    """The batch's status as its record in Redis holds it ("" before it has one), read without
+    going through the API (which a benchmark may be loading)."""
+    value = stack.redis.hget(f"bs:batch:{batch_id}", "status")
+    return value.decode() if value is not None else ""
+
+
 def cancel_batch(stack: BenchStack, creds: dict[str, str], batch_id: str) -> None:
     with contextlib.suppress(requests.RequestException):
         requests.post(
